@@ -1,0 +1,71 @@
+"""The `seekling` command. Each subcommand lives in its own module under `seekling.commands`.
+
+A command module has a docstring (its first line is the one-line help), `add_arguments(parser)` and
+`run(args) -> int | None`. Modules are imported only when their command runs, so `seekling --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from seekling.errors import SeeklingError
+
+# name -> (module, one-line help). Keep the help here so `seekling --help` imports nothing heavy.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("seekling.commands.demo", "build a model preset, count its parameters and sample from it"),
+    "params": ("seekling.commands.params", "print total and active parameter counts of a preset or config.json"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seekling",
+        description="DeepSeek-V3/R1 at small scale: train, reason, evaluate, serve and cost.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `seekling COMMAND --help` for the flags of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"seekling {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _version() -> str:
+    from seekling import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # First pass: find the command, then let its module add its own flags and parse again.
+    known, _ = parser.parse_known_args(argv)
+    if known.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[known.command][0])
+    sub_parser = parser._subparsers._group_actions[0].choices[known.command]  # type: ignore[union-attr]
+    if module.__doc__:
+        sub_parser.description = module.__doc__.strip()
+        sub_parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    module.add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except SeeklingError as e:
+        print(f"seekling {known.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,7 +103,10 @@ def extract_answer(text: str, mode: str | None = None) -> str | None:
 
 # ----------------------------------------------------------------------------- answer comparison
 
-_TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_BOLD_RE = re.compile(r"\\(?:textbf|mathbf)\{([^{}]*)\}")
+# An answer in another base, "52_8" or "4210_{5}": math_verify reads the subscript as decoration.
+_BASE_RE = re.compile(r"([0-9A-F]+)_\{?(\d+)\}?")
 _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(\d+)\}$")
 
 
@@ -148,7 +151,8 @@ def normalize_answer(s: str | None) -> str | None:
 
 
 def answers_match(pred: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
-    """Numeric compare with a relative tolerance when both are numbers, else normalised strings.
+    """Numbers by value (integers exactly, other numbers to a relative `rel_tol`), else normalised
+    strings.
 
     A numeric gold also accepts a prediction with exactly one number in it ("18 dollars"), but not
     one that hedges between several ("5 or 6").
@@ -160,7 +164,12 @@ def answers_match(pred: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
         numbers = _NUMBER_SEARCH_RE.findall(pred)
         a = parse_number(numbers[0]) if len(numbers) == 1 else None
     if a is not None and b is not None:
-        return a == b or abs(float(a) - float(b)) <= rel_tol * max(1.0, abs(float(b)))
+        if a == b:
+            return True
+        if a.denominator == 1 or b.denominator == 1:
+            return False  # integers are exact: 1,450,001 is not 1,450,000 however large they get
+        # Two non-integers: allow a rounded repeating decimal ("0.3333333" for 1/3).
+        return abs(float(a) - float(b)) <= rel_tol * max(1.0, abs(float(b)))
     return normalize_answer(pred) == normalize_answer(gold)
 
 
@@ -411,10 +420,17 @@ def math_equal(completion: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     pred_text = extract_answer(completion, "answer") or extract_answer(completion, "boxed")
-    if pred_text is not None and re.sub(r"\s+", "", pred_text) == re.sub(r"\s+", "", gold):
-        return True
-    if pred_text is not None and "$" not in pred_text and "\\boxed" not in pred_text:
-        pred_text = "\\boxed{" + pred_text + "}"
+    if pred_text is not None:
+        pred_text = _BOLD_RE.sub(r"\1", pred_text).strip().rstrip(".").strip()  # "\textbf{(073)}."
+        if re.sub(r"\s+", "", pred_text) == re.sub(r"\s+", "", gold):
+            return True
+        gold_base = _BASE_RE.fullmatch(re.sub(r"\s+", "", gold).strip("$"))
+        if gold_base is not None:  # same digits, and the same base if the prediction names one
+            pred_base = _BASE_RE.fullmatch(re.sub(r"\s+", "", pred_text).strip("$"))
+            digits, base = pred_base.groups() if pred_base else (pred_text.strip("$ "), gold_base[2])
+            return digits.lower() == gold_base[1].lower() and int(base) == int(gold_base[2])
+        if "$" not in pred_text and "\\boxed" not in pred_text:
+            pred_text = "\\boxed{" + pred_text + "}"
     timeout = _math_timeout()
     pred = parse(pred_text if pred_text is not None else completion, parsing_timeout=timeout)
     gold_parsed = _parse_gold(gold)

@@ -1,0 +1,169 @@
+"""Evaluation sets (GSM8K, MATH-500, AIME 2024) as `Problem`s, and `grade`, the verifier per task.
+
+The sets are the JSON Lines files in the shared data folder (`../shared/data` beside the repository;
+`SEEKLING_DATA` overrides it), read as published and never copied. Each loader returns the same
+`Problem` shape the synthetic tasks use: `id, task, prompt, answer (str), solution (str), meta`.
+The prompt is the bare question; the evaluator adds its chat template and instruction.
+
+`grade(task, completion, problem)` picks the verifier: math_verify for MATH-500 and AIME, numbers
+for GSM8K and the synthetic arithmetic tasks, the exact expression check for countdown.
+
+Try it:
+    .venv/bin/python -c "from seekling.evalsets import load_evalset, grade; \
+p = load_evalset('gsm8k', limit=1)[0]; print(p.answer, grade('gsm8k', p.solution, p))"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from seekling.errors import DataError
+from seekling.rewards import countdown_reward, accuracy_reward, math_reward, parse_number
+
+DATA_ENV = "SEEKLING_DATA"
+
+
+@dataclass
+class Problem:
+    """One question with its checked answer; the same fields as the synthetic reasoning tasks."""
+
+    id: str
+    task: str
+    prompt: str
+    answer: str
+    solution: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def data_dir() -> Path:
+    """The shared data folder: `$SEEKLING_DATA`, else the first `shared/data` above this package."""
+    if os.environ.get(DATA_ENV):
+        path = Path(os.environ[DATA_ENV]).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{DATA_ENV}={path} is not a directory")
+        return path
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    raise DataError(f"no shared/data folder found above {Path(__file__).parent}; set {DATA_ENV}")
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-blank line; a bad line raises DataError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (set {DATA_ENV} or pass a path)")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in required if key not in row]
+            if missing:
+                raise DataError(f"{path}:{line_no}: missing field {', '.join(map(repr, missing))}")
+            rows.append((line_no, row))
+    return rows
+
+
+def gsm8k_gold(solution: str, where: str = "") -> str:
+    """The number after `####` in a GSM8K solution, commas stripped ("1,234" -> "1234")."""
+    if "####" not in solution:
+        raise DataError(f"{where}: GSM8K answer has no '#### <number>' line")
+    gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    if parse_number(gold) is None:
+        raise DataError(f"{where}: GSM8K answer after '####' is not a number: {gold!r}")
+    return gold
+
+
+def load_gsm8k(path: str | Path | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
+    path = Path(path) if path is not None else data_dir() / "gsm8k" / f"{split}.jsonl"
+    problems = []
+    for line_no, row in read_jsonl(path, ("question", "answer"))[:limit]:
+        problems.append(Problem(
+            id=f"gsm8k/{split}/{line_no - 1}",
+            task="gsm8k",
+            prompt=row["question"],
+            answer=gsm8k_gold(row["answer"], f"{path}:{line_no}"),
+            solution=row["answer"],
+            meta={"line": line_no},
+        ))
+    return problems
+
+
+def load_math500(path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
+    path = Path(path) if path is not None else data_dir() / "math500" / "test.jsonl"
+    problems = []
+    for line_no, row in read_jsonl(path, ("problem", "answer"))[:limit]:
+        problems.append(Problem(
+            id=str(row.get("unique_id", f"math500/{line_no - 1}")),
+            task="math500",
+            prompt=row["problem"],
+            answer=str(row["answer"]),
+            solution=row.get("solution", ""),
+            meta={"line": line_no, "subject": row.get("subject"), "level": row.get("level")},
+        ))
+    return problems
+
+
+def load_aime2024(path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
+    path = Path(path) if path is not None else data_dir() / "aime2024" / "test.jsonl"
+    problems = []
+    for line_no, row in read_jsonl(path, ("problem", "answer"))[:limit]:
+        answer = str(row["answer"]).strip()
+        if parse_number(answer) is None:
+            raise DataError(f"{path}:{line_no}: AIME answer is not an integer: {answer!r}")
+        problems.append(Problem(
+            id=f"aime2024/{row.get('id', line_no - 1)}",
+            task="aime2024",
+            prompt=row["problem"],
+            answer=answer,
+            solution=row.get("solution", ""),
+            meta={"line": line_no, "url": row.get("url")},
+        ))
+    return problems
+
+
+EVALSETS: dict[str, Callable[..., list[Problem]]] = {
+    "gsm8k": load_gsm8k,
+    "math500": load_math500,
+    "aime2024": load_aime2024,
+}
+
+
+def load_evalset(name: str, path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
+    """`load_evalset("math500")`; `path` reads another JSONL of the same layout."""
+    if name not in EVALSETS:
+        raise DataError(f"unknown evaluation set {name!r}; known: {', '.join(EVALSETS)}")
+    return EVALSETS[name](path=path, limit=limit)
+
+
+# The verifier per task; any other task (the synthetic arithmetic ones) is graded by number.
+GRADERS: dict[str, Callable[..., float]] = {
+    "math500": math_reward,
+    "math": math_reward,
+    "aime2024": math_reward,
+    "aime": math_reward,
+    "gsm8k": accuracy_reward,
+    "countdown": countdown_reward,
+}
+
+
+def grade(task_name: str, completion: str, problem: Problem | dict[str, Any]) -> bool:
+    """Whether `completion` answers `problem` correctly, by the verifier that fits the task."""
+    if isinstance(problem, dict):
+        answer, meta = str(problem["answer"]), problem.get("meta") or {}
+    else:
+        answer, meta = str(problem.answer), problem.meta or {}
+    verifier = GRADERS.get(task_name, accuracy_reward)
+    return verifier(completion, answer, **meta) == 1.0

@@ -1,0 +1,226 @@
+"""The Hugging Face format: `config.json` + `model.safetensors` with released DeepSeek-V3 tensor names.
+
+What `save_pretrained` writes loads in transformers' `AutoModelForCausalLM.from_pretrained`, and a
+directory saved by transformers (or a released DeepSeek-V3-format checkpoint, sharded or not) loads
+with `load_pretrained`. Weights only travel through safetensors: nothing is ever unpickled.
+
+    python -c "from seekling.checkpoint import *; from seekling.model import Transformer; \
+               from seekling.config import ModelConfig; save_pretrained(Transformer(ModelConfig.from_name('tiny')), '/tmp/t'); \
+               print(load_pretrained('/tmp/t').config.hidden_size)"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from seekling.config import ModelConfig
+from seekling.errors import CheckpointError, ConfigError
+from seekling.model import Transformer
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+FP32_NAMES = ("e_score_correction_bias",)  # kept in fp32 whatever the save dtype, as released checkpoints do
+
+
+# ----------------------------------------------------------------------------- name mapping
+def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our module tree -> released checkpoint names (experts split per expert, MTP as layer L + k)."""
+    c = model.config
+    L = c.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not name.endswith(FP32_NAMES):
+            t = t.to(dtype)
+        out[name] = t.contiguous().clone() if t.data_ptr() in seen else t.contiguous()
+        seen.add(t.data_ptr())
+
+    seen: set[int] = set()
+    put("model.embed_tokens.weight", model.embed_tokens.weight)
+    put("model.norm.weight", model.norm.weight)
+    if not c.tie_word_embeddings:
+        put("lm_head.weight", model.lm_head.weight)
+    blocks = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    for k, mtp in enumerate(model.mtp):
+        prefix = f"model.layers.{L + k}"
+        blocks.append((prefix, mtp.block))
+        for name in ("enorm", "hnorm"):
+            put(f"{prefix}.{name}.weight", getattr(mtp, name).weight)
+        put(f"{prefix}.eh_proj.weight", mtp.eh_proj.weight)
+        put(f"{prefix}.shared_head.norm.weight", mtp.shared_head.norm.weight)
+        put(f"{prefix}.embed_tokens.weight", model.embed_tokens.weight)  # copies, as released weights carry them
+        put(f"{prefix}.shared_head.head.weight", model.lm_head.weight)
+    for prefix, block in blocks:
+        for name, t in block.state_dict(keep_vars=True).items():
+            m = re.fullmatch(r"mlp\.experts\.(gate_up_proj|down_proj)", name)
+            if m is None:
+                put(f"{prefix}.{name}", t)
+            elif m.group(1) == "gate_up_proj":
+                F_ = block.mlp.experts.inter_dim
+                for e in range(t.shape[0]):
+                    put(f"{prefix}.mlp.experts.{e}.gate_proj.weight", t[e, :F_])
+                    put(f"{prefix}.mlp.experts.{e}.up_proj.weight", t[e, F_:])
+            else:
+                for e in range(t.shape[0]):
+                    put(f"{prefix}.mlp.experts.{e}.down_proj.weight", t[e])
+    return out
+
+
+def from_hf_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy released-name tensors into `model`, naming every missing, unexpected or mis-shaped tensor."""
+    c = model.config
+    L = c.num_hidden_layers
+    expected = to_hf_state_dict(model)
+    # Accept transformers' fused in-memory expert layout too.
+    tensors = dict(tensors)
+    for name in [n for n in tensors if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", n)]:
+        t = tensors.pop(name)
+        prefix, kind = name.rsplit(".", 1)
+        for e in range(t.shape[0]):
+            if kind == "gate_up_proj":
+                gate, up = t[e].chunk(2, dim=0)
+                tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"] = gate, up
+            else:
+                tensors[f"{prefix}.{e}.down_proj.weight"] = t[e]
+    mtp_prefixes = tuple(f"model.layers.{L + k}." for k in range(c.num_nextn_predict_layers))
+    copies = (".embed_tokens.weight", ".shared_head.head.weight")
+    missing = [n for n in expected if n not in tensors and not (n.startswith(mtp_prefixes) and n.endswith(copies))]
+    unexpected = [n for n in tensors if n not in expected and not n.endswith("weight_scale_inv")]
+    unexpected = [n for n in unexpected if not n.endswith("rotary_emb.inv_freq")]
+    if c.tie_word_embeddings:
+        unexpected = [n for n in unexpected if n != "lm_head.weight"]
+    missing_mtp = [n for n in missing if n.startswith(mtp_prefixes)]
+    if missing_mtp and len(missing_mtp) == sum(1 for n in expected if n.startswith(mtp_prefixes) and not n.endswith(copies)):
+        # Checkpoints saved by transformers drop the MTP modules: keep ours freshly initialised.
+        warnings.warn(f"{source}: no multi-token-prediction weights; the MTP modules keep their initial values")
+        missing = [n for n in missing if not n.startswith(mtp_prefixes)]
+    if any(n.endswith("weight_scale_inv") for n in tensors):
+        raise CheckpointError(f"{source}: FP8 block-quantised weights (weight_scale_inv) are not supported; "
+                              "dequantise to bf16 first")
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_short(unexpected)}")
+    mismatched = [f"{n} {tuple(tensors[n].shape)} (expected {tuple(expected[n].shape)})"
+                  for n in expected if n in tensors and tensors[n].shape != expected[n].shape]
+    if mismatched:
+        problems.append(f"shape mismatch: {_short(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the config: " + "; ".join(problems))
+    _assign(model, tensors)
+
+
+def _assign(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
+    c = model.config
+    L = c.num_hidden_layers
+    with torch.no_grad():
+        def copy(dst: torch.Tensor, name: str) -> None:
+            if name in tensors:
+                dst.copy_(tensors[name].to(dst.dtype))
+
+        copy(model.embed_tokens.weight, "model.embed_tokens.weight")
+        copy(model.norm.weight, "model.norm.weight")
+        if not c.tie_word_embeddings:
+            copy(model.lm_head.weight, "lm_head.weight")
+        blocks = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.layers)]
+        for k, mtp in enumerate(model.mtp):
+            prefix = f"model.layers.{L + k}"
+            blocks.append((prefix, mtp.block))
+            copy(mtp.enorm.weight, f"{prefix}.enorm.weight")
+            copy(mtp.hnorm.weight, f"{prefix}.hnorm.weight")
+            copy(mtp.eh_proj.weight, f"{prefix}.eh_proj.weight")
+            copy(mtp.shared_head.norm.weight, f"{prefix}.shared_head.norm.weight")
+        for prefix, block in blocks:
+            for name, t in block.state_dict(keep_vars=True).items():
+                if name == "mlp.experts.gate_up_proj":
+                    F_ = block.mlp.experts.inter_dim
+                    for e in range(t.shape[0]):
+                        copy(t.data[e, :F_], f"{prefix}.mlp.experts.{e}.gate_proj.weight")
+                        copy(t.data[e, F_:], f"{prefix}.mlp.experts.{e}.up_proj.weight")
+                elif name == "mlp.experts.down_proj":
+                    for e in range(t.shape[0]):
+                        copy(t.data[e], f"{prefix}.mlp.experts.{e}.down_proj.weight")
+                else:
+                    copy(t.data, f"{prefix}.{name}")
+
+
+def _short(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_pretrained(model: Transformer, directory: str, dtype: torch.dtype | None = None,
+                    extra_files: dict[str, str] | None = None) -> str:
+    """Write config.json + model.safetensors atomically: a temporary directory renamed into place."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.config.save(tmp)
+        save_file(to_hf_state_dict(model, dtype), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, path in (extra_files or {}).items():
+            shutil.copy(path, os.path.join(tmp, name))
+        if os.path.exists(directory):
+            old = directory + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_safetensors(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: model.safetensors, or the shards listed by model.safetensors.index.json."""
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
+        files = [WEIGHTS_NAME]
+    else:
+        found = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
+        hint = f" (found {', '.join(found)}: pickled weights are never loaded)" if found else ""
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{directory}: shard {name} listed in {INDEX_NAME} is missing")
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def load_pretrained(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """A seekling Transformer from a DeepSeek-V3-format directory (ours, transformers', or released)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is not a directory")
+    try:
+        config = ModelConfig.from_file(directory)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    with torch.device(device):
+        model = Transformer(config)
+    from_hf_state_dict(model, read_safetensors(directory), source=directory)
+    model = model.to(dtype)
+    for gate in model.moe_gates:  # the routing bias stays fp32
+        gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+    return model.eval()

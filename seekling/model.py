@@ -1,0 +1,562 @@
+"""The DeepSeek-V3 model: multi-head latent attention, DeepSeekMoE, multi-token prediction.
+
+Read top to bottom in the order of DeepSeek's own file: RMSNorm -> RoPE/YaRN -> MLA -> MLP -> Gate ->
+MoE -> Block -> MTP -> Transformer. It computes exactly what transformers' `DeepseekV3ForCausalLM`
+computes (tests/test_parity.py), with a training path (expanded keys, fused attention) and a
+generation path that caches only the compressed latent and attends in absorbed form.
+
+    python -c "from seekling.model import Transformer; from seekling.config import ModelConfig; \
+               import torch; m = Transformer(ModelConfig.from_name('tiny')); \
+               print(m(torch.randint(0, 512, (2, 16))).logits.shape)"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekling.config import ModelConfig
+from seekling.errors import SeeklingError
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- primitives
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 whatever the input dtype (as DeepSeek and transformers do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE with YaRN
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the decoupled RoPE key, with the YaRN blend; returns (inv_freq, cos/sin scale)."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    original_len = scaling["original_max_position_embeddings"]
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over L_orig
+        return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    smooth = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: interpolate by `factor`
+    inv_freq = inv_freq / factor * (1 - smooth) + inv_freq * smooth
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate channel pairs of x [..., rope_dim] by angles with cos/sin [..., rope_dim/2] (broadcast).
+
+    DeepSeek pairs adjacent channels (x0, x1), (x2, x3), ...; the result is written with the even
+    halves first, as transformers does. Queries and keys get the same layout, so q.k is unchanged.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ----------------------------------------------------------------------------- the latent KV cache
+class LatentCache:
+    """What generation keeps per layer: normalised c_KV and the RoPE'd k_pe, side by side.
+
+    `kv[layer]` is [batch, max_len, kv_lora_rank + qk_rope_head_dim]; `lengths[b]` is how many
+    positions of row b are filled. Rows are independent: a batch of prompts of different lengths,
+    or the slots of a continuous-batching server.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if max_len > config.max_position_embeddings:
+            raise SeeklingError(
+                f"cache length {max_len} exceeds max_position_embeddings={config.max_position_embeddings}"
+            )
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        n_layers = config.num_hidden_layers
+        self.kv = [torch.zeros(batch_size, max_len, width, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+
+# ----------------------------------------------------------------------------- MLA
+class MLA(nn.Module):
+    """Multi-head latent attention: low-rank queries, a shared compressed KV latent, a decoupled RoPE key."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.n_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.qk_dim = c.qk_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        self.scale = c.softmax_scale
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.config.rope_interleave)
+        return q_nope, q_pe  # [B, T, H, nope], [B, T, H, rope]
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe, cos, sin, self.config.rope_interleave)
+        return c_kv, k_pe  # [B, T, kv_lora_rank], [B, T, rope]
+
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, layer_idx: int = 0,
+                rows: torch.Tensor | None = None, naive: bool = False) -> torch.Tensor:
+        if cache is None:
+            return self._forward_expanded(x, cos, sin)
+        return self._forward_cached(x, cos, sin, cache, layer_idx, rows, naive)
+
+    def _forward_expanded(self, x, cos, sin):
+        """Training / full-sequence path: expand the latent into per-head keys and values, fused causal attention."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q_nope, q_pe = self._queries(x, cos, sin)
+        c_kv, k_pe = self._latent(x, cos, sin)
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, qk]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.v_dim < self.qk_dim:  # the fused CPU kernel wants equal head dims: pad v, slice after
+            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, self.qk_dim - self.v_dim)),
+                                                 is_causal=True, scale=self.scale)[..., : self.v_dim]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _forward_cached(self, x, cos, sin, cache, layer_idx, rows, naive):
+        """Generation path: write the new latents into the cache, attend over it in absorbed form.
+
+        Absorption folds the key half of kv_b_proj into the query (q_latent = q_nope @ W_UK) and
+        the value half into the output, so per cached token only kv_lora_rank + rope values are read.
+        """
+        B, T, _ = x.shape
+        H = self.n_heads
+        q_nope, q_pe = self._queries(x, cos, sin)
+        c_kv, k_pe = self._latent(x, cos, sin)
+        store = cache.kv[layer_idx]
+        row_idx = torch.arange(B, device=x.device) if rows is None else rows
+        start = cache.lengths[row_idx]  # [B]
+        pos_BT = start[:, None] + torch.arange(T, device=x.device)
+        store[row_idx[:, None], pos_BT] = torch.cat([c_kv, k_pe], dim=-1).to(store.dtype)
+        S = int(pos_BT.max()) + 1
+        kv_BSD = store[:, :S] if rows is None else store[rows, :S]
+        kv_BSD = kv_BSD.to(x.dtype)
+        mask_BTS = torch.arange(S, device=x.device)[None, None, :] <= pos_BT[:, :, None]
+        w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]
+        if naive:  # reference: expand keys and values from the cached latent
+            c_all, k_pe_all = kv_BSD.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            kv = self.kv_b_proj(c_all).view(B, S, H, -1)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe_all)
+            probs = (scores * self.scale).masked_fill(~mask_BTS[:, None], float("-inf")).softmax(-1)
+            out = torch.einsum("bhts,bshv->bthv", probs, v)
+        else:
+            q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+            q_cat = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1)  # [B, H, T, C + rope]
+            scores = torch.matmul(q_cat, kv_BSD.unsqueeze(1).transpose(-1, -2))  # [B, H, T, S]
+            probs = (scores * self.scale).masked_fill(~mask_BTS[:, None], float("-inf")).softmax(-1)
+            out_latent = torch.matmul(probs, kv_BSD[..., : self.kv_lora_rank].unsqueeze(1))  # [B, H, T, C]
+            out = torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+
+# ----------------------------------------------------------------------------- MLP and MoE
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """DeepSeekMoE router: sigmoid scores in fp32, bias for selection only, group-limited top-k."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.norm_topk_prob, self.scaling = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        # Adjusted by `update_expert_bias` after each optimiser step, never by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor):
+        with torch.autocast(x_TD.device.type, enabled=False):
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.n_group > 1:
+            T = x_TD.shape[0]
+            group_scores_TG = choice_TE.view(T, self.n_group, -1).topk(2, dim=-1).values.sum(-1)
+            top_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
+            keep_TE = keep_TG.repeat_interleave(self.n_experts // self.n_group, dim=1)
+            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+        topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, topk_idx_TK)  # unbiased scores weight the experts
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return weights_TK * self.scaling, topk_idx_TK, scores_TE
+
+
+_GROUPED_MM_OK: dict[str, bool] = {}
+
+
+def _grouped_linear(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """x rows grouped by expert (counts_E rows each) times that expert's w [D, F]; one kernel where torch has it."""
+    key = f"{x_ND.device.type}:{x_ND.dtype}"
+    if _GROUPED_MM_OK.get(key, True) and hasattr(torch, "_grouped_mm"):
+        try:
+            offs = counts_E.cumsum(0).to(torch.int32)
+            return torch._grouped_mm(x_ND, w_EDF, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[key] = False
+    chunks = torch.split(x_ND, counts_E.tolist())
+    return torch.cat([chunk @ w_EDF[e] for e, chunk in enumerate(chunks)])
+
+
+class Experts(nn.Module):
+    """All routed experts' weights stacked ([E, 2F, D] gate+up, [E, D, F] down), as transformers keeps them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, F_ = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts, self.inter_dim = E, F_
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """Sort the (token, expert) pairs by expert, run each expert on its contiguous rows, scatter back."""
+        T, K = topk_idx_TK.shape
+        flat_expert_N = topk_idx_TK.reshape(-1)
+        order_N = flat_expert_N.argsort(stable=True)
+        token_N = order_N // K
+        counts_E = torch.bincount(flat_expert_N, minlength=self.n_experts)
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        x = x_TD
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        h_NF2 = _grouped_linear(x[token_N], w_gate_up.transpose(1, 2), counts_E)
+        gate_NF, up_NF = h_NF2.chunk(2, dim=-1)
+        y_ND = _grouped_linear(F.silu(gate_NF) * up_NF, w_down.transpose(1, 2), counts_E)
+        y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
+        return torch.zeros(T, x_TD.shape[1], dtype=y_ND.dtype, device=x.device).index_add_(0, token_N, y_ND)
+
+    def forward_naive(self, x_TD, weights_TK, topk_idx_TK):
+        """Reference: every expert on the tokens that chose it, one expert at a time."""
+        out = torch.zeros_like(x_TD)
+        for e in range(self.n_experts):
+            token_idx, slot = torch.where(topk_idx_TK == e)
+            if token_idx.numel() == 0:
+                continue
+            gate, up = F.linear(x_TD[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights_TK[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+@dataclass
+class RouterStats:
+    load_E: torch.Tensor  # tokens routed to each expert in this forward (no grad)
+    balance_loss: torch.Tensor  # the sequence-wise balance loss of this layer (without alpha)
+
+
+class MoE(nn.Module):
+    """Shared experts always on, routed experts chosen by the gate; no token dropping."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts > 0 else None
+        )
+        self.naive = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        B, T, D = x.shape
+        x_TD = x.reshape(-1, D)
+        weights_TK, topk_idx_TK, scores_TE = self.gate(x_TD)
+        experts = self.experts.forward_naive if self.naive else self.experts
+        y = experts(x_TD, weights_TK, topk_idx_TK).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        load_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.experts.n_experts)
+        stats = RouterStats(load_E.detach(), sequence_balance_loss(scores_TE.view(B, T, -1), topk_idx_TK.view(B, T, -1)))
+        return y.to(x.dtype), stats
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
+
+    f_i = N_r / (K_r * T) * (tokens of the sequence that chose i); P_i = mean over the sequence of the
+    scores normalised to sum to one per token. The caller multiplies by alpha.
+    """
+    B, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    chosen_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+        1, topk_idx_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
+    )
+    f_BE = chosen_BE * E / (K * T)
+    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, cache_idx=0, rows=None, naive=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_idx, rows, naive)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, stats = self.mlp(h)
+            return x + y, stats
+        return x + self.mlp(h), None
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output projection is the main model's lm_head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """Depth-k multi-token prediction: h' = Block(eh_proj([enorm(emb(t+k)); hnorm(h_{k-1})]))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, emb, h, cos, sin):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        x, stats = self.block(x, cos, sin)
+        return x, stats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab] (only the last position when `last_only`)
+    loss: torch.Tensor | None = None  # main next-token cross-entropy
+    mtp_loss: torch.Tensor | None = None  # 1/D * sum_k CE_k over the MTP depths (without lambda)
+    balance_loss: torch.Tensor | None = None  # sequence-wise balance loss summed over MoE layers (without alpha)
+    expert_load: torch.Tensor | None = None  # [n_moe_layers, n_routed_experts] tokens per expert
+    hidden: torch.Tensor | None = None  # final normalised hidden states
+
+
+# ----------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    """DeepSeek-V3: embeddings, `num_hidden_layers` blocks, final norm, output head, MTP modules."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([Block(c, i) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList([MTPModule(c, c.num_hidden_layers + k) for k in range(c.num_nextn_predict_layers)])
+        inv_freq, self.rope_attention_factor = rope_inv_freq(c)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(module.down_proj, mean=0.0, std=std)
+
+    @property
+    def moe_gates(self) -> list[Gate]:
+        """The gates of the main MoE layers, then those of MoE blocks inside the MTP modules."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.mlp.gate for b in blocks if b.is_moe]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., rope_dim/2] at the given integer positions."""
+        if positions.numel() and int(positions.max()) >= self.config.max_position_embeddings:
+            raise SeeklingError(
+                f"position {int(positions.max())} is past max_position_embeddings="
+                f"{self.config.max_position_embeddings}: the prompt plus the tokens to generate is too long"
+            )
+        angles = positions[..., None].float() * self.inv_freq.float()
+        return angles.cos() * self.rope_attention_factor, angles.sin() * self.rope_attention_factor
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """Full-sequence forward (training, scoring). targets [B, T] with -100 where no loss is taken."""
+        B, T = input_ids.shape
+        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        emb = self.embed_tokens(input_ids)
+        x, stats = emb, []
+        for layer in self.layers:
+            x, s = layer(x, cos, sin)
+            if s is not None:
+                stats.append(s)
+        h = self.norm(x)
+        logits = self.lm_head(h[:, -1:] if last_only else h)
+        out = ModelOutput(logits=logits, hidden=h)
+        if stats:
+            out.expert_load = torch.stack([s.load_E for s in stats])
+            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
+        if targets is not None:
+            out.loss = cross_entropy(logits, targets)
+            if self.mtp:
+                out.mtp_loss = self._mtp_loss(input_ids, targets, h, cos, sin, out)
+        return out
+
+    def _mtp_loss(self, input_ids, targets, h, cos, sin, out: ModelOutput) -> torch.Tensor:
+        """Depth k predicts token t+k+1 from the depth k-1 state at t and the embedding of token t+k."""
+        losses, T = [], input_ids.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            emb = self.embed_tokens(input_ids[:, k:])
+            h, s = module(emb, h[:, :-1], cos[: T - k], sin[: T - k])
+            logits = self.lm_head(module.shared_head.norm(h))
+            losses.append(cross_entropy(logits, targets[:, k:]))
+            if s is not None and out.balance_loss is not None:
+                out.balance_loss = out.balance_loss + s.balance_loss
+                out.expert_load = torch.cat([out.expert_load, s.load_E[None]])
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=input_ids.device)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None,
+                       num_new: torch.Tensor | None = None, naive: bool = False,
+                       all_logits: bool = False) -> torch.Tensor:
+        """Run new tokens [B, T] through the model against the latent cache; return next-token logits.
+
+        Row b of the batch is cache row `rows[b]` (all rows when None), at positions
+        `lengths[row] .. lengths[row] + T - 1`. With right-padded prompts, `num_new[b]` is how many of
+        the T tokens are real: the cache length advances by that much and the returned logits [B, V]
+        are those of each row's last real token (or [B, T, V] with `all_logits`).
+        """
+        B, T = input_ids.shape
+        row_idx = torch.arange(B, device=input_ids.device) if rows is None else rows
+        start = cache.lengths[row_idx]
+        cos, sin = self.rope(start[:, None] + torch.arange(T, device=input_ids.device))
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, cache, i, rows, naive)
+        num_new = torch.full((B,), T, device=input_ids.device) if num_new is None else num_new
+        cache.lengths[row_idx] = start + num_new
+        if all_logits:
+            return self.lm_head(self.norm(x))
+        last = x[torch.arange(B, device=x.device), num_new - 1]
+        return self.lm_head(self.norm(last))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------- auxiliary-loss-free balancing
+@torch.no_grad()
+def update_expert_bias(model: Transformer, expert_load: torch.Tensor, gamma: float) -> None:
+    """After an optimiser step: b_i -= gamma if expert i was above the mean load, += gamma if below.
+
+    `expert_load` is [n_moe_layers, n_experts] tokens per expert over the whole (global) batch: sum it
+    over micro-batches and all-reduce it across ranks before calling. Its rows follow `moe_gates`
+    (main layers, then the MTP modules' when the forward ran them).
+    """
+    gates = model.moe_gates
+    if expert_load.shape[0] > len(gates):
+        raise ValueError(f"expert_load has {expert_load.shape[0]} layers, the model {len(gates)} MoE layers")
+    for gate, load_E in zip(gates, expert_load.float()):
+        gate.e_score_correction_bias -= gamma * torch.sign(load_E - load_E.mean()).to(gate.e_score_correction_bias)
+
+
+def expert_imbalance(expert_load: torch.Tensor) -> float:
+    """Max load over mean load, averaged over MoE layers (1.0 is perfectly balanced)."""
+    load = expert_load.float()
+    return float((load.max(-1).values / load.mean(-1).clamp_min(1e-9)).mean())

@@ -1,0 +1,141 @@
+"""Synthetic reasoning tasks with verifiable answers and worked solutions, for SFT and RL on a CPU.
+
+    arithmetic   What is 47+38?                      7+8=15, write 5 carry 1. 4+3+1=8. 47+38=85
+    countdown    Use 3, 5, 4, 7 to make 32 ...       3+5=8. 8*4=32. (3+5)*4=32
+    linear       Solve for x: 3x+5=20.               3x=20-5=15. x=15/3=5
+    wordproblem  Ana buys 3 pens for 4 dollars ...   3*4=12. 12+12=24
+
+`make_problems(task, split, n, seed, **difficulty)` is deterministic in its arguments, and its first
+n problems do not depend on n. The train and test splits are disjoint by construction (see
+`base.split_of`). Prompts are kept short: these train models of a few million parameters with
+sequences of about 256 tokens.
+
+Try: `python -c "from seekling.tasks import *; p = make_problems('arithmetic', 'test', 1, 0)[0]; print(to_sft_example(p))"`
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from seekling.errors import ConfigError
+from seekling.tasks import arithmetic, countdown, linear, wordproblem
+from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
+
+__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat",
+           "to_sft_example", "completion_text", "parse_difficulty", "split_of", "stable_hash",
+           "R1_ZERO_PROMPT"]
+
+TASKS: dict[str, Task] = {t.name: t for t in (arithmetic.TASK, countdown.TASK, linear.TASK, wordproblem.TASK)}
+
+# The R1-Zero template, verbatim from the DeepSeek-R1 paper (docs/deepseek-reference.md).
+R1_ZERO_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>. User: {prompt}. Assistant:"
+)
+
+# Attempts per requested problem before giving up: the test split keeps ~1 draw in 10, so 1000 is
+# only reached when the difficulty leaves too few distinct problems for `unique=True`.
+MAX_DRAWS_PER_PROBLEM = 1000
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | None = None,
+                  **difficulty: Any) -> list[Problem]:
+    """`n` problems of `task` from `split` ('train' or 'test'), drawn by rejection: a candidate is
+    kept only if its canonical key belongs to the split. `unique` drops repeated problems (default:
+    on for 'test', so an evaluation never counts a problem twice; off for 'train', where small
+    difficulty settings have fewer distinct problems than one wants examples)."""
+    spec = get_task(task)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose from {SPLITS}")
+    unknown = set(difficulty) - set(spec.defaults)
+    if unknown:
+        raise ConfigError(f"{task}: unknown difficulty setting(s) {sorted(unknown)}; "
+                          f"valid: {', '.join(f'{k}={v}' for k, v in spec.defaults.items())}")
+    settings = {**spec.defaults, **difficulty}
+    unique = split == "test" if unique is None else unique
+    # Seeding with a string is stable across processes (random hashes it with sha512).
+    rng = random.Random(f"{task}/{split}/{seed}")
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for _ in range(MAX_DRAWS_PER_PROBLEM * max(n, 10)):
+        if len(problems) == n:
+            return problems
+        problem = spec.generate(rng, **settings)
+        key = problem.meta["key"]
+        if split_of(task, key) != split or (unique and key in seen):
+            continue
+        seen.add(key)
+        problems.append(problem)
+    if len(problems) == n:
+        return problems
+    raise ConfigError(f"{task}: found only {len(problems)} of {n} {'distinct ' if unique else ''}{split} "
+                      f"problems with {settings}; make the task harder or ask for fewer")
+
+
+def make_mixture(tasks: list[str], split: str, n_per_task: int, seed: int = 0,
+                 difficulty: dict[str, dict[str, Any]] | None = None) -> list[Problem]:
+    """`n_per_task` problems of each task, interleaved round-robin (task 1, task 2, ..., task 1, ...)."""
+    difficulty = difficulty or {}
+    unknown = set(difficulty) - set(tasks)
+    if unknown:
+        raise ConfigError(f"difficulty given for task(s) {sorted(unknown)} that are not in {tasks}")
+    per_task = [make_problems(t, split, n_per_task, seed, **difficulty.get(t, {})) for t in tasks]
+    return [p for group in zip(*per_task) for p in group]
+
+
+def completion_text(problem: Problem) -> str:
+    """The target assistant turn: worked solution in <think>, final answer in <answer>."""
+    return f"<think> {problem.solution} </think> <answer> {problem.answer} </answer>"
+
+
+def to_chat(problem: Problem, template: str = "chat") -> list[dict[str, str]] | str:
+    """The prompt side of a problem: chat messages (template 'chat') or the R1-Zero plain-text
+    prompt (template 'r1zero'), after which a base model continues with <think> ..."""
+    if template == "chat":
+        return [{"role": "user", "content": problem.prompt}]
+    if template == "r1zero":
+        return R1_ZERO_PROMPT.format(prompt=problem.prompt)
+    raise ConfigError(f"unknown prompt template {template!r}; choose 'chat' or 'r1zero'")
+
+
+def to_sft_example(problem: Problem) -> dict[str, list[dict[str, str]]]:
+    """A chat example for supervised fine-tuning, in the JSONL layout the SFT loader reads."""
+    return {"messages": [{"role": "user", "content": problem.prompt},
+                         {"role": "assistant", "content": completion_text(problem)}]}
+
+
+def parse_difficulty(specs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Parse command-line settings such as `arithmetic.digits=3 linear.both_sides=true` into
+    {"arithmetic": {"digits": 3}, "linear": {"both_sides": True}}. Values become int or bool when
+    they look like one; names are checked against each task's settings."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs or []:
+        name, _, value = spec.partition("=")
+        task, _, knob = name.partition(".")
+        if not value or not knob:
+            raise ConfigError(f"difficulty {spec!r}: expected TASK.SETTING=VALUE, e.g. arithmetic.digits=3")
+        defaults = get_task(task).defaults
+        if knob not in defaults:
+            raise ConfigError(f"difficulty {spec!r}: {task} has no setting {knob!r}; valid: {', '.join(defaults)}")
+        parsed: Any = value
+        if isinstance(defaults[knob], bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"difficulty {spec!r}: expected true or false")
+            parsed = value.lower() in ("true", "1")
+        elif isinstance(defaults[knob], int):
+            try:
+                parsed = int(value)
+            except ValueError:
+                raise ConfigError(f"difficulty {spec!r}: expected an integer") from None
+        out.setdefault(task, {})[knob] = parsed
+    return out

@@ -17,26 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from seekling.errors import DataError
-from seekling.rewards import countdown_reward, accuracy_reward, math_reward, parse_number
+from seekling.rewards import accuracy_reward, countdown_reward, math_reward, parse_number
+from seekling.tasks import Problem  # one record for synthetic and published problems
 
 DATA_ENV = "SEEKLING_DATA"
-
-
-@dataclass
-class Problem:
-    """One question with its checked answer; the same fields as the synthetic reasoning tasks."""
-
-    id: str
-    task: str
-    prompt: str
-    answer: str
-    solution: str = ""
-    meta: dict = field(default_factory=dict)
 
 
 def data_dir() -> Path:

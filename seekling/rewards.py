@@ -108,6 +108,7 @@ _BOLD_RE = re.compile(r"\\(?:textbf|mathbf)\{([^{}]*)\}")
 # An answer in another base, "52_8" or "4210_{5}": math_verify reads the subscript as decoration.
 _BASE_RE = re.compile(r"([0-9A-F]+)_\{?(\d+)\}?")
 _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(\d+)\}$")
+_SCIENTIFIC_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d{1,3}")  # 3-digit exponents at most
 
 
 def _strip_decoration(s: str) -> str:
@@ -133,11 +134,9 @@ def parse_number(s: str) -> Fraction | None:
             return value / Fraction(den) if den else value
         except (ValueError, ZeroDivisionError):
             return None
-    try:  # scientific notation and the like; floats that are not finite are not answers
-        value = float(s)
-    except ValueError:
-        return None
-    return Fraction(value) if math.isfinite(value) else None
+    if _SCIENTIFIC_RE.fullmatch(s):  # exact, unlike float: "1.5e-1" is 3/20
+        return Fraction(s)
+    return None
 
 
 def normalize_answer(s: str | None) -> str | None:

@@ -24,7 +24,8 @@ from seekling.evalsets import (
     load_gsm8k,
     load_math500,
 )
-from seekling.rewards import extract_answer
+from seekling.rewards import extract_answer, format_reward
+from seekling.tasks import TASKS, completion_text, make_problems
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -160,7 +161,7 @@ def test_aime_gold_solutions_correct():
 # ----------------------------------------------------------------------------- grader dispatch
 
 def test_grade_picks_the_verifier():
-    math_problem = Problem("m", "math500", "?", r"\frac{1}{2}")
+    math_problem = Problem("m", "math500", "?", r"\frac{1}{2}", solution="")
     assert grade("math500", r"<answer>0.5</answer>", math_problem)
     assert grade("math500", r"<answer>\dfrac{2}{4}</answer>", math_problem)
     assert not grade("gsm8k", r"<answer>\dfrac{2}{4}</answer>", {"answer": "5"})
@@ -180,3 +181,19 @@ def test_problem_round_trips_as_json():
     problem = load_aime2024(limit=1)[0]
     again = Problem(**json.loads(json.dumps(dataclasses.asdict(problem))))
     assert again == problem
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_synthetic_gold_completions_graded_correct(task):
+    problems = make_problems(task, "test", 40, seed=0)
+    for problem in problems:
+        gold = completion_text(problem)
+        assert format_reward(gold, problem.answer) == 1.0
+        assert grade(task, gold, problem), (problem.prompt, gold)
+        if task != "countdown":  # a number one off is wrong
+            wrong = gold.replace(f"<answer> {problem.answer} </answer>",
+                                 f"<answer> {bump_first_number(problem.answer)} </answer>")
+            assert wrong != gold and not grade(task, wrong, problem), wrong
+    if task == "countdown":  # the target itself is not an allowed expression
+        p = problems[0]
+        assert not grade(task, f"<answer> {p.meta['target']} </answer>", p)

@@ -3,6 +3,7 @@
 import math
 import sys
 import types
+from fractions import Fraction
 
 import pytest
 
@@ -23,7 +24,6 @@ from seekling.rewards import (
     parse_number,
     register_reward,
 )
-from fractions import Fraction
 
 GOOD = "<think> 2 + 2 is 4 </think> <answer> 4 </answer>"
 
@@ -74,13 +74,13 @@ def test_extract_answer_mode_order():
     ("1,234", Fraction(1234)), ("$5", Fraction(5)), ("5.0", Fraction(5)), ("-3", Fraction(-3)),
     ("3/4", Fraction(3, 4)), ("0.75", Fraction(3, 4)), (r"\frac{3}{4}", Fraction(3, 4)),
     (r"-\dfrac{1}{2}", Fraction(-1, 2)), (".5", Fraction(1, 2)), ("1e3", Fraction(1000)),
-    ("12.", Fraction(12)), (r"\$18", Fraction(18)),
+    ("12.", Fraction(12)), (r"\$18", Fraction(18)), ("1.5e-1", Fraction(3, 20)),
 ])
 def test_parse_number(text, value):
     assert parse_number(text) == value
 
 
-@pytest.mark.parametrize("text", ["abc", "1,2", "1/0", "nan", "inf", "", "-"])
+@pytest.mark.parametrize("text", ["abc", "1,2", "1/0", "nan", "inf", "", "-", "1e99999", "1_000"])
 def test_parse_number_rejects(text):
     assert parse_number(text) is None
 

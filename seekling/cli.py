@@ -17,6 +17,7 @@ from seekling.errors import SeeklingError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("seekling.commands.demo", "build a model preset, count its parameters and sample from it"),
     "params": ("seekling.commands.params", "print total and active parameter counts of a preset or config.json"),
+    "cost": ("seekling.commands.cost", "FLOPs, GPU-hours, days and dollars to train a preset or config.json on N tokens"),
 }
 
 

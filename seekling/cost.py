@@ -328,6 +328,74 @@ class CostLedger:
         return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------- planning a run
+DEFAULT_SEQ_LEN = 4096  # DeepSeek-V3's pre-training length; capped at a config's max_position_embeddings
+
+
+def estimate(
+    config: Any,
+    tokens: float,
+    seq_len: int | None = None,
+    device: str = "h800",
+    devices: int = 1,
+    mfu: float | None = None,
+    device_hours: float | None = None,
+    dtype: str | None = None,
+    price: float | None = None,
+    training: bool = True,
+    include_mtp: bool = True,
+) -> dict[str, Any]:
+    """What processing `tokens` tokens with `config` takes on `devices` x `device`.
+
+    Give `mfu` to get device-hours, or `device_hours` to get the MFU they imply; with neither,
+    REFERENCE_MFU is assumed. `dtype` picks the peak (default bf16 on GPUs, fp32 on the CPU, whose
+    per-core peak is measured on this machine). Returns FLOPs per token by part, total FLOPs, MFU,
+    device-hours, wall-clock days and dollars.
+    """
+    from seekling.flops import flops_per_token
+
+    device = check_device(device)
+    dtype = check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    if not (isinstance(tokens, (int, float)) and tokens > 0 and math.isfinite(tokens)):
+        raise SeeklingError(f"tokens must be positive, got {tokens!r}")
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices <= 0:
+        raise SeeklingError(f"devices must be a positive integer, got {devices!r}")
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        raise SeeklingError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if seq_len > config.max_position_embeddings:
+        raise SeeklingError(f"seq_len {seq_len} is past the model's max_position_embeddings={config.max_position_embeddings}")
+    if mfu is not None and device_hours is not None:
+        raise SeeklingError("give either an MFU (to get device-hours) or device-hours (to get the MFU), not both")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise SeeklingError(f"MFU must lie in (0, 1], got {mfu}")
+    if device_hours is not None and not device_hours > 0:
+        raise SeeklingError(f"device-hours must be positive, got {device_hours}")
+    if price is not None and not price >= 0:
+        raise SeeklingError(f"price must be >= 0 dollars per device-hour, got {price}")
+
+    per_token = flops_per_token(config, seq_len, training=training, include_mtp=include_mtp)
+    total = per_token["total"] * float(tokens)
+    peak = device_peak(device, dtype)
+    if device_hours is not None:
+        mfu_source = "implied"
+        mfu = total / (device_hours * 3600.0 * peak)
+    else:
+        mfu_source = "given" if mfu is not None else "assumed"
+        mfu = REFERENCE_MFU if mfu is None else mfu
+        device_hours = total / (peak * mfu) / 3600.0
+    price = PRICES[device] if price is None else price
+    return {
+        "device": device, "devices": devices, "dtype": dtype, "seq_len": seq_len, "tokens": float(tokens),
+        "training": training, "include_mtp": include_mtp,
+        "flops_per_token": per_token, "total_flops": total,
+        "peak_per_device": peak, "mfu": mfu, "mfu_source": mfu_source,
+        "device_hours": device_hours, "wall_days": device_hours / devices / 24.0,
+        "price_per_device_hour": price, "dollars": device_hours * price,
+    }
+
+
 # ------------------------------------------------------------------------- DeepSeek-V3's bill
 # Table 1 of the DeepSeek-V3 report (arXiv 2412.19437): H800 GPU-hours by stage, at $2 per GPU-hour.
 DEEPSEEK_V3_GPU_HOURS: dict[str, float] = {
@@ -373,7 +441,7 @@ def parse_count(text: str | float | int, what: str = "count") -> float:
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*([0-9][0-9_,]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtTpP]?)\s*", text)
+        m = re.fullmatch(r"\s*([+-]?[0-9][0-9_,]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtTpP]?)\s*", text)
         if not m:
             raise SeeklingError(f"{what} {text!r} is not a number like 14.8T, 2e9 or 500M")
         value = float(m.group(1).replace(",", "").replace("_", "")) * _SUFFIXES[m.group(2).upper()]
@@ -387,6 +455,13 @@ def format_count(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.3g}{suffix}"
     return f"{x:.3g}" if x != int(x) else str(int(x))
+
+
+def format_flops(x: float) -> str:
+    for suffix, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g} {suffix}"
+    return f"{x:.4g} FLOP"
 
 
 def format_dollars(x: float) -> str:
@@ -409,9 +484,9 @@ def format_hours(h: float) -> str:
 
 def format_seconds(s: float) -> str:
     if s >= 2 * 86400:
-        return f"{s / 86400:.1f} d"
+        return f"{s / 86400:,.1f} days"
     if s >= 2 * 3600:
-        return f"{s / 3600:.1f} h"
+        return f"{s / 3600:.1f} hours"
     if s >= 120:
         return f"{s / 60:.1f} min"
     return f"{s:.3g} s"

@@ -220,3 +220,15 @@ def test_every_flag_has_help():
     for action in parser._actions:
         assert action.help, action.option_strings
     assert command.__doc__ and command.run
+
+
+def test_docs_show_what_the_command_prints(capsys):
+    import os
+
+    doc_path = os.path.join(os.path.dirname(__file__), "..", "docs", "cost.md")
+    if not os.path.exists(doc_path):
+        pytest.skip("docs/cost.md is not in this checkout")
+    with open(doc_path) as f:
+        doc = f.read()
+    assert main([*DEEPSEEK_ARGS, "--gpu-hours", "2664K", "--deepseek-table"]) == 0
+    assert capsys.readouterr().out.rstrip() in doc

@@ -107,9 +107,13 @@ class Tokenizer:
         if seen["texts"] == 0:
             raise DataError("cannot train a tokenizer on an empty corpus (no non-blank text)")
         # The trainer marks every reserved token special; the reasoning tags must not be, or
-        # decode(skip_special=True) would delete them. Re-adding keeps their ids and flips the flag.
-        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-        return cls(backend)
+        # decode(skip_special=True) would delete them. `add_tokens` would flip the flag but not the
+        # set decode consults, so edit the serialised form instead (ids stay as they are).
+        state = json.loads(backend.to_str())
+        for entry in state["added_tokens"]:
+            if entry["content"] in TAG_TOKENS:
+                entry["special"] = False
+        return cls(_HFTokenizer.from_str(json.dumps(state)))
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:

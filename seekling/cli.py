@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("seekling.commands.demo", "build a model preset, count its parameters and sample from it"),
     "params": ("seekling.commands.params", "print total and active parameter counts of a preset or config.json"),
     "cost": ("seekling.commands.cost", "FLOPs, GPU-hours, days and dollars to train a preset or config.json on N tokens"),
+    "tokenizer": ("seekling.commands.tokenizer", "train a byte-level BPE tokenizer (with the chat template) or encode a text"),
+    "data": ("seekling.commands.data", "build token shards for pre-training, or chat JSONL for SFT, from tasks and text"),
 }
 
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # First pass: find the command, then let its module add its own flags and parse again.
-    known, _ = parser.parse_known_args(argv)
+    first_pass = [a for a in argv if a not in ("-h", "--help")]
+    known, _ = parser.parse_known_args(first_pass) if first_pass else (argparse.Namespace(command=None), [])
     if known.command is None:
         parser.print_help()
         return 0

@@ -376,7 +376,8 @@ def count_parameters(c: ModelConfig) -> dict[str, int]:
     mtp = 0
     if c.num_nextn_predict_layers:
         # each MTP module: enorm, hnorm, eh_proj, a full block, shared_head.norm (embedding and head shared)
-        last_moe = c.is_moe_layer(c.num_hidden_layers - 1)
-        block, _ = _block_params(c, last_moe)
-        mtp = c.num_nextn_predict_layers * (2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + block + c.hidden_size)
+        # the depth-k block sits at layer index num_hidden_layers + k - 1, as in released checkpoints
+        for k in range(c.num_nextn_predict_layers):
+            block, _ = _block_params(c, c.is_moe_layer(c.num_hidden_layers + k))
+            mtp += 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + block + c.hidden_size
     return {"total": total, "active": active, "mtp": mtp, "total_with_mtp": total + mtp}

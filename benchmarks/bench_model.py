@@ -1,0 +1,132 @@
+"""seekling vs transformers on the same weights and batches, in one process: training and sampling.
+
+Prints tokens/s of both and their ratio for
+  - training (forward + backward + AdamW step) on the CPU main-job preset, fp32 and bf16 autocast,
+  - sampling (new tokens/s) at batch 1, 8 and 64 with 128 new tokens,
+and the training MFU against this machine's measured matmul peak.
+
+    python benchmarks/bench_model.py            # full run (a few minutes on 2 cores)
+    python benchmarks/bench_model.py --quick    # fewer steps, smaller sampling batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from seekling.checkpoint import save_pretrained  # noqa: E402
+from seekling.config import ModelConfig  # noqa: E402
+from seekling.cost import cpu_peak  # noqa: E402
+from seekling.flops import flops_per_token  # noqa: E402
+from seekling.generate import SamplingParams, generate  # noqa: E402
+from seekling.model import Transformer  # noqa: E402
+
+
+def load_transformers(path: str):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def train_rate(model, batches, steps: int, warmup: int, bf16: bool, is_hf: bool) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    model.train()
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, labels=y).loss if is_hf else model(x, targets=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    t0 = time.perf_counter()
+    tokens = 0
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        step(x, y)
+        tokens += x.numel()
+    return tokens / (time.perf_counter() - t0)
+
+
+def sample_rate(model, prompts, new_tokens: int, is_hf: bool) -> float:
+    model.eval()
+    t0 = time.perf_counter()
+    if is_hf:
+        x = torch.tensor(prompts)
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        produced = (out.shape[1] - x.shape[1]) * x.shape[0]
+    else:
+        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
+        produced = sum(len(o.token_ids) for o in outs)
+    return produced / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", help="model preset to benchmark")
+    ap.add_argument("--batch", type=int, default=8, help="training batch size (sequences)")
+    ap.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens to sample per sequence")
+    ap.add_argument("--sample-batches", default="1,8,64", help="comma-separated sampling batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=16, help="prompt length for sampling")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and smaller batches (smoke run)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.sample_batches, args.new_tokens = 2, "1,8", 32
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    # No MTP: transformers' DeepseekV3ForCausalLM has none, so both sides do the same work.
+    cfg = ModelConfig.from_name(args.preset, num_nextn_predict_layers=0)
+    ours = Transformer(cfg)
+    tmp = tempfile.mkdtemp()
+    save_pretrained(ours, tmp)
+    hf = load_transformers(tmp)
+    peak = cpu_peak(args.threads)
+    fpt = flops_per_token(cfg, args.seq_len, training=True, include_mtp=False)["total"]
+    print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters, "
+          f"{args.threads} threads, CPU peak fp32 {peak['fp32'] / 1e9:.0f} / bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, "
+          f"{fpt / 1e6:.1f} MFLOP per training token")
+
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        seq = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
+        batches.append((seq[:, :-1], seq[:, 1:]))
+    hf_batches = [(x, x.clone()) for x, _ in batches]  # transformers shifts labels itself
+
+    print("\ntraining (forward + backward + AdamW), tokens/s")
+    for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
+        a = train_rate(ours, batches, args.steps, 2, bf16, False)
+        b = train_rate(hf, hf_batches, args.steps, 2, bf16, True)
+        dtype_peak = peak["bf16" if bf16 else "fp32"]
+        print(f"  {name:14s} seekling {a:8.0f}  transformers {b:8.0f}  ratio {a / b:5.2f}x   "
+              f"MFU seekling {a * fpt / dtype_peak:5.1%}  transformers {b * fpt / dtype_peak:5.1%}")
+
+    print(f"\nsampling ({args.new_tokens} new tokens, greedy), new tokens/s")
+    for bs in [int(s) for s in args.sample_batches.split(",")]:
+        prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
+        a = sample_rate(ours, prompts, args.new_tokens, False)
+        b = sample_rate(hf, prompts, args.new_tokens, True)
+        print(f"  batch {bs:3d}      seekling {a:8.0f}  transformers {b:8.0f}  ratio {a / b:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

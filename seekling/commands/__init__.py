@@ -1,0 +1,1 @@
+"""Subcommands of the `seekling` CLI, one module each (see seekling/cli.py)."""

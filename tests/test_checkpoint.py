@@ -1,0 +1,89 @@
+"""Checkpoint directories: atomic saves, and clear errors for everything that does not fit."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from seekling.checkpoint import load_pretrained, save_pretrained
+from seekling.config import ModelConfig
+from seekling.errors import CheckpointError
+from seekling.model import Transformer
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = Transformer(ModelConfig.from_name("tiny"))
+    path = tmp_path / "ckpt"
+    save_pretrained(model, str(path))
+    return model, path
+
+
+def test_round_trip_is_exact(saved):
+    model, path = saved
+    back = load_pretrained(str(path))
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    names = load_file(str(path / "model.safetensors")).keys()
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in names
+    assert "model.layers.2.eh_proj.weight" in names and "model.layers.2.shared_head.head.weight" in names
+    assert load_file(str(path / "model.safetensors"))["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_bf16_save_keeps_the_bias_in_fp32(tmp_path):
+    model = Transformer(ModelConfig.from_name("tiny"))
+    save_pretrained(model, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    tensors = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_missing_tensors_are_named(saved):
+    _, path = saved
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.kv_b_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing 1 tensor.*layers.0.self_attn.kv_b_proj.weight"):
+        load_pretrained(str(path))
+
+
+def test_mismatched_shapes_are_named(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["kv_lora_rank"] = 16
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape mismatch.*kv_a_proj_with_mqa"):
+        load_pretrained(str(path))
+
+
+def test_other_model_type_is_refused(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "qwen2"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type is 'qwen2'"):
+        load_pretrained(str(path))
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    ModelConfig.from_name("tiny").save(str(tmp_path))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        load_pretrained(str(tmp_path))
+
+
+def test_save_is_atomic(saved, monkeypatch):
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    import seekling.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        save_pretrained(Transformer(ModelConfig.from_name("tiny")), str(path))
+    assert (path / "model.safetensors").read_bytes() == before
+    assert not [p for p in os.listdir(path.parent) if p.startswith(".tmp-")]

@@ -37,9 +37,9 @@ R1_ZERO_PROMPT = (
     "<answer> answer here </answer>. User: {prompt}. Assistant:"
 )
 
-# Attempts per requested problem before giving up: the test split keeps ~1 draw in 10, so 1000 is
-# only reached when the difficulty leaves too few distinct problems for `unique=True`.
-MAX_DRAWS_PER_PROBLEM = 1000
+# Consecutive rejected draws before giving up. The test split keeps ~1 draw in 10, so this many
+# failures in a row only happens when the difficulty leaves too few distinct problems for `unique`.
+MAX_REJECTS_IN_A_ROW = 20_000
 
 
 def get_task(name: str) -> Task:
@@ -67,13 +67,14 @@ def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | N
     rng = random.Random(f"{task}/{split}/{seed}")
     problems: list[Problem] = []
     seen: set[str] = set()
-    for _ in range(MAX_DRAWS_PER_PROBLEM * max(n, 10)):
-        if len(problems) == n:
-            return problems
+    rejects = 0
+    while len(problems) < n and rejects < MAX_REJECTS_IN_A_ROW:
         problem = spec.generate(rng, **settings)
         key = problem.meta["key"]
         if split_of(task, key) != split or (unique and key in seen):
+            rejects += 1
             continue
+        rejects = 0
         seen.add(key)
         problems.append(problem)
     if len(problems) == n:

@@ -6,6 +6,7 @@ to imitate it: one sentence per column, right to left, then the result.
     What is 47+38?   7+8=15, write 5 carry 1. 4+3+1=8. 47+38=85
     What is 83-47?   13-7=6, write 6 borrow 1. 8-1-4=3. 83-47=36
     What is 47*8?    7*8=56, write 6 carry 5. 4*8+5=37. 47*8=376
+    What is 8*47?    7*8=56, write 6 carry 5. 4*8+5=37. 8*47=376       (longer number on top)
     What is 47*38?   47*8=376. 47*30=1410. 376+1410=1786. 47*38=1786
 
 With more than two operands the expression is evaluated left to right (parentheses are written where
@@ -66,22 +67,24 @@ def sub_steps(a: int, b: int) -> list[str]:
 
 
 def mul_steps(a: int, b: int) -> list[str]:
-    """Long multiplication. A one-digit multiplier is worked digit by digit with carries; a longer
-    one is split into partial products (one per digit of `b`, shifted), which are then summed."""
-    if b >= 10:
-        multipliers = [d * 10**i for i, d in enumerate(_digits_low_first(b))]
-        steps = [f"{a}*{m}={a * m}" for m in multipliers]
-        running = a * multipliers[0]
-        for p in (a * m for m in multipliers[1:]):
-            steps.append(f"{running}+{p}={running + p}")
-            running += p
+    """Long multiplication of the longer number by the shorter. A one-digit multiplier is worked
+    digit by digit with carries; a longer one is split into partial products (one per digit,
+    shifted), which are then summed. The last step restates the product in the prompt's order."""
+    top, multiplier = (a, b) if len(str(a)) >= len(str(b)) else (b, a)
+    if multiplier >= 10:
+        shifted = [d * 10**i for i, d in enumerate(_digits_low_first(multiplier))]
+        steps = [f"{top}*{m}={top * m}" for m in shifted]
+        running = top * shifted[0]
+        for partial in (top * m for m in shifted[1:]):
+            steps.append(f"{running}+{partial}={running + partial}")
+            running += partial
         return steps + [f"{a}*{b}={a * b}"]
-    da = _digits_low_first(a)
+    digits = _digits_low_first(top)
     steps, carry = [], 0
-    for i in range(len(da) if len(da) > 1 else 0):
-        product = da[i] * b + carry
-        terms = f"{da[i]}*{b}" + (f"+{carry}" if carry else "")
-        if i < len(da) - 1:
+    for i in range(len(digits) if len(digits) > 1 else 0):
+        product = digits[i] * multiplier + carry
+        terms = f"{digits[i]}*{multiplier}" + (f"+{carry}" if carry else "")
+        if i < len(digits) - 1:
             steps.append(f"{terms}={product}, write {product % 10}"
                          + (f" carry {product // 10}" if product >= 10 else ""))
         else:

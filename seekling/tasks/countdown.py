@@ -84,7 +84,8 @@ def generate(rng: random.Random, count: int, max_number: int, max_target: int) -
     key = ",".join(map(str, sorted(numbers))) + f"->{target.value}"
     prompt = (f"Use {', '.join(map(str, numbers))} to make {target.value} with + - * /, "
               "each number at most once.")
-    solution = ". ".join(steps + [f"{target.text}={target.value}"])
+    # With one step the step already is the answer; more steps end by restating the expression.
+    solution = ". ".join(steps + ([f"{target.text}={target.value}"] if len(steps) > 1 else []))
     return make_problem(NAME, key=key, prompt=prompt, answer=target.text, solution=solution,
                         meta={"numbers": numbers, "target": target.value})
 

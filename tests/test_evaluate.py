@@ -1,0 +1,109 @@
+"""Evaluation: metric math against hand-computed values with a fake model that emits known
+completions, the JSON shape, and the real sampler plumbing on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from seekling.config import ModelConfig
+from seekling.errors import ConfigError
+from seekling.evaluate import evaluate, format_table, score_task
+from seekling.generate import Completion
+from seekling.model import Transformer
+from seekling.tasks import completion_text, make_problems
+from seekling.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [completion_text(p) + " " + p.prompt for t in ("arithmetic", "countdown")
+             for p in make_problems(t, "train", 200, 0)]
+    return Tokenizer.train(texts, vocab_size=300)
+
+
+def test_score_task_hand_computed():
+    problems = make_problems("arithmetic", "test", 3, 0)
+    a = [p.answer for p in problems]
+    right = lambda ans: f"<think> x </think> <answer> {ans} </answer>"  # noqa: E731
+    completions = [
+        [right(a[0]), right(a[0]), right(a[0]), right(int(a[0]) + 1)],  # 3/4 right, majority right
+        [right(int(a[1]) + 1), right(int(a[1]) + 1), right(a[1]), "no tags " + a[1]],  # 2/4, majority wrong
+        ["<think> x </think> <answer> 1000001", right(999999), right(999998), right(999997)],  # 0/4, unclosed
+    ]
+    m = score_task("arithmetic", problems, completions, lengths_PK=[[1, 2, 3, 4]] * 3)
+    assert m["pass@1"] == pytest.approx((3 / 4 + 2 / 4 + 0) / 3)
+    assert m["pass@4"] == pytest.approx(2 / 3)  # k = n: any correct sample
+    assert m["cons@4"] == pytest.approx(1 / 3)
+    assert m["format"] == pytest.approx(10 / 12)  # the untagged and the unclosed ones fail
+    assert m["mean_length"] == 2.5
+    assert m["correct"][0] == [True, True, True, False]
+
+
+def test_score_task_rejects_ragged_rows():
+    problems = make_problems("arithmetic", "test", 2, 0)
+    with pytest.raises(ConfigError):
+        score_task("arithmetic", problems, [["a", "b"], ["c"]])
+
+
+def test_evaluate_with_fake_model_matches_hand_values(tokenizer):
+    """A fake sampler answers problem i correctly in the first (i mod 3) of its k=3 samples."""
+    problems = make_problems("countdown", "test", 6, 0)
+    by_prompt = {tuple(tokenizer.render_prompt([{"role": "user", "content": p.prompt}])): i
+                 for i, p in enumerate(problems)}
+    seen = {}
+
+    def fake_generate(model, prompts, params):
+        assert params.temperature == 0.6 and params.top_p == 0.95  # R1's evaluation protocol
+        out = []
+        for ids in prompts:
+            i = by_prompt[tuple(ids)]
+            j = seen.get(i, 0)
+            seen[i] = j + 1
+            answer = problems[i].answer if j < i % 3 else "1+1"
+            text = f"<think> try </think> <answer> {answer} </answer>"
+            out.append(Completion(token_ids=tokenizer.encode(text) + [tokenizer.eos_id], logprobs=[], finish_reason="stop"))
+        return out
+
+    result = evaluate(object(), tokenizer, ["countdown"], k=3, batch_size=4, generate_fn=fake_generate,
+                      problems={"countdown": problems}, keep_samples=1)
+    m = result["tasks"]["countdown"]
+    right_per_problem = [i % 3 for i in range(6)]  # 0,1,2,0,1,2 correct of 3
+    assert m["pass@1"] == pytest.approx(sum(r / 3 for r in right_per_problem) / 6)
+    assert m["pass@3"] == pytest.approx(4 / 6)
+    assert m["cons@3"] == pytest.approx(2 / 6)  # only 2 of 3 correct wins the vote
+    assert m["format"] == 1.0
+    assert set(result) == {"settings", "tasks", "mean"}
+    assert result["mean"]["pass@1"] == m["pass@1"]
+    assert m["samples"][0]["completions"][0].startswith("<think>")
+    json.dumps(result)  # the whole result is JSON
+    assert "countdown" in format_table(result)
+
+
+def test_evaluate_tiny_model_plumbing(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    result = evaluate(model, tokenizer, ["arithmetic", "countdown"], n=3, k=2, max_new_tokens=8)
+    for task in ("arithmetic", "countdown"):
+        m = result["tasks"][task]
+        assert m["n"] == 3 and m["k"] == 2
+        assert 0 <= m["pass@1"] <= m["pass@2"] <= 1
+        assert 1 <= m["mean_length"] <= 8
+    assert set(result["mean"]) == {"pass@1", "pass@2", "cons@2", "format", "mean_length"}
+
+
+def test_unknown_task_is_named(tokenizer):
+    with pytest.raises(ConfigError, match="known: .*gsm8k"):
+        evaluate(object(), tokenizer, ["nope"], n=1, k=1)
+
+
+def test_published_set_from_any_path(tmp_path, tokenizer):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"}) + "\n")
+
+    def fake_generate(model, prompts, params):
+        return [Completion(tokenizer.encode("<think> 2+2=4 </think> <answer> 4 </answer>"), [], "stop") for _ in prompts]
+
+    result = evaluate(object(), tokenizer, ["gsm8k"], n=None, k=2, paths={"gsm8k": str(path)},
+                      generate_fn=fake_generate)
+    assert result["tasks"]["gsm8k"]["pass@1"] == 1.0 and result["tasks"]["gsm8k"]["n"] == 1

@@ -1,0 +1,184 @@
+"""Supervised fine-tuning on chat conversations, and the cold-start data of DeepSeek-R1.
+
+SFT trains on `{"messages": [...]}` JSONL with the loss on the assistant's tokens only (the loss
+mask of `Tokenizer.render_chat`), conversations packed into rows of `seq_len` (`SFTLoader`). It uses
+the machinery of pre-training (`seekling.training`): AdamW param groups, warm-up + cosine lr,
+gradient clipping, atomic checkpoints with optimizer, RNG and data position, exact resume, a
+metrics.jsonl and a progress bar. The MoE keeps its auxiliary-loss-free balancing during SFT.
+
+Cold start (R1's stage 1) is SFT on worked solutions in the R1 format
+`<think> reasoning </think> <answer> answer </answer>`; `make_cold_start` writes them from the
+reasoning tasks.
+
+    seekling sft --make-cold-start --tasks arithmetic,countdown --num-examples 2000 --out runs/cold.jsonl
+    seekling sft --data runs/cold.jsonl --init-from runs/pretrain/final --out runs/sft --steps 300
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from seekling.data import SFTLoader
+from seekling.checkpoint import save_pretrained
+from seekling.errors import CheckpointError, ConfigError
+from seekling.model import Transformer, cross_entropy, update_expert_bias
+from seekling.tasks import make_mixture, to_sft_example
+from seekling.tokenizer import Tokenizer
+from seekling.training import (MetricsLogger, build_optimizer, check_schedule, clip_gradients,
+                               latest_checkpoint, load_training_checkpoint, lr_at, progress_bar,
+                               save_training_checkpoint, set_lr, set_seed, tokenizer_files)
+
+
+@dataclass
+class SFTConfig:
+    seq_len: int = 256
+    batch_size: int = 16  # rows per optimiser step
+    pack: bool = True  # several conversations per row (they attend to each other, as in nanochat)
+    steps: int = 300
+    lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.1  # lambda of the multi-token-prediction loss (0 skips the MTP modules)
+    bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free balancing (0 freezes routing)
+    seed: int = 0
+    save_every: int = 100  # 0: only at the end
+    log_every: int = 10
+    val_batches: int = 4  # batches of the validation set measured at each save
+
+    def validate(self) -> None:
+        for name in ("seq_len", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_schedule(self.schedule, self.lr, self.warmup_steps, self.steps, self.min_lr_ratio, 0.3)
+
+
+def make_cold_start(tasks: Sequence[str], num_examples: int, out: str | Path, seed: int = 0,
+                    difficulty: dict[str, dict[str, Any]] | None = None) -> int:
+    """Write `num_examples` problems of each task, train split, as R1-format chat JSONL; returns the count."""
+    if not tasks:
+        raise ConfigError("cold-start data needs at least one task, e.g. --tasks arithmetic,countdown")
+    problems = make_mixture(list(tasks), "train", num_examples, seed, difficulty)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for problem in problems:
+            f.write(json.dumps({**to_sft_example(problem), "id": problem.id}) + "\n")
+    return len(problems)
+
+
+def sft_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tensor,
+             mtp_weight: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Next-token cross-entropy on the assistant tokens (targets -100 elsewhere) + lambda * MTP loss."""
+    out = model(inputs_BT, targets_BT if mtp_weight > 0 else None)
+    if mtp_weight <= 0:
+        out.loss = cross_entropy(out.logits, targets_BT)
+    loss = out.loss + (mtp_weight * out.mtp_loss if out.mtp_loss is not None else 0.0)
+    return loss, {"loss": float(out.loss), "mtp_loss": float(out.mtp_loss) if out.mtp_loss is not None else None,
+                  "expert_load": out.expert_load}
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, loader: SFTLoader, batches: int) -> float:
+    """Mean assistant-token loss over the first `batches` batches of epoch 0 of `loader`."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in range(min(batches, loader.batches_in_epoch(0))):
+        inputs, targets = loader.batch_at(0, b)
+        total += float(model(inputs, targets).loss)
+        n += 1
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def train_sft(model: Transformer, tokenizer: Tokenizer, conversations: str | Path | Sequence, cfg: SFTConfig,
+              run_dir: str | Path, tokenizer_dir: str | Path | None = None, resume: bool = False,
+              val_conversations: str | Path | Sequence | None = None, max_seconds: float | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune `model` in place; checkpoints in `run_dir/checkpoints`, final model in `run_dir/final`.
+
+    With `resume`, continue from the latest checkpoint of `run_dir` (model, optimizer, RNG, data
+    position, step): the result equals an uninterrupted run. Without it, a `run_dir` that already
+    holds checkpoints is refused rather than overwritten. Returns a summary dict.
+    """
+    cfg.validate()
+    run_dir = Path(run_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                          f"vocab_size={model.config.vocab_size}")
+    set_seed(cfg.seed)
+    loader = SFTLoader(conversations, tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pack=cfg.pack)
+    val_loader = (SFTLoader(val_conversations, tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pack=cfg.pack)
+                  if val_conversations is not None else None)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    step = 0
+    found = latest_checkpoint(run_dir)
+    if found and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints ({Path(found).name}); pass resume "
+                              "(--resume) to continue it, or choose another output directory")
+    if resume and found:
+        state = load_training_checkpoint(found, model, optimizer)
+        step = state["step"]
+        loader.load_state_dict(state["extra_state"]["loader"])
+        log(f"resumed from {found} at step {step}")
+    metrics = MetricsLogger(run_dir, resume_step=step if resume and found else None, tensorboard=False)
+    run_config = {"kind": "sft", **asdict(cfg)}
+    bar = progress_bar(cfg.steps, initial=step, desc="sft")
+    model.train()
+    start, tokens, last_loss = time.perf_counter(), 0, math.nan
+
+    def checkpoint() -> None:
+        save_training_checkpoint(run_dir, step, model, optimizer, extra_state={"loader": loader.state_dict()},
+                                 config=run_config, tokenizer_dir=tokenizer_dir)
+
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            set_lr(optimizer, lr)
+            inputs, targets = next(loader)
+            loss, stats = sft_loss(model, inputs, targets, cfg.mtp_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if cfg.bias_update_speed > 0 and stats["expert_load"] is not None:
+                update_expert_bias(model, stats["expert_load"], cfg.bias_update_speed)
+            step += 1
+            tokens += int((targets != -100).sum())
+            last_loss = stats["loss"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.3f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - start
+                record = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch,
+                          "assistant_tokens_per_s": tokens / max(elapsed, 1e-9)}
+                if stats["mtp_loss"] is not None:
+                    record["mtp_loss"] = stats["mtp_loss"]
+                metrics.log(step, **record)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                if val_loader is not None:
+                    metrics.log(step, val_loss=validation_loss(model, val_loader, cfg.val_batches))
+                checkpoint()
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                log(f"time budget of {max_seconds:.0f}s reached at step {step}")
+                break
+        checkpoint()
+        summary = {"step": step, "loss": last_loss, "seconds": time.perf_counter() - start,
+                   "dropped_conversations": loader.dropped}
+        if val_loader is not None:
+            summary["val_loss"] = validation_loss(model, val_loader, cfg.val_batches)
+            metrics.log(step, val_loss=summary["val_loss"])
+        summary["final"] = save_pretrained(model, str(run_dir / "final"), extra_files=tokenizer_files(tokenizer_dir))
+        return summary
+    finally:
+        bar.close()
+        metrics.close()

@@ -1,0 +1,376 @@
+"""Pre-training: next-token + multi-token prediction with auxiliary-loss-free MoE balancing.
+
+One optimiser step, top to bottom:
+    for each of grad_accum micro-batches (each torchrun rank reads its own slice of the global batch):
+        loss = CE + mtp_lambda * L_MTP + balance_alpha * L_bal;  (loss / grad_accum).backward()
+    clip the gradient norm; AdamW step at lr_at(step); sum the expert load over micro-batches and
+    ranks; update_expert_bias(model, load, gamma); log one JSON line to metrics.jsonl.
+Every `eval_every` steps the val loss, every `save_every` steps a lossless checkpoint
+(`seekling.training`), and at the end `RUN_DIR/final/`, an HF-format model directory with the tokenizer.
+
+    seekling pretrain --data runs/data --tokenizer runs/tok --out runs/pt --preset tiny --steps 50 \
+        --batch-size 4 --seq-len 64 --eval-every 25 --save-every 25
+    torchrun --nproc_per_node=2 -m seekling.cli pretrain --data runs/data --out runs/pt ...   # DDP
+    seekling pretrain ... --resume     # continue from the newest checkpoint in --out
+
+Library use (the speedrun pipeline): `pretrain(PretrainArgs(data=..., out=..., ...)) -> summary dict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seekling.checkpoint import from_hf_state_dict, read_safetensors, save_pretrained
+from seekling.config import ModelConfig, count_parameters
+from seekling.data import TokenLoader, check_tokenizer, load_index
+from seekling.errors import ConfigError, DataError, SeeklingError
+from seekling.flops import flops_per_token
+from seekling.model import Transformer, cross_entropy, expert_imbalance, update_expert_bias
+from seekling.tokenizer import Tokenizer
+from seekling.training import (
+    DistInfo, MetricsLogger, all_reduce_sum, autocast_for, build_optimizer, check_schedule, clip_gradients,
+    destroy_distributed, export_model, grad_sync, init_distributed, latest_checkpoint, load_training_checkpoint,
+    lr_at, peak_flops, progress_bar, reshard, save_training_checkpoint, set_lr, set_seed, tokenizer_files, unwrap_model,
+    wrap_model,
+)
+
+
+@dataclass
+class PretrainArgs:
+    """Everything a pre-training run needs; `seekling pretrain --help` documents each field."""
+
+    data: str
+    out: str
+    tokenizer: str | None = None  # default: DATA/tokenizer, the checkpoint's or --init-from's tokenizer
+    preset: str = "cpu"
+    config: str | None = None  # a config.json instead of the preset
+    vocab_size: int | None = None  # override the preset's vocab_size (must equal the tokenizer's)
+    init_from: str | None = None
+    resume: bool = False
+    # batch: global batch = batch_size * grad_accum * world_size sequences of seq_len tokens
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    # optimiser and schedule
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    schedule: str = "wsd"
+    decay_fraction: float = 0.3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    # DeepSeek-V3 losses and balancing
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    # evaluation, checkpoints, logging
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    quiet: bool = False
+    # hardware
+    device: str | None = None
+    dtype: str | None = None  # default bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    distributed: str = "ddp"
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the checkpoints
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def as_args(args: PretrainArgs | argparse.Namespace | dict[str, Any]) -> PretrainArgs:
+    """A PretrainArgs from the dataclass itself, an argparse Namespace or a dict (unknown keys ignored)."""
+    if isinstance(args, PretrainArgs):
+        return args
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    known = {f.name for f in dataclasses.fields(PretrainArgs)}
+    return PretrainArgs(**{k: v for k, v in values.items() if k in known and not k.startswith("_")})
+
+
+def check_args(a: PretrainArgs) -> None:
+    """ConfigError for settings that cannot run, before anything is read or written."""
+    positive = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "grad_accum": a.grad_accum,
+                "eval_batches": a.eval_batches, "log_every": a.log_every}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("eval_every", "save_every", "keep_last"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    for name in ("mtp_lambda", "balance_alpha", "bias_gamma", "weight_decay", "grad_clip"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
+        raise ConfigError(f"--betas must be two numbers in [0, 1), got {a.betas}")
+    if a.dtype not in (None, "fp32", "bf16"):
+        raise ConfigError(f"--dtype must be fp32 or bf16, got {a.dtype!r}")
+    if a.init_from and a.resume:
+        raise ConfigError("--init-from and --resume exclude each other: a resumed run already has its weights")
+    check_schedule(a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
+
+
+# ----------------------------------------------------------------------------- setup
+def resolve_tokenizer_dir(a: PretrainArgs, checkpoint: str | None) -> str:
+    candidates = [a.tokenizer] if a.tokenizer else [str(Path(a.data) / "tokenizer"), checkpoint, a.init_from]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "tokenizer.json").is_file():
+            return candidate
+    if a.tokenizer:
+        raise DataError(f"{a.tokenizer}: no tokenizer.json here")
+    raise DataError(f"no tokenizer: pass --tokenizer DIR (the one {a.data} was built with)")
+
+
+def resolve_model_config(a: PretrainArgs) -> ModelConfig:
+    """--init-from's config.json, else --config, else the preset; then --vocab-size."""
+    if a.init_from:
+        config = ModelConfig.from_file(a.init_from)
+    elif a.config:
+        config = ModelConfig.from_file(a.config)
+    else:
+        config = ModelConfig.from_name(a.preset)
+    if a.vocab_size is not None:
+        config = config.replace(vocab_size=a.vocab_size)
+    return config
+
+
+def check_vocab(config: ModelConfig, tokenizer: Tokenizer, tokenizer_dir: str, index: dict[str, Any]) -> None:
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; retrain the tokenizer with --vocab-size {config.vocab_size}, or pass "
+            f"--vocab-size {tokenizer.vocab_size} to size the model to it")
+    for name in ("bos_token_id", "eos_token_id"):
+        ours = getattr(config, name)
+        theirs = index.get(name.replace("_token", ""))
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ConfigError(f"model {name}={ours} but the data's documents use {theirs}")
+
+
+def val_loader_or_none(a: PretrainArgs, info: DistInfo, say) -> TokenLoader | None:
+    if a.eval_every == 0:
+        return None
+    try:
+        return TokenLoader(a.data, a.batch_size, a.seq_len, seed=a.seed, rank=info.rank,
+                           world_size=info.world_size, split="val", shuffle=False)
+    except DataError as e:
+        say(f"note: validation is off ({e})")
+        return None
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: TokenLoader, batches: int, device: torch.device, autocast) -> float:
+    """Mean next-token loss over the first `batches` val batches (the same ones every time), all ranks."""
+    model.eval()
+    n = min(batches, loader.batches_in_epoch(0))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in range(n):
+        x, y = (t.to(device) for t in loader.batch_at(0, b))
+        with autocast():
+            logits = model(x).logits
+        total[0] += cross_entropy(logits, y).double()
+        total[1] += 1
+    model.train()
+    reshard(model)
+    all_reduce_sum(total)
+    return float(total[0] / total[1])
+
+
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each decoder block in place (parameter names unchanged, so checkpoints are too)."""
+    for block in list(model.layers) + [m.block for m in model.mtp]:
+        block.compile()
+
+
+# ----------------------------------------------------------------------------- the run
+def pretrain(args: PretrainArgs | argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
+    """Train; returns a summary dict (steps, tokens, tokens_per_s, mfu, losses, final_dir, ...)."""
+    a = as_args(args)
+    check_args(a)
+    info = init_distributed(a.device)
+    try:
+        return _pretrain(a, info)
+    finally:
+        destroy_distributed(info)
+
+
+def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
+    def say(message: str) -> None:
+        if info.is_main and not a.quiet:
+            bar.write(message) if bar is not None else print(message, flush=True)
+
+    bar = None
+    set_seed(a.seed)
+    device = info.device
+    dtype = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    autocast_for(device, dtype)  # bf16 where it is unsupported: fail now, not in the loop
+    autocast = lambda: autocast_for(device, dtype)  # noqa: E731
+    run_dir = Path(a.out)
+
+    # 1. Every check a user's input can fail, before anything is written into --out.
+    checkpoint = latest_checkpoint(run_dir) if a.resume else None
+    if not a.resume and (latest_checkpoint(run_dir) or (run_dir / "final").exists()):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    index = load_index(a.data)
+    tokenizer_dir = resolve_tokenizer_dir(a, checkpoint)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    check_tokenizer(index, tokenizer)
+    config = resolve_model_config(a)
+    check_vocab(config, tokenizer, tokenizer_dir, index)
+    if a.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    train_loader = TokenLoader(a.data, a.batch_size, a.seq_len, seed=a.seed, rank=info.rank,
+                               world_size=info.world_size, split="train")
+    val_loader = val_loader_or_none(a, info, say)
+
+    # 2. The model: fresh (seeded), from HF weights, or the checkpoint's; then parallelism and optimiser.
+    with torch.device(device):
+        model = Transformer(config)
+    if checkpoint:
+        load_training_checkpoint(checkpoint, model, None, load_weights=True, restore_rng=False)
+    elif a.init_from:
+        from_hf_state_dict(model, read_safetensors(a.init_from), source=a.init_from)
+    if a.compile:
+        compile_blocks(model)
+    model = wrap_model(model, a.distributed, info)
+    raw_model = unwrap_model(model)
+    optimizer = build_optimizer(model, a.lr, a.weight_decay, tuple(a.betas))
+    start_step = 0
+    if checkpoint:
+        state = load_training_checkpoint(checkpoint, model, optimizer, load_weights=False, restore_rng=True)
+        start_step = state["step"]
+        train_loader.load_state_dict(state["extra_state"]["data"])
+        say(f"resumed from {checkpoint} at step {start_step}")
+    elif a.resume:
+        say(f"note: no checkpoint in {run_dir}; starting from scratch")
+
+    tokens_per_step = a.batch_size * a.seq_len * a.grad_accum * info.world_size
+    use_mtp = config.num_nextn_predict_layers > 0
+    train_flops_per_token = flops_per_token(config, a.seq_len, training=True, include_mtp=use_mtp)["total"]
+    peak = peak_flops(device, dtype, info.world_size)
+    params = count_parameters(config)
+    say(f"model: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active), "
+        f"{info.world_size} rank(s) on {device.type} {dtype}, {tokens_per_step:,} tokens/step, "
+        f"{a.steps} steps, {train_loader.tokens:,} train tokens")
+    logger = MetricsLogger(run_dir, enabled=info.is_main, resume_step=start_step if checkpoint else None)
+    bar = progress_bar(a.steps, start_step, enabled=info.is_main and not a.quiet)
+    n_loads = len(raw_model.moe_gates)
+
+    def save(step: int) -> str | None:
+        extra = {"data": train_loader.state_dict(), "world_size": info.world_size}
+        return save_training_checkpoint(run_dir, step, model, optimizer, extra, a.to_json(), tokenizer_dir,
+                                        keep_last=a.keep_last)
+
+    # 3. The loop.
+    model.train()
+    record: dict[str, Any] = {}
+    timed_tokens, timed_seconds, train_seconds, val_loss = 0, 0.0, 0.0, None
+    for step in range(start_step, a.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
+        set_lr(optimizer, lr)
+        # [ce, mtp, balance] summed over micro-batches, then the expert load; one all-reduce for all
+        sums = torch.zeros(3 + n_loads * max(config.n_routed_experts, 1), dtype=torch.float64, device=device)
+        for micro in range(a.grad_accum):
+            x, y = (t.to(device, non_blocking=True) for t in next(train_loader))
+            with grad_sync(model, sync=micro == a.grad_accum - 1):
+                with autocast():
+                    out = model(x, y)
+                loss = out.loss
+                if out.mtp_loss is not None:
+                    loss = loss + a.mtp_lambda * out.mtp_loss
+                if out.balance_loss is not None:
+                    loss = loss + a.balance_alpha * out.balance_loss
+                (loss / a.grad_accum).backward()
+            sums[0] += out.loss.detach().double()
+            sums[1] += out.mtp_loss.detach().double() if out.mtp_loss is not None else 0.0
+            sums[2] += out.balance_loss.detach().double() if out.balance_loss is not None else 0.0
+            if out.expert_load is not None:
+                sums[3:3 + out.expert_load.numel()] += out.expert_load.flatten().double()
+        grad_norm = clip_gradients(model.parameters(), a.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        all_reduce_sum(sums)
+        load = sums[3:].view(n_loads, -1) if n_loads else None
+        if load is not None and a.bias_gamma > 0:
+            update_expert_bias(raw_model, load, a.bias_gamma)
+        losses = (sums[:3] / (a.grad_accum * info.world_size)).tolist()  # also syncs a GPU for the timing
+        if not all(math.isfinite(v) for v in losses):
+            raise SeeklingError(f"step {step + 1}: the loss is {losses[0]} (diverged); lower --lr or use --grad-clip")
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        if step > start_step or a.steps - start_step == 1:  # the first step pays for warm-up/compilation
+            timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + seconds
+        done = step + 1
+        record = {
+            "loss": losses[0], "mtp_loss": losses[1], "balance_loss": losses[2],
+            "total_loss": losses[0] + a.mtp_lambda * losses[1] + a.balance_alpha * losses[2],
+            "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step,
+            "tokens_per_s": tokens_per_step / seconds,
+            "mfu": tokens_per_step * train_flops_per_token / seconds / peak if peak else None,
+            "expert_imbalance": expert_imbalance(load) if load is not None else None,
+            "step_seconds": seconds,
+        }
+        if val_loader is not None and a.eval_every and (done % a.eval_every == 0 or done == a.steps):
+            val_loss = record["val_loss"] = evaluate(model, val_loader, a.eval_batches, device, autocast)
+        logger.log(done, **record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if done % a.log_every == 0 or done == a.steps or "val_loss" in record:
+            say(format_record(done, a.steps, record, train_seconds / (done - start_step)))
+        if a.save_every and done % a.save_every == 0 and done < a.steps:
+            save(done)
+
+    # 4. The final checkpoint and the HF model directory.
+    checkpoint_path = save(a.steps)
+    final_dir = run_dir / "final"
+    exported = export_model(model)
+    if info.is_main:
+        save_pretrained(exported, str(final_dir), extra_files=tokenizer_files(tokenizer_dir))
+    logger.close()
+    bar.close()
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else None
+    summary = {
+        "run_dir": str(run_dir), "final_dir": str(final_dir), "checkpoint": checkpoint_path,
+        "resumed_from": checkpoint, "steps": a.steps, "steps_run": a.steps - start_step,
+        "tokens": (a.steps - start_step) * tokens_per_step, "train_seconds": train_seconds,
+        "tokens_per_s": tokens_per_s, "flops": (a.steps - start_step) * tokens_per_step * train_flops_per_token,
+        "mfu": tokens_per_s * train_flops_per_token / peak if tokens_per_s and peak else None,
+        "final_loss": record.get("loss"), "val_loss": val_loss, "world_size": info.world_size,
+        "device": device.type, "dtype": dtype,
+    }
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        say(f"done: {final_dir} (tokens/s {tokens_per_s or 0:,.0f}"
+            + (f", MFU {summary['mfu']:.1%})" if summary["mfu"] else ")"))
+    return summary
+
+
+def format_record(step: int, total: int, r: dict[str, Any], seconds_per_step: float) -> str:
+    from seekling.cost import format_seconds
+
+    parts = [f"step {step}/{total}", f"loss {r['loss']:.4f}", f"mtp {r['mtp_loss']:.4f}", f"lr {r['lr']:.2e}",
+             f"gnorm {r['grad_norm']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("mfu"):
+        parts.append(f"MFU {r['mfu']:.1%}")
+    if r.get("expert_imbalance"):
+        parts.append(f"imbalance {r['expert_imbalance']:.2f}")
+    if "val_loss" in r:
+        parts.append(f"val {r['val_loss']:.4f}")
+    parts.append(f"eta {format_seconds(seconds_per_step * (total - step))}")
+    return " | ".join(parts)

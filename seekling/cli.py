@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("seekling.commands.tokenizer", "train a byte-level BPE tokenizer (with the chat template) or encode a text"),
     "data": ("seekling.commands.data", "build token shards for pre-training, or chat JSONL for SFT, from tasks and text"),
     "sft": ("seekling.commands.sft", "supervised fine-tuning on chat JSONL (assistant-only loss), or write cold-start data"),
+    "grpo": ("seekling.commands.grpo", "reinforcement learning with GRPO on the reasoning tasks (R1-Zero style)"),
     "pretrain": ("seekling.commands.pretrain", "pre-train a model on token shards: CE + MTP, aux-loss-free MoE balancing, lossless checkpoints"),
     "eval": ("seekling.commands.eval", "pass@1 / pass@k / cons@k, format and length on held-out tasks and GSM8K/MATH-500/AIME"),
 }

@@ -82,7 +82,7 @@ def sft_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tens
     if mtp_weight <= 0:
         out.loss = cross_entropy(out.logits, targets_BT)
     loss = out.loss + (mtp_weight * out.mtp_loss if out.mtp_loss is not None else 0.0)
-    return loss, {"loss": float(out.loss), "mtp_loss": float(out.mtp_loss) if out.mtp_loss is not None else None,
+    return loss, {"loss": out.loss.item(), "mtp_loss": out.mtp_loss.item() if out.mtp_loss is not None else None,
                   "expert_load": out.expert_load}
 
 

@@ -15,6 +15,15 @@ from seekling.tasks import completion_text, make_problems
 from seekling.tokenizer import Tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, which costs 50x when the cores are busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [completion_text(p) + " " + p.prompt for t in ("arithmetic", "countdown")

@@ -19,6 +19,15 @@ from seekling.tasks import completion_text, make_problems
 from seekling.tokenizer import Tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, which costs 50x when the cores are busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [completion_text(p) + " " + p.prompt for p in make_problems("arithmetic", "train", 300, 0)]
@@ -63,10 +72,10 @@ def test_loss_is_on_assistant_tokens_only(tokenizer, cold_start):
 def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tokenizer, cold_start):
     model = tiny(tokenizer)
     loader = SFTLoader(cold_start, tokenizer, batch_size=8, seq_len=64)
-    before = float(sft_loss(model, *loader.batch_at(0, 0), mtp_weight=0.0)[0])
+    before = sft_loss(model, *loader.batch_at(0, 0), mtp_weight=0.0)[0].item()
     cfg = SFTConfig(seq_len=64, batch_size=8, steps=12, lr=3e-3, warmup_steps=2, save_every=0, log_every=4)
     summary = train_sft(model, tokenizer, cold_start, cfg, tmp_path / "run")
-    after = float(sft_loss(model, *loader.batch_at(0, 0), mtp_weight=0.0)[0])
+    after = sft_loss(model, *loader.batch_at(0, 0), mtp_weight=0.0)[0].item()
     assert after < before - 0.5
     reloaded = load_pretrained(summary["final"])
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)

@@ -1,0 +1,544 @@
+"""GRPO, the reinforcement learning of DeepSeek-R1, with the DAPO and Dr. GRPO variants.
+
+One step: take P prompts, sample G completions of each with the fast sampler (all P*G rows in one
+`generate` call), score them with rule-based rewards, turn the rewards of each group into
+advantages (`group_advantages`), and maximise the clipped surrogate
+
+    1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it ]
+
+for `mu` optimiser steps over that rollout batch, with rho the ratio to the sampling policy and
+KL_it = pi_ref/pi - log(pi_ref/pi) - 1 to a frozen reference (beta = 0 never builds it). The sum
+over tokens is aggregated by one of three small functions: `seq_mean_token_mean` (R1 / GRPO),
+`token_mean` (DAPO) or `seq_sum_constant` (Dr. GRPO). Groups whose rewards are all equal carry no
+signal and are dropped (DAPO's dynamic sampling).
+
+Read top to bottom: the pure pieces (advantages, per-token terms, aggregations, the loss), the
+rollout (prompting, sampling, rewards), `grpo_step`, then `train_grpo`, the loop with checkpoints,
+resume and metrics.
+
+    seekling grpo --init-from runs/sft --tokenizer runs/tok --tasks countdown --steps 50 --out runs/grpo
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
+from seekling.evalsets import grade
+from seekling.generate import SamplingParams, generate
+from seekling.rewards import CombinedReward, combine_rewards, format_reward, register_reward
+from seekling.tasks import Problem, to_chat
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class GRPOConfig:
+    # rollouts
+    prompts_per_step: int = 16  # P questions per step
+    group_size: int = 8  # G completions per question
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # R1-Zero samples at temperature 1
+    top_p: float = 1.0
+    template: str = "chat"  # 'chat' (tokenizer chat format) or 'r1zero' (the paper's plain-text prompt)
+    rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.2})
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal (DAPO)
+    # loss
+    loss_aggregation: str = "seq_mean_token_mean"  # see LOSS_AGGREGATIONS
+    scale_std: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # DAPO clip-higher; set equal to eps_low for the symmetric GRPO clip
+    beta: float = 0.0  # KL coefficient (R1-Zero: 0.001); 0 does not build the reference model
+    mu: int = 1  # optimiser steps per rollout batch
+    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
+    # optimisation
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # run
+    steps: int = 100
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ConfigError(f"group_size (G) must be >= 2: a group of {self.group_size} has no relative "
+                              "advantage (every reward minus its own mean is 0)")
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ConfigError(f"unknown loss aggregation {self.loss_aggregation!r}; "
+                              f"known: {', '.join(LOSS_AGGREGATIONS)}")
+        if self.template not in ("chat", "r1zero"):
+            raise ConfigError(f"unknown prompt template {self.template!r}; choose 'chat' or 'r1zero'")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ConfigError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if not self.rewards:
+            raise ConfigError("give at least one reward, e.g. correct=1.0")
+
+
+# ----------------------------------------------------------------------------- advantages
+def group_advantages(rewards_PG: torch.Tensor, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r)) / (std(r) + eps) within each group (row) of G rewards.
+
+    The std is the sample std (Bessel-corrected, as TRL and DeepSeekMath compute it); with
+    `scale_std=False` only the mean is removed (Dr. GRPO, which finds the std division biases the
+    update toward too-easy and too-hard questions). A group of equal rewards gets A = 0.
+    """
+    if rewards_PG.dim() != 2 or rewards_PG.shape[1] < 2:
+        raise ConfigError(f"rewards must be [groups, G] with G >= 2, got shape {tuple(rewards_PG.shape)}")
+    centred_PG = rewards_PG - rewards_PG.mean(dim=1, keepdim=True)
+    if not scale_std:
+        return centred_PG
+    return centred_PG / (rewards_PG.std(dim=1, keepdim=True) + eps)
+
+
+def informative_groups(rewards_PG: torch.Tensor) -> torch.Tensor:
+    """[P] bool: groups whose rewards are not all equal (DAPO's dynamic sampling keeps only these)."""
+    return (rewards_PG.max(dim=1).values - rewards_PG.min(dim=1).values) > 1e-9
+
+
+# ----------------------------------------------------------------------------- per-token terms
+def kl_to_reference(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
+    """The unbiased, always non-negative KL estimator of R1 (Schulman's k3):
+    pi_ref/pi - log(pi_ref/pi) - 1, per token."""
+    log_ratio_BT = ref_logp_BT - logp_BT
+    return torch.exp(log_ratio_BT) - log_ratio_BT - 1
+
+
+def clipped_surrogate(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO/GRPO objective min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), and a mask
+    of the tokens where the clip is active (their gradient is zero)."""
+    ratio_BT = torch.exp(logp_BT - old_logp_BT)
+    adv_B1 = advantages_B[:, None]
+    unclipped_BT = ratio_BT * adv_B1
+    clipped_BT = torch.clamp(ratio_BT, 1 - eps_low, 1 + eps_high) * adv_B1
+    objective_BT = torch.minimum(unclipped_BT, clipped_BT)
+    is_clipped_BT = ((ratio_BT < 1 - eps_low) & (adv_B1 < 0)) | ((ratio_BT > 1 + eps_high) & (adv_B1 > 0))
+    return objective_BT, is_clipped_BT
+
+
+# ----------------------------------------------------------------------------- loss aggregation
+@dataclass
+class LossTotals:
+    """Batch-wide counts an aggregation divides by, so that micro-batches add up to the full-batch loss."""
+
+    num_seqs: int
+    num_tokens: int
+    max_new_tokens: int
+
+    @classmethod
+    def of(cls, mask_BT: torch.Tensor, max_new_tokens: int | None = None) -> "LossTotals":
+        return cls(mask_BT.shape[0], int(mask_BT.sum()), max_new_tokens or mask_BT.shape[1])
+
+
+def seq_mean_token_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor, totals: LossTotals) -> torch.Tensor:
+    """GRPO as written in DeepSeekMath and the R1 paper: average the tokens of each completion
+    (1/|o_i|), then average the completions (1/G, here over the whole batch of groups).
+
+    A long completion's tokens weigh less than a short one's, which Dr. GRPO (Liu et al. 2025)
+    shows rewards long wrong answers less harshly, so lengths of failures tend to grow.
+    """
+    per_seq_B = (loss_BT * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)
+    return per_seq_B.sum() / totals.num_seqs
+
+
+def token_mean(loss_BT: torch.Tensor, mask_BT: torch.Tensor, totals: LossTotals) -> torch.Tensor:
+    """DAPO (Yu et al. 2025): one mean over every completion token of the batch, so each token
+    counts the same whatever the length of the completion it is in."""
+    return (loss_BT * mask_BT).sum() / max(totals.num_tokens, 1)
+
+
+def seq_sum_constant(loss_BT: torch.Tensor, mask_BT: torch.Tensor, totals: LossTotals) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): the sum over each completion's tokens divided by a constant,
+    the number of completions times the generation budget `max_new_tokens`, instead of |o_i|;
+    this removes the length bias of the 1/|o_i| factor (their code's `masked_mean` with a constant
+    normaliser; the paper pairs it with `scale_std=False`)."""
+    return (loss_BT * mask_BT).sum() / (totals.num_seqs * totals.max_new_tokens)
+
+
+LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "seq_mean_token_mean": seq_mean_token_mean,
+    "token_mean": token_mean,
+    "seq_sum_constant": seq_sum_constant,
+}
+
+
+def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor,
+              mask_BT: torch.Tensor, ref_logp_BT: torch.Tensor | None = None, beta: float = 0.0,
+              eps_low: float = 0.2, eps_high: float = 0.2, aggregation: str = "seq_mean_token_mean",
+              totals: LossTotals | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss (the negated objective) of a batch or micro-batch, and its statistics.
+
+    `mask_BT` is 1 on completion tokens; `totals` are the counts of the whole rollout batch when
+    this is one micro-batch of several (default: this batch alone).
+    """
+    mask_BT = mask_BT.to(logp_BT.dtype)
+    totals = totals or LossTotals.of(mask_BT)
+    objective_BT, is_clipped_BT = clipped_surrogate(logp_BT, old_logp_BT, advantages_B, eps_low, eps_high)
+    per_token_BT = -objective_BT
+    n = mask_BT.sum().clamp(min=1)
+    stats = {"clip_fraction": float((is_clipped_BT.to(mask_BT.dtype) * mask_BT).sum() / n)}
+    if beta > 0:
+        if ref_logp_BT is None:
+            raise ConfigError("beta > 0 needs the reference log-probabilities")
+        kl_BT = kl_to_reference(logp_BT, ref_logp_BT)
+        per_token_BT = per_token_BT + beta * kl_BT
+        stats["kl"] = float((kl_BT.detach() * mask_BT).sum() / n)
+    loss = LOSS_AGGREGATIONS[aggregation](per_token_BT, mask_BT, totals)
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- rewards and prompts
+@register_reward("correct")
+def correct_reward(completion: str, answer: str, **meta) -> float:
+    """1.0 iff the task's own verifier accepts the answer (`seekling.evalsets.grade` with meta
+    `task`): countdown checks the expression, math sets use math_verify, the rest compare numbers."""
+    return 1.0 if grade(meta.get("task", ""), completion, {"answer": answer, "meta": meta}) else 0.0
+
+
+def prompt_ids(tokenizer, problem: Problem, template: str) -> list[int]:
+    """Prompt token ids: the chat format ending in `<|assistant|>`, or `bos` + the R1-Zero text."""
+    prompt = to_chat(problem, template)
+    if template == "chat":
+        return tokenizer.render_prompt(prompt)
+    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+
+
+def read_problems(path: str) -> list[Problem]:
+    """Problems from a JSONL file, one `{"prompt", "answer", ["task", "id", "meta"]}` a line (a
+    `messages` list may stand in for `prompt`: its last user turn is the question)."""
+    from seekling.data import read_jsonl
+
+    problems = []
+    for line, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object")
+        prompt = row.get("prompt")
+        if prompt is None and isinstance(row.get("messages"), list):
+            users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            prompt = users[-1] if users else None
+        if not isinstance(prompt, str) or not prompt:
+            raise DataError(f"{path}:{line}: row has no 'prompt' (or user message)")
+        if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
+            raise DataError(f"{path}:{line}: row has no 'answer'; GRPO needs a verifiable answer per prompt")
+        meta = row.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}:{line}: 'meta' must be an object")
+        problems.append(Problem(id=str(row.get("id", f"{path}:{line}")), task=str(row.get("task", "")),
+                                prompt=prompt, answer=str(row["answer"]), solution="", meta=meta))
+    if not problems:
+        raise DataError(f"{path}: no rows")
+    return problems
+
+
+# ----------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollouts:
+    """P*G sampled completions, group-major (rows g*G .. g*G + G - 1 answer problem g)."""
+
+    problems: list[Problem]
+    prompt_ids: list[list[int]]  # per row
+    completion_ids: list[list[int]]
+    old_logprobs: list[list[float]]  # the sampler's log-probs: the ratio's denominator
+    texts: list[str]
+    rewards_PG: torch.Tensor
+    components: dict[str, list[float]]  # each reward's unweighted value per row
+    correct: list[bool]
+    formatted: list[bool]
+    finished: list[bool]  # ended with the stop token rather than the length limit
+    sample_seconds: float = 0.0
+
+    @property
+    def group_size(self) -> int:
+        return self.rewards_PG.shape[1]
+
+    def select_groups(self, keep_P: torch.Tensor) -> "Rollouts":
+        G = self.group_size
+        groups = [g for g in range(len(self.problems)) if bool(keep_P[g])]
+        rows = [g * G + i for g in groups for i in range(G)]
+        pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
+        return Rollouts([self.problems[g] for g in groups], pick(self.prompt_ids), pick(self.completion_ids),
+                        pick(self.old_logprobs), pick(self.texts), self.rewards_PG[keep_P],
+                        {k: pick(v) for k, v in self.components.items()}, pick(self.correct),
+                        pick(self.formatted), pick(self.finished), self.sample_seconds)
+
+
+def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, reward: CombinedReward,
+                    seed: int) -> Rollouts:
+    """G completions per problem in one batched `generate` call, decoded and scored.
+
+    A completion that hits `max_new_tokens` without closing its tags is scored like any other (the
+    format reward gives it 0); only the tokens sampled are trained on.
+    """
+    G = cfg.group_size
+    prompts = [prompt_ids(tokenizer, p, cfg.template) for p in problems]
+    rows = [ids for ids in prompts for _ in range(G)]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            stop_token_ids=(tokenizer.eos_id,), seed=seed)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    completions = generate(model, rows, params)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    texts = [tokenizer.decode(c.token_ids, skip_special=True) for c in completions]
+    totals, components = [], {name: [] for name in reward.weights}
+    correct, formatted = [], []
+    for r, (c, text) in enumerate(zip(completions, texts)):
+        problem = problems[r // G]
+        meta = {**problem.meta, "task": problem.task, "length": len(c.token_ids), "max_length": cfg.max_new_tokens}
+        meta.setdefault("cache_length", max(1, cfg.max_new_tokens // 4))
+        result = reward(text, problem.answer, **meta)
+        totals.append(result.total)
+        for name, value in result.components.items():
+            components[name].append(value)
+        correct.append(bool(correct_reward(text, problem.answer, **meta)))
+        formatted.append(format_reward(text) == 1.0)
+    return Rollouts(list(problems), rows, [c.token_ids for c in completions], [c.logprobs for c in completions],
+                    texts, torch.tensor(totals, dtype=torch.float32).view(len(problems), G), components,
+                    correct, formatted, [c.finish_reason == "stop" for c in completions], seconds)
+
+
+# ----------------------------------------------------------------------------- scoring under the policy
+def pad_rollouts(rows: Sequence[int], rollouts: Rollouts, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Rows `rows` as right-padded tensors: inputs [B, T] (prompt + completion minus the last token),
+    targets [B, T], a completion mask [B, T] and the old log-probs [B, T] aligned with the targets."""
+    seqs = [rollouts.prompt_ids[r] + rollouts.completion_ids[r] for r in rows]
+    T = max(len(s) for s in seqs) - 1
+    B = len(rows)
+    inputs_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    targets_BT = torch.zeros((B, T), dtype=torch.long)
+    mask_BT = torch.zeros((B, T), dtype=torch.float32)
+    old_BT = torch.zeros((B, T), dtype=torch.float32)
+    for b, (r, seq) in enumerate(zip(rows, seqs)):
+        n_prompt, n_completion = len(rollouts.prompt_ids[r]), len(rollouts.completion_ids[r])
+        inputs_BT[b, : len(seq) - 1] = torch.tensor(seq[:-1])
+        targets_BT[b, : len(seq) - 1] = torch.tensor(seq[1:])
+        # target t is token t+1: the completion's tokens are targets n_prompt-1 .. n_prompt+n-2
+        mask_BT[b, n_prompt - 1: n_prompt - 1 + n_completion] = 1
+        old_BT[b, n_prompt - 1: n_prompt - 1 + n_completion] = torch.tensor(rollouts.old_logprobs[r])
+    return inputs_BT, targets_BT, mask_BT, old_BT
+
+
+def token_logprobs(model, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, temperature: float,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(target | prefix) under logits / temperature (what the sampler reports), [B, T]; and
+    the entropy of that distribution per position when asked (no gradient)."""
+    logits_BTV = model(inputs_BT).logits.float() / temperature
+    logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
+    logp_BT = logp_BTV.gather(-1, targets_BT[..., None]).squeeze(-1)
+    entropy_BT = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return logp_BT, entropy_BT
+
+
+# ----------------------------------------------------------------------------- one optimisation step
+def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int,
+              ref_model=None) -> dict[str, float]:
+    """`mu` optimiser steps on one rollout batch; returns the loss statistics of the last one.
+
+    The rows are sorted by length and cut into micro-batches (less padding); each micro-batch's
+    loss is divided by batch-wide totals, so the accumulated gradient is the full-batch gradient.
+    A non-finite loss or gradient skips the update and reports `nan: 1`.
+    """
+    advantages_PG = group_advantages(rollouts.rewards_PG, cfg.scale_std)
+    advantages = advantages_PG.flatten()
+    n_rows = advantages.shape[0]
+    order = sorted(range(n_rows), key=lambda r: len(rollouts.prompt_ids[r]) + len(rollouts.completion_ids[r]))
+    chunks = [order[i: i + cfg.micro_batch_size] for i in range(0, n_rows, cfg.micro_batch_size)]
+    padded = [pad_rollouts(rows, rollouts, pad_id) for rows in chunks]
+    totals = LossTotals(n_rows, sum(len(c) for c in rollouts.completion_ids), cfg.max_new_tokens)
+    ref_logps = []
+    if cfg.beta > 0:
+        with torch.no_grad():
+            ref_logps = [token_logprobs(ref_model, inp, tgt, cfg.temperature)[0] for inp, tgt, _, _ in padded]
+    model.train()
+    stats: dict[str, float] = {}
+    entropy_mean = 0.0  # of the sampling policy: measured on the first pass only
+    for iteration in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
+        for i, (rows, (inp, tgt, mask, old)) in enumerate(zip(chunks, padded)):
+            logp, entropy = token_logprobs(model, inp, tgt, cfg.temperature, with_entropy=iteration == 0)
+            loss, s = grpo_loss(logp, old, advantages[rows], mask, ref_logps[i] if ref_logps else None,
+                                cfg.beta, cfg.eps_low, cfg.eps_high, cfg.loss_aggregation, totals)
+            loss.backward()
+            share = float(mask.sum()) / max(totals.num_tokens, 1)  # token-weighted means of the stats
+            sums["loss"] += loss.item()
+            sums["clip_fraction"] += s["clip_fraction"] * share
+            sums["kl"] += s.get("kl", 0.0) * share
+            if entropy is not None:
+                entropy_mean += float((entropy * mask).sum()) / max(totals.num_tokens, 1)
+        sums["entropy"] = entropy_mean
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)
+            return {**sums, "grad_norm": float(grad_norm), "nan": 1.0}
+        optimizer.step()
+        stats = {**sums, "grad_norm": float(grad_norm), "nan": 0.0}
+    return stats
+
+
+# ----------------------------------------------------------------------------- the loop
+class TrainingStopped(SeeklingError):
+    """The run cannot go on (e.g. the loss kept coming out NaN); the last good checkpoint is kept."""
+
+
+def problems_for_step(problems: Sequence[Problem], step: int, per_step: int, seed: int) -> list[Problem]:
+    """The `per_step` problems of `step`: consecutive slices of a per-epoch shuffle, a pure function of
+    (seed, step), so a resumed run sees exactly the prompts it would have seen."""
+    n = len(problems)
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(i, n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(problems[int(order[index])])
+    return out
+
+
+def rollout_metrics(rollouts: Rollouts, reward: CombinedReward) -> dict[str, float]:
+    """Per-step means over every sampled completion (before dynamic sampling drops any group)."""
+    lengths = [len(c) for c in rollouts.completion_ids]
+    n = len(lengths)
+    out = {"reward": float(rollouts.rewards_PG.mean()), "accuracy": sum(rollouts.correct) / n,
+           "format": sum(rollouts.formatted) / n, "response_length": sum(lengths) / n,
+           "response_length_max": max(lengths), "truncated": 1 - sum(rollouts.finished) / n}
+    for name, values in rollouts.components.items():
+        out[f"reward/{name}"] = sum(values) / n
+    out["reward_failures"] = reward.stats.total
+    return out
+
+
+def build_reference(model, run_dir: Path, resume: bool):
+    """The frozen reference policy: the starting weights, kept in `run_dir/reference` so a resumed
+    run compares against the same model whatever became of the --init-from directory."""
+    from seekling.checkpoint import load_pretrained, save_pretrained
+
+    path = run_dir / "reference"
+    if resume and (path / "config.json").is_file():
+        ref = load_pretrained(str(path))
+    else:
+        ref = copy.deepcopy(model)
+        save_pretrained(ref, str(path))
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, run_dir: str | Path,
+               tokenizer_dir: str | Path | None = None, resume: bool = False, max_seconds: float | None = None,
+               on_step: Callable[[int, dict[str, float]], None] | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run GRPO on `problems` for `cfg.steps` steps (or `max_seconds`); returns a summary.
+
+    Checkpoints (model, optimizer, RNG, step) go to `run_dir/checkpoints`, one JSON line of metrics
+    per step to `run_dir/metrics.jsonl`, the final model to `run_dir/final`. A step whose loss or
+    gradient is not finite is skipped and logged; `cfg.max_bad_steps` of them in a row stop the run
+    with `TrainingStopped`, leaving the last good checkpoint as it was.
+    """
+    from seekling.checkpoint import save_pretrained
+    from seekling.training import (MetricsLogger, build_optimizer, latest_checkpoint, load_training_checkpoint,
+                                   lr_at, progress_bar, save_training_checkpoint, set_lr, set_seed,
+                                   tokenizer_files)
+
+    cfg.validate()
+    run_dir = Path(run_dir)
+    if not problems:
+        raise DataError("GRPO needs at least one problem")
+    for i, p in enumerate(problems):
+        if p.answer is None or str(p.answer).strip() == "":
+            raise DataError(f"problem {i} ({p.id}) has no answer; GRPO needs a verifiable answer per prompt")
+    reward = combine_rewards(cfg.rewards)  # unknown names raise here, listing the known ones
+    set_seed(cfg.seed)
+    found = latest_checkpoint(run_dir)
+    if found and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints ({Path(found).name}); pass resume "
+                              "(--resume) to continue it, or choose another output directory")
+    ref_model = build_reference(model, run_dir, resume and bool(found)) if cfg.beta > 0 else None
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    step, bad_steps, last_good = 0, 0, found
+    if resume and found:
+        state = load_training_checkpoint(found, model, optimizer)
+        step = state["step"]
+        log(f"resumed from {found} at step {step}")
+    metrics = MetricsLogger(run_dir, resume_step=step if resume and found else None, tensorboard=False)
+    run_config = {"kind": "grpo", **asdict(cfg)}
+    bar = progress_bar(cfg.steps, initial=step, desc="grpo")
+    start = time.perf_counter()
+    history: list[dict[str, float]] = []
+
+    def checkpoint() -> str | None:
+        return save_training_checkpoint(run_dir, step, model, optimizer, extra_state={"bad_steps": bad_steps},
+                                        config=run_config, tokenizer_dir=tokenizer_dir)
+
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, "constant", cfg.lr, cfg.warmup_steps, cfg.steps)
+            set_lr(optimizer, lr)
+            batch = problems_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
+            rollouts = sample_rollouts(model, tokenizer, batch, cfg, reward, seed=(cfg.seed * 100_003 + step) * 65_536)
+            record = rollout_metrics(rollouts, reward)
+            keep = informative_groups(rollouts.rewards_PG) if cfg.dynamic_sampling else torch.ones(len(batch), dtype=torch.bool)
+            record["groups_kept"] = int(keep.sum())
+            sampled_tokens = sum(len(c) for c in rollouts.completion_ids)
+            record["sample_tokens_per_s"] = sampled_tokens / max(rollouts.sample_seconds, 1e-9)
+            if keep.any():
+                kept = rollouts.select_groups(keep)
+                t0 = time.perf_counter()
+                stats = grpo_step(model, optimizer, kept, cfg, tokenizer.pad_id, ref_model)
+                seconds = time.perf_counter() - t0
+                trained = sum(len(p) + len(c) for p, c in zip(kept.prompt_ids, kept.completion_ids)) * cfg.mu
+                record.update(stats, train_tokens_per_s=trained / max(seconds, 1e-9))
+            else:
+                record.update(skipped=1)  # every group was all-right or all-wrong: nothing to learn
+            record.update(lr=lr, seconds=time.perf_counter() - start)
+            step += 1
+            if record.get("nan"):
+                bad_steps += 1
+                log(f"step {step}: loss or gradient not finite, update skipped ({bad_steps} in a row)")
+                metrics.log(step, **record)
+                if bad_steps >= cfg.max_bad_steps:
+                    raise TrainingStopped(
+                        f"the loss was not finite for {bad_steps} steps in a row (up to step {step}); stopped. "
+                        f"The last good checkpoint is {last_good or 'none (no checkpoint was saved yet)'}; "
+                        "lower --lr or check the rewards")
+                continue
+            bad_steps = 0
+            metrics.log(step, **record)
+            history.append({"step": step, **record})
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
+                            len=f"{record['response_length']:.0f}")
+            if on_step is not None:
+                on_step(step, record)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                last_good = checkpoint()
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                log(f"time budget of {max_seconds:.0f}s reached at step {step}")
+                break
+        last_good = checkpoint()
+        final = save_pretrained(model, str(run_dir / "final"), extra_files=tokenizer_files(tokenizer_dir))
+        return {"step": step, "seconds": time.perf_counter() - start, "final": final, "checkpoint": last_good,
+                "history": history, "reward_failures": reward.stats.total}
+    finally:
+        bar.close()
+        metrics.close()

@@ -1,0 +1,86 @@
+"""seekling serve: an OpenAI-compatible HTTP server with continuous batching, and a chat page at /.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming or not; chat
+answers carry the reasoning in `reasoning_content` and the answer in `content`, as DeepSeek's API
+does for R1), GET /health, and the web chat at /. Requests share the model through one engine
+thread that runs all active requests in each decode step (--max-concurrent of them; up to
+--max-queue more wait). It listens on 127.0.0.1 unless --host says otherwise; give --api-key (or
+SEEKLING_API_KEY) before exposing it. See docs/serving.md.
+
+    seekling serve runs/main/final
+    seekling serve runs/main --port 8080 --max-concurrent 16 --api-key "$(openssl rand -hex 16)"
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "What is 2+2?"}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from seekling.errors import SeeklingError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="model directory or seekling run directory")
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    net.add_argument("--port", type=int, default=8000, help="TCP port")
+    net.add_argument("--api-key", default=os.environ.get("SEEKLING_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $SEEKLING_API_KEY, else none)")
+    net.add_argument("--model-name", default=None, help="the model id reported by /v1/models (default: the directory name)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-concurrent", type=int, default=8, help="requests decoded together (cache slots)")
+    engine.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    engine.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype")
+    engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    limits = parser.add_argument_group("limits per request")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longest prompt in tokens (default: the model's context minus one)")
+    limits.add_argument("--max-tokens-cap", type=int, default=None,
+                        help="largest max_tokens a request may ask for (default: the model's context)")
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    limits.add_argument("--max-n", type=int, default=16, help="most completions (n, times prompts) per request")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from seekling.commands.generate import DTYPES
+    from seekling.server import Limits, create_app
+    from seekling.serving import Engine, load_for_serving
+
+    for flag in ("max_concurrent", "port", "max_body_bytes", "max_n", "max_prompt_tokens", "max_tokens_cap"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SeeklingError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_queue < 0:
+        raise SeeklingError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
+    name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model_dir)))
+    engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
+                    max_body_bytes=args.max_body_bytes, max_n=args.max_n)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"seekling: serving {model_dir} as {name!r} on http://{shown}:{args.port} "
+          f"({args.max_concurrent} slots, {engine.max_len} tokens of context)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

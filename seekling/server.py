@@ -286,11 +286,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         if len(prompt_ids) > max_prompt:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server takes at most {max_prompt}",
                            param, "context_length_exceeded")
+        # Past the end of the context a completion stops with finish_reason "length" (OpenAI refuses
+        # such requests instead; with contexts of a few hundred tokens, stopping is more useful).
         room = context - len(prompt_ids)
-        if s.max_tokens is not None and s.max_tokens > room:
-            raise APIError(400, f"the context holds {context} tokens: {len(prompt_ids)} in the prompt leave room "
-                           f"for {room}, but max_tokens is {s.max_tokens}", "max_tokens", "context_length_exceeded")
-        max_tokens = s.max_tokens or min(room, limits.max_tokens_cap or room)
+        max_tokens = min(s.max_tokens or limits.max_tokens_cap or room, room)
         stop_ids = () if s.ignore_eos else (tokenizer.eos_id,)
         return [Job(prompt_ids, SamplingParams(max_new_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
                                                top_k=s.top_k, stop_token_ids=stop_ids,

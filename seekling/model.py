@@ -35,6 +35,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:  # fused kernel; accumulates in fp32 for bf16 inputs too
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if torch.is_autocast_enabled(x.device.type):  # keep activations in the autocast dtype
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -104,6 +108,7 @@ class LatentCache:
         self.kv = [torch.zeros(batch_size, max_len, width, device=device, dtype=dtype) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.static = False  # attend over the whole buffer (fixed shapes, for torch.compile)
 
     @property
     def batch_size(self) -> int:
@@ -140,32 +145,28 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
 
-    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, the normalised latent and the RoPE'd parts (q_pe and k_pe rotated together)."""
         B, T, _ = x.shape
         q = self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, self.n_heads, self.qk_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.config.rope_interleave)
-        return q_nope, q_pe  # [B, T, H, nope], [B, T, H, rope]
-
-    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        k_pe = apply_rope(k_pe, cos, sin, self.config.rope_interleave)
-        return c_kv, k_pe  # [B, T, kv_lora_rank], [B, T, rope]
+        # k_pe rides along as one more "head", so both are rotated by a single call
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos.unsqueeze(-2), sin.unsqueeze(-2),
+                        self.config.rope_interleave)
+        return q_nope, pe[:, :, :-1], c_kv, pe[:, :, -1]  # [B,T,H,nope], [B,T,H,rope], [B,T,C], [B,T,rope]
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, layer_idx: int = 0,
-                rows: torch.Tensor | None = None, naive: bool = False) -> torch.Tensor:
-        if cache is None:
+    def forward(self, x, cos, sin, step: "CacheStep | None" = None, layer_idx: int = 0) -> torch.Tensor:
+        if step is None:
             return self._forward_expanded(x, cos, sin)
-        return self._forward_cached(x, cos, sin, cache, layer_idx, rows, naive)
+        return self._forward_cached(x, cos, sin, step, layer_idx)
 
     def _forward_expanded(self, x, cos, sin):
         """Training / full-sequence path: expand the latent into per-head keys and values, fused causal attention."""
         B, T, _ = x.shape
         H = self.n_heads
-        q_nope, q_pe = self._queries(x, cos, sin)
-        c_kv, k_pe = self._latent(x, cos, sin)
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, qk]
@@ -178,42 +179,60 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def _forward_cached(self, x, cos, sin, cache, layer_idx, rows, naive):
+    def _forward_cached(self, x, cos, sin, step: "CacheStep", layer_idx: int):
         """Generation path: write the new latents into the cache, attend over it in absorbed form.
 
         Absorption folds the key half of kv_b_proj into the query (q_latent = q_nope @ W_UK) and
-        the value half into the output, so per cached token only kv_lora_rank + rope values are read.
+        the value half into the output, so per cached token only kv_lora_rank + rope values are read,
+        and every head reads the one shared latent (heads fold into the query axis: no expansion).
         """
         B, T, _ = x.shape
-        H = self.n_heads
-        q_nope, q_pe = self._queries(x, cos, sin)
-        c_kv, k_pe = self._latent(x, cos, sin)
-        store = cache.kv[layer_idx]
-        row_idx = torch.arange(B, device=x.device) if rows is None else rows
-        start = cache.lengths[row_idx]  # [B]
-        pos_BT = start[:, None] + torch.arange(T, device=x.device)
-        store[row_idx[:, None], pos_BT] = torch.cat([c_kv, k_pe], dim=-1).to(store.dtype)
-        S = int(pos_BT.max()) + 1
-        kv_BSD = store[:, :S] if rows is None else store[rows, :S]
-        kv_BSD = kv_BSD.to(x.dtype)
-        mask_BTS = torch.arange(S, device=x.device)[None, None, :] <= pos_BT[:, :, None]
-        w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        H, C, S = self.n_heads, self.kv_lora_rank, step.S
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        store = step.cache.kv[layer_idx]
+        store[step.row_idx[:, None], step.pos_BT] = torch.cat([c_kv, k_pe], dim=-1).to(store.dtype)
+        kv_BSD = (store[:, :S] if step.rows is None else store[step.rows, :S]).to(x.dtype)
+        w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, C)
         w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]
-        if naive:  # reference: expand keys and values from the cached latent
-            c_all, k_pe_all = kv_BSD.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-            kv = self.kv_b_proj(c_all).view(B, S, H, -1)
-            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        if step.naive:  # reference: expand keys and values from the cached latent
+            c_all, k_pe_all = kv_BSD.split([C, self.rope_dim], dim=-1)
+            k_nope, v = self.kv_b_proj(c_all).view(B, S, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
             scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe_all)
-            probs = (scores * self.scale).masked_fill(~mask_BTS[:, None], float("-inf")).softmax(-1)
+            probs = (scores * self.scale + step.bias_BHTS(H)).softmax(-1)
             out = torch.einsum("bhts,bshv->bthv", probs, v)
         else:
-            q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
-            q_cat = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1)  # [B, H, T, C + rope]
-            scores = torch.matmul(q_cat, kv_BSD.unsqueeze(1).transpose(-1, -2))  # [B, H, T, S]
-            probs = (scores * self.scale).masked_fill(~mask_BTS[:, None], float("-inf")).softmax(-1)
-            out_latent = torch.matmul(probs, kv_BSD[..., : self.kv_lora_rank].unsqueeze(1))  # [B, H, T, C]
-            out = torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            q_cat = (torch.cat([q_latent, q_pe], dim=-1) * self.scale).view(B, T * H, C + self.rope_dim)
+            probs = torch.baddbmm(step.bias_BXS(H), q_cat, kv_BSD.transpose(1, 2)).softmax(-1)  # [B, T*H, S]
+            out = torch.einsum("bthc,hvc->bthv", torch.bmm(probs, kv_BSD[..., :C]).view(B, T, H, C), w_uv)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+
+@dataclass
+class CacheStep:
+    """What every layer of one `forward_cached` call shares: rows, positions, the visibility mask."""
+
+    cache: LatentCache
+    rows: torch.Tensor | None  # cache rows of the batch (None: all rows, in order)
+    row_idx: torch.Tensor  # [B]
+    pos_BT: torch.Tensor  # absolute positions of the new tokens
+    S: int  # length of the cache prefix attended
+    naive: bool = False
+
+    def __post_init__(self):
+        visible_BTS = torch.arange(self.S, device=self.pos_BT.device) <= self.pos_BT[:, :, None]
+        self.bias_BTS = torch.zeros(visible_BTS.shape, device=visible_BTS.device).masked_fill(~visible_BTS, float("-inf"))
+        self._bias: dict[int, torch.Tensor] = {}
+
+    def bias_BXS(self, n_heads: int) -> torch.Tensor:
+        """The additive mask laid out as [B, T * heads, S] (built once, reused by every layer)."""
+        if n_heads not in self._bias:
+            B, T, S = self.bias_BTS.shape
+            self._bias[n_heads] = self.bias_BTS[:, :, None].expand(B, T, n_heads, S).reshape(B, T * n_heads, S)
+        return self._bias[n_heads]
+
+    def bias_BHTS(self, n_heads: int) -> torch.Tensor:
+        return self.bias_BTS[:, None]
 
 
 # ----------------------------------------------------------------------------- MLP and MoE
@@ -264,17 +283,34 @@ class Gate(nn.Module):
 _GROUPED_MM_OK: dict[str, bool] = {}
 
 
-def _grouped_linear(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """x rows grouped by expert (counts_E rows each) times that expert's w [D, F]; one kernel where torch has it."""
+def _grouped_linear_impl(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     key = f"{x_ND.device.type}:{x_ND.dtype}"
-    if _GROUPED_MM_OK.get(key, True) and hasattr(torch, "_grouped_mm"):
+    few_rows = x_ND.shape[0] < 4 * w_EDF.shape[0]  # decoding: most experts idle, skip them outright
+    if not few_rows and _GROUPED_MM_OK.get(key, True) and hasattr(torch, "_grouped_mm"):
         try:
-            offs = counts_E.cumsum(0).to(torch.int32)
-            return torch._grouped_mm(x_ND, w_EDF, offs=offs)
+            return torch._grouped_mm(x_ND, w_EDF, offs=counts_E.cumsum(0).to(torch.int32))
         except (RuntimeError, NotImplementedError):
             _GROUPED_MM_OK[key] = False
     chunks = torch.split(x_ND, counts_E.tolist())
-    return torch.cat([chunk @ w_EDF[e] for e, chunk in enumerate(chunks)])
+    return torch.cat([chunk @ w_EDF[e] for e, chunk in enumerate(chunks) if chunk.shape[0]])
+
+
+@torch.library.custom_op("seekling::grouped_linear", mutates_args=())
+def _grouped_linear_op(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The same product as one opaque op, so torch.compile can trace a decode step around it (inference)."""
+    return _grouped_linear_impl(x_ND, w_EDF.contiguous(), counts_E)
+
+
+@_grouped_linear_op.register_fake
+def _(x_ND, w_EDF, counts_E):
+    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
+
+
+def _grouped_linear(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """x rows grouped by expert (counts_E rows each) times that expert's w [D, F]; one kernel where torch has it."""
+    if torch.compiler.is_compiling():
+        return _grouped_linear_op(x_ND, w_EDF, counts_E)
+    return _grouped_linear_impl(x_ND, w_EDF, counts_E)
 
 
 class Experts(nn.Module):
@@ -293,7 +329,8 @@ class Experts(nn.Module):
         flat_expert_N = topk_idx_TK.reshape(-1)
         order_N = flat_expert_N.argsort(stable=True)
         token_N = order_N // K
-        counts_E = torch.bincount(flat_expert_N, minlength=self.n_experts)
+        counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=x_TD.device).scatter_add_(
+            0, flat_expert_N, torch.ones_like(flat_expert_N))
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
         x = x_TD
         if torch.is_autocast_enabled(x.device.type):
@@ -337,7 +374,7 @@ class MoE(nn.Module):
         )
         self.naive = False
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
         B, T, D = x.shape
         x_TD = x.reshape(-1, D)
         weights_TK, topk_idx_TK, scores_TE = self.gate(x_TD)
@@ -345,6 +382,8 @@ class MoE(nn.Module):
         y = experts(x_TD, weights_TK, topk_idx_TK).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        if not with_stats:
+            return y.to(x.dtype), None
         load_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.experts.n_experts)
         stats = RouterStats(load_E.detach(), sequence_balance_loss(scores_TE.view(B, T, -1), topk_idx_TK.view(B, T, -1)))
         return y.to(x.dtype), stats
@@ -377,11 +416,11 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, cache_idx=0, rows=None, naive=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_idx, rows, naive)
+    def forward(self, x, cos, sin, step: CacheStep | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, self.layer_idx)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, with_stats=step is None)
             return x + y, stats
         return x + self.mlp(h), None
 
@@ -465,7 +504,7 @@ class Transformer(nn.Module):
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [..., rope_dim/2] at the given integer positions."""
-        if positions.numel() and int(positions.max()) >= self.config.max_position_embeddings:
+        if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= self.config.max_position_embeddings:
             raise SeeklingError(
                 f"position {int(positions.max())} is past max_position_embeddings="
                 f"{self.config.max_position_embeddings}: the prompt plus the tokens to generate is too long"
@@ -524,10 +563,13 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         row_idx = torch.arange(B, device=input_ids.device) if rows is None else rows
         start = cache.lengths[row_idx]
-        cos, sin = self.rope(start[:, None] + torch.arange(T, device=input_ids.device))
+        pos_BT = start[:, None] + torch.arange(T, device=input_ids.device)
+        cos, sin = self.rope(pos_BT)
+        S = cache.max_len if cache.static else int(pos_BT.max()) + 1
+        step = CacheStep(cache, rows, row_idx, pos_BT, S, naive)
         x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x, _ = layer(x, cos, sin, cache, i, rows, naive)
+        for layer in self.layers:
+            x, _ = layer(x, cos, sin, step)
         num_new = torch.full((B,), T, device=input_ids.device) if num_new is None else num_new
         cache.lengths[row_idx] = start + num_new
         if all_logits:

@@ -90,13 +90,29 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
+_COMPILED: dict[int, object] = {}
+
+
+def compiled_decode_step(model: Transformer):
+    """`model.forward_cached` compiled for one new token per row over a fixed-size cache.
+
+    Shapes never change (the whole batch decodes every step, attention spans the whole buffer), so
+    it compiles once per batch size and cache length; worth it for long or repeated sampling.
+    """
+    key = id(model)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(model.forward_cached, dynamic=False)
+    return _COMPILED[key]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             progress=None) -> list[Completion]:
+             progress=None, compile: bool = False) -> list[Completion]:
     """Sample a completion for every prompt. `params` is one for all rows or one per row.
 
     A single seed seeds row b with seed + b, so a batch is reproducible and row b's sample does not
-    depend on the other rows.
+    depend on the other rows. With `compile`, decode steps run through torch.compile (fixed shapes:
+    finished rows keep a slot but are not sampled); results are the same.
     """
     B = len(prompts)
     if B == 0:
@@ -123,6 +139,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     budget = [min(p.max_new_tokens, max_pos - n) for p, n in zip(per_row, lengths)]
     max_len = max(n + m for n, m in zip(lengths, budget))
     cache = LatentCache(model.config, B, max(max_len, 1), device=device, dtype=dtype)
+    cache.static = compile
+    decode = compiled_decode_step(model) if compile else model.forward_cached
 
     temperature = torch.tensor([p.temperature for p in per_row], device=device)
     top_p = torch.tensor([p.top_p for p in per_row], device=device)
@@ -157,7 +175,17 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             break
         keep = torch.tensor(still, device=device)
         active = [active[j] for j in still]
+        if compile:  # every row steps; finished rows rewrite their last slot and are not sampled
+            frozen = cache.lengths.clone()
+            step_tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+            step_tokens[idx, 0] = tokens
+            logits = decode(step_tokens, cache)
+            done = torch.ones(B, dtype=torch.bool, device=device)
+            done[torch.tensor(active, device=device)] = False
+            cache.lengths[done] = frozen[done]
+            logits = logits[torch.tensor(active, device=device)]
+            continue
         next_rows = rows[idx[keep]]
         full = len(active) == B
-        logits = model.forward_cached(tokens[keep, None], cache, rows=None if full else next_rows)
+        logits = decode(tokens[keep, None], cache, rows=None if full else next_rows)
     return out

@@ -88,3 +88,14 @@ def test_bad_prompts_are_named(model):
 def test_generation_stops_at_the_maximum_position(model):
     out = generate(model, [[1] * 500], SamplingParams(max_new_tokens=50, temperature=0))[0]
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens(model):
+    prompts = [[5, 6, 7], [3], [100, 200, 300, 400]]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=i) for i, n in enumerate((6, 9, 3))]
+    eager = generate(model, prompts, params)
+    compiled = generate(model, prompts, params, compile=True)
+    for a, b in zip(eager, compiled):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4

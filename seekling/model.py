@@ -306,6 +306,40 @@ def _(x_ND, w_EDF, counts_E):
     return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
 
 
+def _grouped_weight_grad(x_ND: torch.Tensor, grad_NF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """d loss / d w[e] = x_e^T @ grad_e for every expert e (zero for idle experts)."""
+    try:
+        return torch._grouped_mm(x_ND.t(), grad_NF, offs=counts_E.cumsum(0).to(torch.int32))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        grads = [xe.t() @ ge for xe, ge in zip(torch.split(x_ND, counts_E.tolist()), torch.split(grad_NF, counts_E.tolist()))]
+        return torch.stack(grads)
+
+
+@torch.library.custom_op("seekling::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(x_ND: torch.Tensor, grad_NF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    return _grouped_weight_grad(x_ND, grad_NF.contiguous(), counts_E)
+
+
+@_grouped_weight_grad_op.register_fake
+def _(x_ND, grad_NF, counts_E):
+    return x_ND.new_empty(counts_E.shape[0], x_ND.shape[1], grad_NF.shape[1])
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    x_ND, w_EDF, counts_E = inputs
+    ctx.save_for_backward(x_ND, w_EDF, counts_E)
+
+
+def _grouped_linear_backward(ctx, grad_NF):
+    x_ND, w_EDF, counts_E = ctx.saved_tensors
+    grad_x = _grouped_linear_op(grad_NF.contiguous(), w_EDF.transpose(1, 2), counts_E)
+    grad_w = _grouped_weight_grad_op(x_ND, grad_NF, counts_E)
+    return grad_x, grad_w, None
+
+
+_grouped_linear_op.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
+
+
 def _grouped_linear(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """x rows grouped by expert (counts_E rows each) times that expert's w [D, F]; one kernel where torch has it."""
     if torch.compiler.is_compiling():
@@ -384,7 +418,9 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         if not with_stats:
             return y.to(x.dtype), None
-        load_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.experts.n_experts)
+        flat = topk_idx_TK.reshape(-1)
+        load_E = torch.zeros(self.experts.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         stats = RouterStats(load_E.detach(), sequence_balance_loss(scores_TE.view(B, T, -1), topk_idx_TK.view(B, T, -1)))
         return y.to(x.dtype), stats
 

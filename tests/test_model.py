@@ -197,3 +197,19 @@ def test_position_past_the_maximum_is_refused():
     model = Transformer(cfg)
     with pytest.raises(SeeklingError, match="max_position_embeddings"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_grouped_linear_op_gradients_match_a_loop():
+    from seekling.model import _grouped_linear_op
+
+    counts = torch.tensor([3, 0, 5, 4])
+    x = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(4, 8, 12, requires_grad=True)
+    y = _grouped_linear_op(x, w, counts)
+    chunks = torch.split(x, counts.tolist())
+    ref = torch.cat([c @ w[e] for e, c in enumerate(chunks) if c.shape[0]])
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)

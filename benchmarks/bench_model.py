@@ -39,13 +39,14 @@ def load_transformers(path: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def train_rate(model, batches, steps: int, warmup: int, bf16: bool, is_hf: bool) -> float:
+def train_rate(model, batches, steps: int, warmup: int, bf16: bool, is_hf: bool, compiled=None) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     model.train()
+    run = compiled or model
 
     def step(x, y):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(x, labels=y).loss if is_hf else model(x, targets=y).loss
+            loss = run(x, labels=y).loss if is_hf else run(x, targets=y).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -61,7 +62,7 @@ def train_rate(model, batches, steps: int, warmup: int, bf16: bool, is_hf: bool)
     return tokens / (time.perf_counter() - t0)
 
 
-def sample_rate(model, prompts, new_tokens: int, is_hf: bool) -> float:
+def sample_rate(model, prompts, new_tokens: int, is_hf: bool, compile: bool = False) -> float:
     model.eval()
     t0 = time.perf_counter()
     if is_hf:
@@ -71,7 +72,7 @@ def sample_rate(model, prompts, new_tokens: int, is_hf: bool) -> float:
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         produced = (out.shape[1] - x.shape[1]) * x.shape[0]
     else:
-        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
+        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0), compile=compile)
         produced = sum(len(o.token_ids) for o in outs)
     return produced / (time.perf_counter() - t0)
 
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt length for sampling")
     ap.add_argument("--quick", action="store_true", help="fewer steps and smaller batches (smoke run)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure seekling under torch.compile (compile time excluded, reported apart)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.sample_batches, args.new_tokens = 2, "1,8", 32
@@ -114,18 +117,31 @@ def main() -> None:
 
     print("\ntraining (forward + backward + AdamW), tokens/s")
     for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
-        a = train_rate(ours, batches, args.steps, 2, bf16, False)
-        b = train_rate(hf, hf_batches, args.steps, 2, bf16, True)
         dtype_peak = peak["bf16" if bf16 else "fp32"]
-        print(f"  {name:14s} seekling {a:8.0f}  transformers {b:8.0f}  ratio {a / b:5.2f}x   "
-              f"MFU seekling {a * fpt / dtype_peak:5.1%}  transformers {b * fpt / dtype_peak:5.1%}")
+        b = train_rate(hf, hf_batches, args.steps, 2, bf16, True)
+        a = train_rate(ours, batches, args.steps, 2, bf16, False)
+        line = (f"  {name:14s} transformers {b:7.0f} ({b * fpt / dtype_peak:4.1%} MFU)   "
+                f"seekling {a:7.0f} ({a * fpt / dtype_peak:4.1%} MFU, {a / b:4.2f}x)")
+        if args.compile:
+            compiled = torch.compile(ours)
+            c = train_rate(ours, batches, args.steps, 2, bf16, False, compiled=compiled)
+            line += f"   seekling compiled {c:7.0f} ({c * fpt / dtype_peak:4.1%} MFU, {c / b:4.2f}x)"
+        print(line, flush=True)
 
     print(f"\nsampling ({args.new_tokens} new tokens, greedy), new tokens/s")
     for bs in [int(s) for s in args.sample_batches.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
-        a = sample_rate(ours, prompts, args.new_tokens, False)
+        sample_rate(ours, prompts, 4, False)  # warm-up
         b = sample_rate(hf, prompts, args.new_tokens, True)
-        print(f"  batch {bs:3d}      seekling {a:8.0f}  transformers {b:8.0f}  ratio {a / b:5.2f}x")
+        a = sample_rate(ours, prompts, args.new_tokens, False)
+        line = f"  batch {bs:3d}   transformers {b:7.0f}   seekling {a:7.0f} ({a / b:5.2f}x)"
+        if args.compile:
+            t0 = time.perf_counter()
+            sample_rate(ours, prompts, args.new_tokens, False, compile=True)  # compiles for this shape
+            warm = time.perf_counter() - t0
+            c = sample_rate(ours, prompts, args.new_tokens, False, compile=True)
+            line += f"   seekling compiled {c:7.0f} ({c / b:5.2f}x; first call {warm:.0f}s)"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def _stop(body: dict, limits: Limits) -> tuple[str, ...]:
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise APIError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
     if len(stops) > limits.max_stop:
-        raise APIError(400, f"'stop' takes at most {limits.max_stop} strings, got {len(stops)}", "stop", "invalid_value")
+        raise APIError(400, f"'stop' takes at most {limits.max_stop} strings, got {len(stops)}", "stop",
+                       "invalid_value")
     if any(not s or len(s) > limits.max_stop_chars for s in stops):
         raise APIError(400, f"each stop string must have 1 to {limits.max_stop_chars} characters", "stop",
                        "invalid_value")
@@ -360,7 +361,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                 "total_tokens": prompt_tokens + completion}
 
     def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     def stream(jobs: list[Job], prompt_tokens: int, make_chunk, include_usage: bool, usage_chunk) -> StreamingResponse:
         """Server-sent events; `make_chunk(i, ev)` gives the chunks of one engine event (ev None: the opening)."""
@@ -375,7 +376,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                         yield sse(chunk)
                 async for i, ev in stream_events:
                     if ev.finish_reason == "error":
-                        yield sse(error_body(ev.error or "generation failed", "server_error", None, "generation_failed"))
+                        message = ev.error or "generation failed"
+                        yield sse(error_body(message, "server_error", None, "generation_failed"))
                         return
                     if ev.finish_reason:
                         finals[i] = ev

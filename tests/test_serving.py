@@ -41,7 +41,8 @@ from seekling.tokenizer import Tokenizer
 
 SCRIPT = "<think>Two plus two makes four.</think><answer>4</answer>"
 REASONING, ANSWER = "Two plus two makes four.", "4"
-CORPUS = ["Two plus two makes four. What is two plus two?"] * 40 + ["The quick brown fox jumps over the lazy dog 123."] * 20
+CORPUS = (["Two plus two makes four. What is two plus two?"] * 40
+          + ["The quick brown fox jumps over the lazy dog 123."] * 20)
 
 
 # ----------------------------------------------------------------------------- shared helpers

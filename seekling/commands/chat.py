@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model directory or seekling run directory")
     parser.add_argument("--system", default=None, help="a system message at the start of the conversation")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                        help="dim the reasoning with ANSI codes (auto: when stdout is a terminal and NO_COLOR is unset)")
+                        help="dim the reasoning with ANSI codes; auto: when stdout is a terminal and NO_COLOR is "
+                             "unset (default: %(default)s)")
     add_sampling_arguments(parser)
 
 

@@ -29,13 +29,18 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `generate` and `chat`."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--temperature", type=float, default=0.6,
-                       help="softmax temperature; 0 is greedy (DeepSeek suggests 0.6 for R1)")
-    group.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the smallest set of tokens "
-                                                                "whose probability reaches this")
-    group.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0: all)")
-    group.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate per answer")
-    group.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype")
+                       help="softmax temperature; 0 is greedy, DeepSeek suggests 0.6 for R1 (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=0.95,
+                       help="nucleus sampling: keep the smallest set of tokens whose probability reaches this "
+                            "(default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=0,
+                       help="keep only the k most likely tokens; 0 keeps all (default: %(default)s)")
+    group.add_argument("--max-tokens", type=int, default=512,
+                       help="most tokens to generate per answer (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=None,
+                       help="random seed; with several --prompt, prompt i uses seed + i (default: unseeded)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weights dtype (default: %(default)s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

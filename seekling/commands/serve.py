@@ -26,23 +26,32 @@ from seekling.errors import SeeklingError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model directory or seekling run directory")
     net = parser.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    net.add_argument("--port", type=int, default=8000, help="TCP port")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 0.0.0.0 is every interface (default: %(default)s)")
+    net.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     net.add_argument("--api-key", default=os.environ.get("SEEKLING_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1/* (default: $SEEKLING_API_KEY, else none)")
-    net.add_argument("--model-name", default=None, help="the model id reported by /v1/models (default: the directory name)")
+    net.add_argument("--model-name", default=None,
+                     help="the model id reported by /v1/models (default: the directory name)")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-concurrent", type=int, default=8, help="requests decoded together (cache slots)")
-    engine.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
-    engine.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype")
-    engine.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    engine.add_argument("--max-concurrent", type=int, default=8,
+                        help="requests decoded together, one cache slot each (default: %(default)s)")
+    engine.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a slot; more get 429 (default: %(default)s)")
+    engine.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights dtype (default: %(default)s)")
+    engine.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 is often fastest for small "
+                             "models on a busy machine)")
     limits = parser.add_argument_group("limits per request")
     limits.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longest prompt in tokens (default: the model's context minus one)")
     limits.add_argument("--max-tokens-cap", type=int, default=None,
                         help="largest max_tokens a request may ask for (default: the model's context)")
-    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
-    limits.add_argument("--max-n", type=int, default=16, help="most completions (n, times prompts) per request")
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="largest request body in bytes (default: %(default)s)")
+    limits.add_argument("--max-n", type=int, default=16,
+                        help="most completions (n, times the prompts) per request (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -275,7 +275,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.stats()}
+        stats = engine.stats()
+        body = {"status": "ok" if stats["running"] else "engine stopped", "model": model_name, **stats}
+        return JSONResponse(body, status_code=200 if stats["running"] else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seekling.checkpoint import load_pretrained
 from seekling.errors import CheckpointError, SeeklingError
 from seekling.generate import SamplingParams, make_generator, sample_tokens
 from seekling.model import LatentCache, Transformer
@@ -92,8 +93,6 @@ def find_tokenizer_dir(model_dir: str, given_path: str) -> str:
 def load_for_serving(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32
                      ) -> tuple[Transformer, Tokenizer, str]:
     """(model in eval mode, tokenizer, model directory) from a model or run directory."""
-    from seekling.checkpoint import load_pretrained  # imported here: the server tests stub the model
-
     model_dir = resolve_model_dir(path)
     tokenizer = Tokenizer.load(find_tokenizer_dir(model_dir, path))
     model = load_pretrained(model_dir, device=device, dtype=dtype)
@@ -330,10 +329,14 @@ class Engine:
             self._cond.notify_all()
         return requests
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> dict:
         with self._cond:
-            return {"slots": self.max_concurrent, "active": self._n_active, "queued": len(self._pending),
-                    **dict(self.counters)}
+            return {"running": self.running, "slots": self.max_concurrent, "active": self._n_active,
+                    "queued": len(self._pending), **dict(self.counters)}
 
     def run_to_completion(self, prompt_ids: list[int], params: SamplingParams, stop: tuple[str, ...] = ()
                           ) -> tuple[str, Event]:
@@ -358,10 +361,14 @@ class Engine:
                         self._cond.wait()
                     if self._stopping:
                         break
-                self._release_cancelled()
-                self._admit()
-                if self._n_active:
-                    self._decode_step()
+                try:
+                    self._release_cancelled()
+                    self._admit()
+                    if self._n_active:
+                        self._decode_step()
+                except Exception as e:  # noqa: BLE001 - a bug here must fail the running requests, not hang them
+                    for r in [r for r in self._slots if r is not None]:
+                        self._finish(r, "error", f"engine error: {type(e).__name__}: {e}")
         for r in [r for r in self._slots if r is not None] + list(self._pending):
             self._finish(r, "error", "the server is shutting down")
 

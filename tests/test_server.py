@@ -48,7 +48,7 @@ def test_models_health_and_page(server, client):
     url, engine, _ = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(url + "/health").json()
-    assert health["status"] == "ok" and health["slots"] == 16
+    assert health["status"] == "ok" and health["running"] and health["slots"] == 16
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "<details" in page.text and "reasoning_content" in page.text
 

@@ -264,6 +264,29 @@ def test_cancel_frees_the_slot_and_one_failure_stays_inside_its_request(served):
         engine.close()
 
 
+def test_an_engine_bug_fails_the_running_requests_and_the_engine_goes_on(served):
+    model, tok, _ = served
+    engine = Engine(model, tok).start()
+    original, calls = engine._decode_step, []
+
+    def broken_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("bug")
+        original()
+
+    engine._decode_step = broken_once
+    prompt = tok.encode("The quick")
+    try:
+        _, final = engine.run_to_completion(prompt, SamplingParams(max_new_tokens=20, seed=1))
+        assert final.finish_reason == "error" and "RuntimeError: bug" in final.error
+        _, final = engine.run_to_completion(prompt, SamplingParams(max_new_tokens=5, seed=1))
+        assert final.finish_reason == "length" and engine.stats()["running"]
+    finally:
+        engine.close()
+    assert not engine.stats()["running"]
+
+
 def test_queue_bound_and_context_clamp(served):
     model, tok, _ = served
     engine = Engine(model, tok, max_concurrent=2, max_queue=1, max_len=64)  # not started: nothing leaves

@@ -324,7 +324,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
             "tokens_per_s": tokens_per_step / seconds,
             "mfu": tokens_per_step * train_flops_per_token / seconds / peak if peak else None,
             "expert_imbalance": expert_imbalance(load) if load is not None else None,
-            "step_seconds": seconds,
+            "step_seconds": seconds, "time": time.time(),  # wall clock: loop throughput incl. logging
         }
         if val_loader is not None and a.eval_every and (done % a.eval_every == 0 or done == a.steps):
             val_loss = record["val_loss"] = evaluate(model, val_loader, a.eval_batches, device, autocast)

@@ -213,3 +213,27 @@ def test_resume_from_another_config_or_rerun_leaves_the_run_untouched(corpus, re
     code, err = run_cli(corpus, run, capsys)  # no --resume into a finished run
     assert code == 2 and "--resume" in err
     assert snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes_bitwise(corpus, reference, tmp_path):
+    """FSDP2 (fully_shard per block, gloo on CPU): same losses as one process; a run resumed from its
+    step-4 checkpoint ends with the same weights as the uninterrupted FSDP run."""
+    def torchrun(out, steps, resume=False):
+        flags = cli_flags(data=corpus["data"], tokenizer=corpus["tok"], out=out, resume=resume,
+                          **{**COMMON, "batch_size": 2, "steps": steps, "schedule": "constant"})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "seekling.cli", "pretrain", *flags, "--distributed", "fsdp"]
+        result = subprocess.run(cmd, env=env_one_thread(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "fsdp", 8)
+    for ref, got in zip(metrics(reference["out"])[:8], metrics(tmp_path / "fsdp")):
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
+    torchrun(resumed, 8, resume=True)
+    a, b = load_file(tmp_path / "fsdp" / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,140 @@
+"""Throughput of `seekling pretrain`'s loop against the bare forward + backward + AdamW loop.
+
+Both sides train the same model config on the same batch shape in one process: the bare loop is
+`train_rate` from benchmarks/bench_model.py (random tokens, one AdamW group, nothing else); the
+trainer is `seekling.pretrain.pretrain` reading token shards, with the balance loss, gradient clipping,
+the expert-bias update, the load all-reduce and a metrics.jsonl line per step. The trainer's rate is
+measured from the wall-clock stamps of its metrics lines, so data loading and logging count. MTP is
+off on both sides (bench_model's loop has none); a third line shows the trainer with MTP on.
+
+Other engineers may share the cores: the load average is printed before and after; each figure is
+the best of --repeats alternating measurements.
+
+    python benchmarks/bench_pretrain.py                 # cpu preset, fp32 and bf16 (a few minutes on 2 cores)
+    python benchmarks/bench_pretrain.py --quick         # fewer steps, one repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_model import train_rate  # noqa: E402
+
+from seekling.config import ModelConfig  # noqa: E402
+from seekling.cost import cpu_peak  # noqa: E402
+from seekling.data import build_token_shards, read_jsonl  # noqa: E402
+from seekling.flops import flops_per_token  # noqa: E402
+from seekling.model import Transformer  # noqa: E402
+from seekling.pretrain import PretrainArgs, pretrain  # noqa: E402
+from seekling.tasks import completion_text, make_mixture  # noqa: E402
+from seekling.tokenizer import Tokenizer  # noqa: E402
+
+TASKS = ["arithmetic", "countdown", "linear", "wordproblem"]
+GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "train.jsonl")
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def make_corpus(root: str, vocab_size: int, tokens_needed: int) -> tuple[str, str, int]:
+    """A tokenizer of the preset's size (GSM8K's English gives task text enough variety) and task shards."""
+    problems = make_mixture(TASKS, "train", 1500, seed=0)
+    texts = [p.prompt for p in problems] + [completion_text(p) for p in problems]
+    if os.path.exists(GSM8K):
+        texts += [t for _, r in read_jsonl(GSM8K) for t in (r["question"], r["answer"])]
+    tok = Tokenizer.train(texts, vocab_size)
+    tok.save(os.path.join(root, "tok"))
+    n = 500
+    while True:
+        index = build_token_shards(os.path.join(root, "data"), tok, tasks=TASKS, num_examples=n, val_fraction=0.05)
+        if index["splits"]["train"]["tokens"] > tokens_needed:
+            return os.path.join(root, "tok"), os.path.join(root, "data"), tok.vocab_size
+        n *= 2
+
+
+def trainer_rate(cfg_path: str, tok: str, data: str, out: str, args, dtype: str, steps: int) -> float:
+    """Tokens/s of the trainer's steady state: wall time between its first and last metrics lines."""
+    pretrain(PretrainArgs(
+        data=data, tokenizer=tok, out=out, config=cfg_path, steps=steps, batch_size=args.batch,
+        seq_len=args.seq_len, warmup=1, eval_every=0, save_every=0, keep_last=1, log_every=10**9,
+        quiet=True, dtype=dtype, device="cpu"))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    timed = rows[args.warmup - 1:]  # the first line closes the warm-up steps
+    tokens = (timed[-1]["tokens"] - timed[0]["tokens"])
+    return tokens / (timed[-1]["time"] - timed[0]["time"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", help="model preset")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating measurements; the best counts")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    ap.add_argument("--quick", action="store_true", help="3 timed steps, one repeat")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 3, 1
+    torch.set_num_threads(args.threads)
+    print(f"load average before: {load_average()} ({os.cpu_count()} cores)")
+
+    root = tempfile.mkdtemp(prefix="bench_pretrain-")
+    base = ModelConfig.from_name(args.preset)
+    total_steps = args.warmup + args.steps
+    tok, data, vocab = make_corpus(root, base.vocab_size, total_steps * args.batch * (args.seq_len + 1))
+    configs = {"no MTP": base.replace(vocab_size=vocab, num_nextn_predict_layers=0), "MTP": base.replace(vocab_size=vocab)}
+    paths = {}
+    for name, cfg in configs.items():
+        paths[name] = os.path.join(root, name.replace(" ", "_"))
+        cfg.save(paths[name])
+    cfg = configs["no MTP"]
+    peak = cpu_peak(args.threads)
+    fpt = {name: flops_per_token(c, args.seq_len, training=True, include_mtp=c.num_nextn_predict_layers > 0)["total"]
+           for name, c in configs.items()}
+    print(f"preset {args.preset} (vocab {vocab}), batch {args.batch} x {args.seq_len}, {args.threads} threads, "
+          f"CPU peak fp32 {peak['fp32'] / 1e9:.0f} / bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        seq = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=g)
+        batches.append((seq[:, :-1], seq[:, 1:]))
+
+    print(f"\n{'':6s} {'bare loop':>10s} {'trainer':>10s} {'overhead':>9s} {'MFU bare':>9s} {'MFU trainer':>12s}"
+          f" {'trainer+MTP':>12s} {'MFU':>6s}")
+    for dtype in ("fp32", "bf16"):
+        bare, trainer, trainer_mtp = [], [], []
+        for r in range(args.repeats):
+            torch.manual_seed(0)
+            model = Transformer(cfg)
+            bare.append(train_rate(model, batches, args.steps, args.warmup, dtype == "bf16", False))
+            del model
+            out = os.path.join(root, f"run-{dtype}-{r}")
+            trainer.append(trainer_rate(os.path.join(paths["no MTP"], "config.json"), tok, data, out, args, dtype,
+                                        total_steps))
+            out = os.path.join(root, f"run-mtp-{dtype}-{r}")
+            trainer_mtp.append(trainer_rate(os.path.join(paths["MTP"], "config.json"), tok, data, out, args, dtype,
+                                            total_steps))
+        a, b, c = max(bare), max(trainer), max(trainer_mtp)
+        p = peak[dtype]
+        print(f"{dtype:6s} {a:10,.0f} {b:10,.0f} {a / b - 1:9.1%} {a * fpt['no MTP'] / p:9.1%} "
+              f"{b * fpt['no MTP'] / p:12.1%} {c:12,.0f} {c * fpt['MTP'] / p:6.1%}")
+        print(f"{'':6s} all measurements (tokens/s): bare {[round(x) for x in bare]}, "
+              f"trainer {[round(x) for x in trainer]}, trainer+MTP {[round(x) for x in trainer_mtp]}")
+    print(f"\nload average after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ printed before and after, since other jobs may share the cores.
 
     python benchmarks/bench_serve.py                                  # preset "cpu", random weights
     python benchmarks/bench_serve.py --model runs/main/final --max-tokens 256
-    python benchmarks/bench_serve.py --concurrency 1 2 4 8 16 --rounds 3
+    python benchmarks/bench_serve.py --concurrency 1 2 4 8 16 --requests 64 --threads 1
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model or run directory (default: random weights of --preset)")
     parser.add_argument("--preset", default="cpu", help="preset for the random-weight model")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts to measure")
-    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--requests", type=int, default=32,
+                        help="requests per measurement, shared by the clients (each sends its share in turn)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--prompt-words", type=int, default=40, help="length of the prompt, in words")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
@@ -130,14 +131,16 @@ def main() -> int:
     prompt = " ".join(prompt[: args.prompt_words])
     try:
         asyncio.run(load(url, 1, 1, prompt, 8))  # warm-up: first calls allocate and pick kernels
-        rows = [asyncio.run(load(url, c, args.rounds, prompt, args.max_tokens)) for c in args.concurrency]
+        rows = [asyncio.run(load(url, c, max(1, args.requests // c), prompt, args.max_tokens))
+                for c in args.concurrency]
     finally:
         server.terminate()
         server.wait(30)
     load_after = os.getloadavg()
 
     print(f"\nmodel: {args.model or 'preset ' + repr(args.preset) + ' (random weights)'}; "
-          f"{args.max_tokens} tokens per request, prompt of {args.prompt_words} words, {args.rounds} rounds per client")
+          f"{args.max_tokens} tokens per request, prompt of {args.prompt_words} words, "
+          f"{args.requests} requests per row; server torch threads: {args.threads or 'default'}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1-minute), on {os.cpu_count()} CPUs\n")
     print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'per client':>10} "
           f"{'TTFT p50':>9} {'TTFT p95':>9}")

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("seekling.commands.grpo", "reinforcement learning with GRPO on the reasoning tasks (R1-Zero style)"),
     "pretrain": ("seekling.commands.pretrain", "pre-train a model on token shards: CE + MTP, aux-loss-free MoE balancing, lossless checkpoints"),
     "eval": ("seekling.commands.eval", "pass@1 / pass@k / cons@k, format and length on held-out tasks and GSM8K/MATH-500/AIME"),
+    "sample": ("seekling.commands.sample", "rejection sampling: keep a teacher's verified, well-formed completions as chat JSONL"),
+    "distill": ("seekling.commands.distill", "rejection-sample a teacher, SFT a smaller student on it, evaluate all three"),
 }
 
 

@@ -1,0 +1,743 @@
+"""R1's stage 3 and distillation: rejection sampling from a teacher, then SFT of a student on what was kept.
+
+DeepSeek-R1 samples many answers from its RL checkpoint, keeps the verified-correct, readable ones
+and fine-tunes on them; its distilled models are small students fine-tuned on those samples, no RL.
+
+    load_teacher       a seekling run directory (final/ or latest checkpoint), a seekling / DeepSeek-V3
+                       Hugging Face directory, or any transformers causal LM directory
+    rejection_sample   k completions per problem (batched), each judged in order: well-formed, correct
+                       by the task's verifier, not too long, not a duplicate; kept ones appended to chat
+                       JSONL with provenance, `.stats.json` beside it listing the prompts done (resume)
+    distill            sample, SFT a student (a preset such as `cpu-small`, or a model directory) with
+                       `seekling.sft`, evaluate teacher, student before and student after
+    speedrun_stage     what `seekling.speedrun.stage_distill` calls
+
+Each completion is seeded by (seed, problem id, sample index), so a resumed run writes what an
+uninterrupted one would (seekling teachers; transformers' `generate` is seeded per batch).
+
+    seekling sample --teacher runs/grpo --tasks countdown --num-problems 2000 --k 4 --out runs/kept.jsonl
+    seekling distill --teacher runs/grpo --tasks countdown --student-preset cpu-small --out runs/distill
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
+from seekling.evalsets import EVALSETS, GRADERS, grade, load_evalset, read_jsonl
+from seekling.generate import Completion, SamplingParams, generate
+from seekling.rewards import format_reward, known_rewards, load_reward
+from seekling.tasks import R1_ZERO_PROMPT, TASKS, Problem, make_problems, stable_hash
+
+SAMPLES_FORMAT = "seekling-samples-v1"
+GenerateFn = Callable[[Any, list[list[int]], Any], list[Completion]]
+
+
+# ----------------------------------------------------------------------------- teachers
+class HFTokenizer:
+    """A transformers tokenizer behind the few methods seekling's sampling and evaluation call."""
+
+    def __init__(self, tokenizer, source: str):
+        if tokenizer.eos_token_id is None:
+            raise CheckpointError(f"{source}: the tokenizer has no eos token, so sampling could never stop")
+        self.backend = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.bos_id = tokenizer.bos_token_id
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The chat template with the generation prompt; without a template, the user text after bos."""
+        if getattr(self.backend, "chat_template", None):
+            ids = self.backend.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in transformers >= 5
+            return list(ids)
+        text = "\n".join(m["content"] for m in messages)
+        return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+
+
+def make_hf_generate(pad_id: int) -> GenerateFn:
+    """A `generate`-compatible function for a transformers model: left-padded batch, `model.generate`.
+
+    Rows must share their sampling settings (seeds aside: transformers draws one stream per batch,
+    seeded by the first row's seed). Log-probabilities are not reported (`Completion.logprobs` is empty).
+    """
+
+    @torch.inference_mode()
+    def hf_generate(model, prompts: list[list[int]], params) -> list[Completion]:
+        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        if not prompts:
+            return []
+        first = per_row[0]
+        if any(dataclasses.replace(p, seed=None) != dataclasses.replace(first, seed=None) for p in per_row):
+            raise ConfigError("a transformers teacher samples a batch with one set of settings (seeds aside)")
+        device = next(model.parameters()).device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        attention = torch.zeros((B, T), dtype=torch.long)
+        for b, ids in enumerate(prompts):
+            input_ids[b, T - len(ids):] = torch.tensor(ids)
+            attention[b, T - len(ids):] = 1
+        stops = set(first.stop_token_ids)
+        kwargs: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": pad_id,
+                                  "eos_token_id": sorted(stops) or None}
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=first.top_k)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        ends = [next((i + 1 for i, t in enumerate(row) if t in stops), None) for row in out[:, T:].tolist()]
+        return [Completion(row[:end], [], "length" if end is None else "stop")
+                for row, end in zip(out[:, T:].tolist(), ends)]
+
+    return hf_generate
+
+
+@dataclass
+class Teacher:
+    """A model that can be sampled: `generate_fn(model, prompt_ids, params)`, texts via `tokenizer`."""
+
+    model: Any
+    tokenizer: Any  # seekling.tokenizer.Tokenizer or HFTokenizer
+    generate_fn: GenerateFn
+    kind: str  # "seekling" or "transformers"
+    path: str  # the model directory actually loaded
+    fingerprint: str  # sha256 over config and weights: which teacher wrote a samples file
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": self.path, "fingerprint": self.fingerprint}
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _has_weights(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+
+def resolve_teacher(path: str | Path) -> tuple[Path, str]:
+    """(model directory, kind) for a teacher path; CheckpointError saying what was looked for."""
+    from seekling.training import latest_checkpoint
+
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"teacher {path}: no such directory")
+    candidates = [root, root / "final"]
+    latest = latest_checkpoint(root)
+    if latest:
+        candidates.append(Path(latest))
+    for directory in candidates:
+        if (directory / "config.json").is_file() and _has_weights(directory):
+            try:
+                model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{directory / 'config.json'}: not a JSON object ({e})") from None
+            if not model_type:
+                raise CheckpointError(f"{directory / 'config.json'} has no model_type; not a model config")
+            return directory, "seekling" if model_type == "deepseek_v3" else "transformers"
+    pickled = [f.name for f in root.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
+    raise CheckpointError(
+        f"teacher {path} is not a model: looked for a seekling run directory (final/ or checkpoints/step_*/), "
+        "a seekling / DeepSeek-V3 Hugging Face directory (config.json with model_type deepseek_v3 + "
+        "model.safetensors) and a transformers causal LM directory (config.json + model.safetensors)"
+        + (f"; found {', '.join(pickled)}, but pickled weights are never loaded" if pickled else ""))
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """sha256 of config.json and the safetensors files: the same weights anywhere, other weights never."""
+    digest = hashlib.sha256()
+    for name in ["config.json"] + sorted(f.name for f in Path(directory).iterdir() if f.suffix == ".safetensors"):
+        digest.update(name.encode())
+        with open(Path(directory) / name, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_teacher(path: str | Path, tokenizer_dir: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> Teacher:
+    """A teacher from any directory `resolve_teacher` accepts. Seekling models sample with the fast
+    latent-cache sampler and the seekling tokenizer; other models through transformers'
+    AutoModelForCausalLM + AutoTokenizer (safetensors weights only: nothing is unpickled)."""
+    directory, kind = resolve_teacher(path)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else directory
+    if kind == "seekling":
+        from seekling.checkpoint import load_pretrained
+
+        model = load_pretrained(str(directory), device=device)
+        tokenizer = _seekling_or_hf_tokenizer(tok_dir)
+        generate_fn = generate  # the latent-cache sampler: token ids in, whatever the tokenizer
+    else:
+        try:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(str(directory), use_safetensors=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{directory}: transformers cannot load it as a causal LM ({e})") from None
+        model = model.to(device).eval()
+        tokenizer = _hf_tokenizer(tok_dir)
+        generate_fn = make_hf_generate(tokenizer.pad_id)
+    return Teacher(model, tokenizer, generate_fn, kind, str(directory.resolve()), weights_fingerprint(directory))
+
+
+def _hf_tokenizer(directory: Path) -> HFTokenizer:
+    try:
+        from transformers import AutoTokenizer
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(directory)), str(directory))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: no tokenizer transformers can load ({e}); pass --teacher-tokenizer") from None
+
+
+def _seekling_or_hf_tokenizer(directory: Path):
+    from seekling.tokenizer import Tokenizer
+
+    if (directory / "tokenizer.json").is_file():
+        try:
+            return Tokenizer.load(directory)
+        except DataError:
+            pass  # not a seekling vocabulary (a released DeepSeek-V3 one, say): transformers reads it
+    return _hf_tokenizer(directory)
+
+
+# ----------------------------------------------------------------------------- problems and verifiers
+def read_problem_file(path: str | Path) -> list[Problem]:
+    """Problems from JSONL, one `{"prompt", "answer", ["id", "task", "meta"]}` a line. A row without
+    an id gets one from its prompt (stable across runs, so resume finds it)."""
+    problems: dict[str, Problem] = {}
+    for line, row in read_jsonl(path, ("prompt", "answer")):
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise DataError(f"{path}:{line}: 'prompt' must be a non-empty string")
+        if row["answer"] is None or str(row["answer"]).strip() == "":
+            raise DataError(f"{path}:{line}: empty 'answer'; rejection sampling needs a verifiable answer")
+        meta = row.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}:{line}: 'meta' must be an object")
+        pid = str(row.get("id") or f"p-{stable_hash(row['prompt'] + '|' + str(row['answer'])):016x}")
+        problem = Problem(pid, str(row.get("task") or ""), row["prompt"], str(row["answer"]), "", meta)
+        if pid in problems and problems[pid] != problem:
+            raise DataError(f"{path}:{line}: id {pid!r} is used by an earlier, different row")
+        problems[pid] = problem
+    if not problems:
+        raise DataError(f"{path}: no problems")
+    return list(problems.values())
+
+
+def load_problems(tasks: Sequence[str] = (), n: int = 100, split: str = "train", seed: int = 0,
+                  difficulty: dict[str, dict[str, Any]] | None = None, path: str | Path | None = None) -> list[Problem]:
+    """`n` problems of each task (synthetic tasks: the `split`; published sets: the set), or a file."""
+    if path is not None:
+        problems = read_problem_file(path)
+        return problems[:n] if n else problems
+    if not tasks:
+        raise ConfigError("give tasks (e.g. --tasks countdown) or a problems file (--problems FILE.jsonl)")
+    difficulty = difficulty or {}
+    out: list[Problem] = []
+    for task in tasks:
+        if task in TASKS:
+            out += make_problems(task, split, n, seed, **difficulty.get(task, {}))
+        elif task in EVALSETS:
+            out += load_evalset(task, limit=n or None)
+        else:
+            raise ConfigError(f"unknown task {task!r}; known: {', '.join([*TASKS, *EVALSETS])} "
+                              "(or give your own problems with --problems FILE.jsonl)")
+    return out
+
+
+def verifier_for(task: str, reward: str | None = None) -> Callable[[str, Problem], float]:
+    """The correctness score of a completion: `reward` (a registered name or module:function) when
+    given, else the task's own verifier (`seekling.evalsets.grade`); rows with no task are graded
+    by `accuracy`. A task with neither is a ConfigError."""
+    if reward:
+        fn = load_reward(reward)
+        return lambda text, p: float(fn(text, p.answer, **{**p.meta, "task": p.task}))
+    if task and task not in TASKS and task not in GRADERS:
+        raise ConfigError(f"task {task!r} has no reward function: tasks with verifiers are "
+                          f"{', '.join(sorted({*TASKS, *GRADERS}))}; pass a reward (--reward NAME, one of "
+                          f"{', '.join(known_rewards())}, or module:function) to grade it")
+    return lambda text, p: 1.0 if grade(task, text, p) else 0.0
+
+
+def user_content(problem: Problem) -> str:
+    """The question as the teacher sees it (published math sets get R1's step-by-step instruction)."""
+    from seekling.evaluate import MATH_INSTRUCTION
+
+    return f"{problem.prompt}\n{MATH_INSTRUCTION}" if problem.task in EVALSETS else problem.prompt
+
+
+def teacher_prompt_ids(tokenizer, problem: Problem, template: str) -> list[int]:
+    content = user_content(problem)
+    if template == "chat":
+        return tokenizer.render_prompt([{"role": "user", "content": content}])
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return bos + tokenizer.encode(R1_ZERO_PROMPT.format(prompt=content))
+
+
+# ----------------------------------------------------------------------------- rejection sampling
+@dataclass
+class SampleSettings:
+    k: int = 4  # completions per problem
+    temperature: float = 0.6  # R1's evaluation protocol: readable, still varied
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    template: str = "chat"  # 'chat' or 'r1zero' (the teacher's prompt; the samples are always chats)
+    seed: int = 0
+    max_tokens_kept: int | None = None  # drop kept candidates longer than this (teacher tokens, stop excluded)
+    dedupe: bool = True  # drop a completion identical (up to whitespace) to one kept for the same prompt text
+    reward: str | None = None  # overrides the task's verifier
+    min_reward: float = 1.0  # a completion is correct when its verifier score reaches this
+    batch_size: int = 256  # completions per sampler call (not part of what a samples file records)
+
+    def validate(self) -> None:
+        for name in ("k", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.template not in ("chat", "r1zero"):
+            raise ConfigError(f"unknown prompt template {self.template!r}; choose 'chat' or 'r1zero'")
+        if self.max_tokens_kept is not None and self.max_tokens_kept < 1:
+            raise ConfigError(f"max_tokens_kept must be >= 1, got {self.max_tokens_kept}")
+        SamplingParams(self.max_new_tokens, self.temperature, self.top_p).validate()
+
+    def recorded(self) -> dict[str, Any]:
+        """What a samples file is made with: resuming under other settings would mix two data sets."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+
+
+@dataclass
+class KeepStats:
+    """Counts over the sampled completions of one task. `kept` passed every filter, in order:
+    well-formed and correct, then at most max_tokens_kept, then not a duplicate."""
+
+    prompts: int = 0
+    sampled: int = 0
+    well_formed: int = 0
+    correct: int = 0
+    correct_and_well_formed: int = 0
+    too_long: int = 0
+    duplicates: int = 0
+    kept: int = 0
+    prompts_with_kept: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def keep_rate(self) -> float:
+        return self.kept / self.sampled if self.sampled else 0.0
+
+    def add(self, other: "KeepStats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "keep_rate": round(self.keep_rate, 6)}
+
+
+class NothingKept(SeeklingError):
+    """Every sampled completion was dropped: there is nothing to train on."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def stats_path_for(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".stats.json")
+
+
+def dedupe_key(problem: Problem, text: str) -> str:
+    return user_content(problem) + "\x00" + " ".join(text.split())
+
+
+def judge(text: str, n_tokens: int, problem: Problem, verifier: Callable[[str, Problem], float],
+          settings: SampleSettings, seen: set[str]) -> tuple[str, float, float]:
+    """(verdict, correctness score, format score) of one completion; the verdict is 'kept',
+    'unformatted', 'wrong', 'too_long' or 'duplicate'. A kept completion's key joins `seen`."""
+    fmt = format_reward(text)
+    score = verifier(text, problem)
+    if fmt < 1.0:
+        return "unformatted", score, fmt
+    if score < settings.min_reward:
+        return "wrong", score, fmt
+    if settings.max_tokens_kept is not None and n_tokens > settings.max_tokens_kept:
+        return "too_long", score, fmt
+    key = dedupe_key(problem, text)
+    if settings.dedupe and key in seen:
+        return "duplicate", score, fmt
+    seen.add(key)
+    return "kept", score, fmt
+
+
+def row_seed(seed: int, problem_id: str, sample: int) -> int:
+    return stable_hash(f"{seed}/{problem_id}/{sample}") % (2**62)
+
+
+def _read_samples(out: Path, fingerprint: str) -> list[tuple[int, dict]]:
+    """The rows of an existing samples file; a half-written last line (a kill mid-write) is dropped,
+    rows of another teacher are refused."""
+    rows: list[tuple[int, dict]] = []
+    lines = out.read_text().split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the unfinished tail of an interrupted append
+                continue
+            raise DataError(f"{out}:{number}: not valid JSON; not a samples file (pass --overwrite to replace it)") from None
+        teacher = (row.get("provenance") or {}).get("teacher") if isinstance(row, dict) else None
+        if not isinstance(teacher, dict) or "fingerprint" not in teacher:
+            raise DataError(f"{out}:{number}: no provenance.teacher; not a samples file (pass --overwrite to replace it)")
+        if teacher["fingerprint"] != fingerprint:
+            raise ConfigError(f"{out} holds samples of another teacher ({teacher.get('path')}, line {number}); "
+                              "pass --overwrite to replace them, or write to another file")
+        rows.append((number, row))
+    return rows
+
+
+def _resume(out: Path, teacher: Teacher, settings: SampleSettings, overwrite: bool
+            ) -> tuple[set[str], dict[str, KeepStats], set[str]]:
+    """(done problem ids, stats so far, dedupe keys) from an existing samples file and its stats.
+
+    Rows of problems that the stats file does not list as done (a batch interrupted between the two
+    writes) are removed, and those problems sampled again."""
+    stats_path = stats_path_for(out)
+    if overwrite:
+        for path in (out, stats_path):
+            path.unlink(missing_ok=True)
+    if not out.exists() and not stats_path.exists():
+        return set(), {}, set()
+    done: set[str] = set()
+    stats: dict[str, KeepStats] = {}
+    if stats_path.exists():
+        try:
+            saved = json.loads(stats_path.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        if not isinstance(saved, dict) or saved.get("format") != SAMPLES_FORMAT:
+            raise DataError(f"{stats_path}: not a seekling samples stats file; pass --overwrite to start again")
+        if saved["teacher"]["fingerprint"] != teacher.fingerprint:
+            raise ConfigError(f"{out} holds samples of another teacher ({saved['teacher']['path']}); "
+                              "pass --overwrite to replace them, or write to another file")
+        if saved["settings"] != settings.recorded():
+            diff = [f"{k}: {saved['settings'].get(k)!r} there, {v!r} now"
+                    for k, v in settings.recorded().items() if saved["settings"].get(k) != v]
+            raise ConfigError(f"{out} was sampled with other settings ({'; '.join(diff)}); resuming would mix "
+                              "two data sets: pass --overwrite, or write to another file")
+        done = set(saved["done"])
+        stats = {task: KeepStats(**{k: v for k, v in s.items() if k != "keep_rate"})
+                 for task, s in saved["tasks"].items()}
+    rows = _read_samples(out, teacher.fingerprint) if out.exists() else []
+    if not stats_path.exists():  # the stats are lost: what was kept is what the file holds
+        for _, row in rows:
+            p = row["provenance"]
+            done.add(p["prompt_id"])
+            stats.setdefault(p.get("task", ""), KeepStats()).kept += 1
+    keep = [row for _, row in rows if row["provenance"]["prompt_id"] in done]
+    if len(keep) != len(rows) or (out.exists() and not out.read_text().endswith("\n") and out.stat().st_size):
+        _write_atomic(out, "".join(json.dumps(r) + "\n" for r in keep))
+    seen = {row["messages"][0]["content"] + "\x00" + " ".join(row["messages"][-1]["content"].split()) for row in keep}
+    return done, stats, seen
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rejection_sample(teacher: Teacher, problems: Sequence[Problem], out: str | Path, settings: SampleSettings,
+                     overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Sample `settings.k` completions of each problem not done yet, keep the good ones, append them to
+    `out` (chat JSONL with provenance). Returns {"out", "teacher", "tasks": {task: stats}, "total",
+    "sampled_now"}; raises NothingKept when the file ends up with no sample at all."""
+    from seekling.training import progress_bar
+
+    settings.validate()
+    if not problems:
+        raise DataError("no problems to sample")
+    verifiers = {task: verifier_for(task, settings.reward) for task in dict.fromkeys(p.task for p in problems)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done, stats, seen = _resume(out, teacher, settings, overwrite)
+    pending = [p for p in dict((p.id, p) for p in problems).values() if p.id not in done]
+    if done:
+        log(f"{out}: {len(done)} problem(s) sampled earlier, {len(pending)} to go")
+    per_call = max(1, settings.batch_size // settings.k)
+    tok, model = teacher.tokenizer, teacher.model
+    was_training = model.training
+    model.eval()
+    bar = progress_bar(len(pending) * settings.k, desc="sample")
+    try:
+        with open(out, "a") as f:
+            for start in range(0, len(pending), per_call):
+                chunk = pending[start: start + per_call]
+                rows = [(p, j) for p in chunk for j in range(settings.k)]
+                prompts = {p.id: teacher_prompt_ids(tok, p, settings.template) for p in chunk}
+                params = [SamplingParams(settings.max_new_tokens, settings.temperature, settings.top_p,
+                                         stop_token_ids=(tok.eos_id,), seed=row_seed(settings.seed, p.id, j))
+                          for p, j in rows]
+                completions = teacher.generate_fn(model, [prompts[p.id] for p, _ in rows], params)
+                lines = []
+                for (p, j), c in zip(rows, completions):
+                    s = stats.setdefault(p.task, KeepStats())
+                    text = tok.decode(c.token_ids, skip_special=True)
+                    n_tokens = len(c.token_ids) - (c.finish_reason == "stop")
+                    verdict, score, fmt = judge(text, n_tokens, p, verifiers[p.task], settings, seen)
+                    s.sampled += 1
+                    s.prompt_tokens += len(prompts[p.id])
+                    s.completion_tokens += len(c.token_ids)
+                    s.well_formed += fmt >= 1.0
+                    s.correct += score >= settings.min_reward
+                    s.correct_and_well_formed += verdict in ("kept", "too_long", "duplicate")
+                    s.too_long += verdict == "too_long"
+                    s.duplicates += verdict == "duplicate"
+                    if verdict == "kept":
+                        s.kept += 1
+                        lines.append({"id": f"{p.id}/{j}", "messages": [
+                            {"role": "user", "content": user_content(p)},
+                            {"role": "assistant", "content": text.strip()}],
+                            "provenance": {"teacher": teacher.identity, "prompt_id": p.id, "task": p.task,
+                                           "sample": j, "reward": score, "format": fmt,
+                                           "completion_tokens": n_tokens, "sampling": settings.recorded()}})
+                for p in chunk:
+                    s = stats.setdefault(p.task, KeepStats())
+                    s.prompts += 1
+                    s.prompts_with_kept += any(r["provenance"]["prompt_id"] == p.id for r in lines)
+                    done.add(p.id)
+                # samples first, then the stats that mark their problems done (see _resume)
+                f.write("".join(json.dumps(r) + "\n" for r in lines))
+                f.flush()
+                os.fsync(f.fileno())
+                _write_stats(out, teacher, settings, done, stats)
+                bar.update(len(rows))
+    finally:
+        bar.close()
+        model.train(was_training)
+    total = KeepStats()
+    for s in stats.values():
+        total.add(s)
+    summary = {"out": str(out), "teacher": teacher.identity, "teacher_params": teacher.num_params,
+               "sampled_now": len(pending) * settings.k,
+               "tasks": {t: s.to_json() for t, s in stats.items()}, "total": total.to_json()}
+    if total.kept == 0:
+        raise NothingKept(f"no sample was kept, nothing to train on: {format_keep_stats(summary, one_line=True)}; "
+                          "a stronger teacher, more problems, more samples (--k) or looser filters may help",
+                          summary)
+    return summary
+
+
+def _write_stats(out: Path, teacher: Teacher, settings: SampleSettings, done: set[str],
+                 stats: dict[str, KeepStats]) -> None:
+    _write_atomic(stats_path_for(out), json.dumps({
+        "format": SAMPLES_FORMAT, "teacher": teacher.identity, "settings": settings.recorded(),
+        "tasks": {t: s.to_json() for t, s in stats.items()}, "done": sorted(done)}) + "\n")
+
+
+def format_keep_stats(summary: dict[str, Any], one_line: bool = False) -> str:
+    """Keep statistics per task (and in total), as a table or one line."""
+    rows = list(summary["tasks"].items()) + ([("total", summary["total"])] if len(summary["tasks"]) > 1 else [])
+    if one_line:
+        return "; ".join(f"{task or 'problems'}: {s['sampled']} sampled from {s['prompts']} prompts, "
+                         f"{s['well_formed']} well-formed, {s['correct']} correct, {s['kept']} kept "
+                         f"({100 * s['keep_rate']:.1f}%)" for task, s in rows)
+    head = f"{'task':<12} {'prompts':>8} {'sampled':>8} {'formed':>7} {'correct':>8} {'long':>6} {'dupes':>6} {'kept':>7} {'rate':>7} {'prompts+':>8}"
+    lines = [head, "-" * len(head)]
+    for task, s in rows:
+        lines.append(f"{task or 'problems':<12} {s['prompts']:>8} {s['sampled']:>8} {s['well_formed']:>7} "
+                     f"{s['correct']:>8} {s['too_long']:>6} {s['duplicates']:>6} {s['kept']:>7} "
+                     f"{100 * s['keep_rate']:>6.1f}% {s['prompts_with_kept']:>8}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- distillation
+def build_student(tokenizer, preset: str | None = None, init: str | Path | None = None, seed: int = 0,
+                  device: str | torch.device = "cpu"):
+    """A student: the model in `init`, or a fresh `preset` sized to the tokenizer's vocabulary."""
+    from seekling.checkpoint import load_pretrained
+    from seekling.config import ModelConfig
+    from seekling.model import Transformer
+
+    if (preset is None) == (init is None):
+        raise ConfigError("give exactly one student: a preset (--student-preset cpu-small) or a model "
+                          "directory (--student-init DIR)")
+    if init is not None:
+        model = load_pretrained(str(init), device=device)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"student {init} has vocab_size {model.config.vocab_size}, the tokenizer "
+                              f"{tokenizer.vocab_size} tokens")
+        return model
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Transformer(ModelConfig.from_name(preset, vocab_size=tokenizer.vocab_size))
+
+
+def _student_tokenizer_dir(tokenizer_dir, student_init, teacher_dir: str) -> Path:
+    for candidate in (tokenizer_dir, student_init, teacher_dir):
+        if candidate and (Path(candidate) / "tokenizer.json").is_file():
+            return Path(candidate)
+    raise ConfigError("the student needs a seekling tokenizer (tokenizer.json): pass --tokenizer DIR")
+
+
+def _on_device(device) -> contextlib.AbstractContextManager:
+    # SFT builds batches with torch.full/zeros; on a GPU a default-device scope puts them by the model.
+    return torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+
+
+def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Problem], *,
+            student_preset: str | None = None, student_init: str | Path | None = None,
+            tokenizer_dir: str | Path | None = None, teacher_tokenizer: str | Path | None = None,
+            sample: SampleSettings | None = None, sft=None, eval_problems: dict[str, list[Problem]] | None = None,
+            eval_settings=None, resume: bool = False, overwrite: bool = False, device: str = "cpu",
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Rejection-sample `problems` from the teacher into OUT/samples.jsonl, SFT the student on them
+    (OUT/checkpoints, OUT/metrics.jsonl, OUT/final), then evaluate teacher, student before and
+    student after on `eval_problems` (OUT/eval.json; skipped when None). Returns a summary."""
+    from seekling.checkpoint import save_pretrained
+    from seekling.evaluate import EvalSettings
+    from seekling.sft import SFTConfig, train_sft
+    from seekling.tokenizer import Tokenizer
+    from seekling.training import latest_checkpoint, tokenizer_files
+
+    out = Path(out_dir)
+    sample = sample or SampleSettings()
+    sft = sft or SFTConfig()
+    sft.validate()
+    found = latest_checkpoint(out)
+    if found and not resume:
+        raise CheckpointError(f"{out} already holds a distillation run ({Path(found).name}); pass --resume to "
+                              "continue it, or choose another --out")
+    teacher = load_teacher(teacher_path, teacher_tokenizer, device)
+    log(f"teacher: {teacher.kind} model, {teacher.num_params / 1e6:.2f}M parameters, {teacher.path}")
+    samples = rejection_sample(teacher, problems, out / "samples.jsonl", sample, overwrite=overwrite, log=log)
+    log(format_keep_stats(samples))
+    del teacher
+    tok_dir = _student_tokenizer_dir(tokenizer_dir, student_init, resolve_teacher(teacher_path)[0])
+    tokenizer = Tokenizer.load(tok_dir)
+    init_dir = out / "student_init"  # kept for the 'before' evaluation and for resuming
+    if resume and (init_dir / "config.json").is_file():
+        student = build_student(tokenizer, init=init_dir, device=device)
+    else:
+        student = build_student(tokenizer, student_preset, student_init, sft.seed, device)
+        save_pretrained(student, str(init_dir), extra_files=tokenizer_files(tok_dir))
+    log(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters "
+        f"({student_preset or student_init}), SFT for {sft.steps} steps on {samples['total']['kept']} samples")
+    with _on_device(device):
+        sft_summary = train_sft(student, tokenizer, out / "samples.jsonl", sft, out, tokenizer_dir=tok_dir,
+                                resume=bool(found), log=log)
+    result = {"samples": samples, "sft": sft_summary, "student": str(student_preset or student_init),
+              "tokenizer": str(tok_dir)}
+    if eval_problems:
+        settings = eval_settings or EvalSettings()
+        result["eval"] = evaluate_three(teacher_path, teacher_tokenizer, init_dir, out / "final", tokenizer,
+                                        eval_problems, settings, device, log)
+        _write_atomic(out / "eval.json", json.dumps(result["eval"], indent=2) + "\n")
+        log(format_comparison(result["eval"]))
+    _write_atomic(out / "distill.json", json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def evaluate_three(teacher_path, teacher_tokenizer, before_dir, after_dir, tokenizer, problems, settings,
+                   device="cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Teacher, student before and student after SFT on the same problems with the same sampling."""
+    from seekling.checkpoint import load_pretrained
+    from seekling.evaluate import evaluate
+
+    out = {}
+    for name in ("teacher", "student_before", "student_after"):
+        if name == "teacher":
+            t = load_teacher(teacher_path, teacher_tokenizer, device)
+            model, tok, gen = t.model, t.tokenizer, t.generate_fn
+        else:
+            model = load_pretrained(str(before_dir if name == "student_before" else after_dir), device=device)
+            tok, gen = tokenizer, generate
+        log(f"evaluating the {name.replace('_', ' ')} on {sum(map(len, problems.values()))} problems, k={settings.k}")
+        result = evaluate(model, tok, list(problems), k=settings.k, temperature=settings.temperature,
+                          top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, template=settings.template,
+                          batch_size=settings.batch_size, seed=settings.seed, problems=problems, generate_fn=gen)
+        result["params"] = sum(p.numel() for p in model.parameters())
+        out[name] = result
+    return out
+
+
+def format_comparison(evals: dict[str, Any]) -> str:
+    """One line per (model, task): parameters, pass@1, pass@k, cons@k, format and mean length."""
+    k = next(iter(evals.values()))["settings"]["k"]
+    cols = ["pass@1"] + [f"pass@{k}"] * (k > 1) + [f"cons@{k}", "format"]
+    head = f"{'model':<15} {'params':>8} {'task':<12} {'n':>5} " + " ".join(f"{c:>8}" for c in cols) + f" {'length':>7}"
+    lines = [head, "-" * len(head)]
+    for name, result in evals.items():
+        for task, m in result["tasks"].items():
+            cells = " ".join(f"{100 * m[c]:>7.1f}%" for c in cols)
+            lines.append(f"{name.replace('_', ' '):<15} {result['params'] / 1e6:>7.2f}M {task or 'problems':<12} "
+                         f"{m['n']:>5} {cells} {m['mean_length']:>7.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the speedrun's stage
+def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out_dir: str, samples: int,
+                   problems: int, device: str | torch.device = "cpu", resume: bool = True, *,
+                   student_init: str | None = None, student_preset: str | None = None, sft_steps: int = 60,
+                   sft_batch_size: int = 16, sft_seq_len: int = 256, sft_lr: float = 3e-4,
+                   max_new_tokens: int = 64, temperature: float = 0.6, seed: int = 0,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """R1's stage 3 inside `seekling speedrun`: `samples` completions of the first `problems` problems of
+    `problems_path` from the GRPO model, verified, then SFT of the student, leaving OUT/final.
+
+    The student defaults to the speedrun's pre-trained base (`out_dir/../pretrain/final`), as R1
+    fine-tunes its base model on the rejection samples. Returns `tokens` and `flops` for the cost
+    ledger, the keep statistics and a one-line `summary`. The speedrun evaluates OUT/final itself.
+    """
+    from seekling.config import ModelConfig
+    from seekling.flops import flops_per_token, forward_flops_per_token
+    from seekling.sft import SFTConfig
+
+    if student_init is None and student_preset is None:
+        student_init = str(Path(out_dir).parent / "pretrain" / "final")
+        if not (Path(student_init) / "config.json").is_file():
+            raise ConfigError(f"no student: {student_init} does not exist; pass student_init or student_preset")
+    cfg = SFTConfig(seq_len=sft_seq_len, batch_size=sft_batch_size, steps=sft_steps, lr=sft_lr,
+                    warmup_steps=max(1, sft_steps // 10), save_every=max(1, sft_steps // 3),
+                    log_every=max(1, sft_steps // 10), seed=seed)
+    settings = SampleSettings(k=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                              batch_size=512)
+    result = distill(teacher_dir, out_dir, read_problem_file(problems_path)[:problems], student_init=student_init,
+                     student_preset=student_preset, tokenizer_dir=tokenizer_dir, sample=settings, sft=cfg,
+                     resume=resume, device=str(device), log=log)
+    # FLOPs: a forward over prompt + completion of every sampled row, then 3x forward per SFT token
+    total, sft = result["samples"]["total"], result["sft"]
+    sample_tokens = total["prompt_tokens"] + total["completion_tokens"]
+    teacher_dir, kind = resolve_teacher(teacher_dir)
+    per_token = (forward_flops_per_token(ModelConfig.from_file(str(teacher_dir)), max(1, round(
+        sample_tokens / max(total["sampled"], 1))), include_mtp=False)["total"]
+                 if kind == "seekling" else 2.0 * result["samples"]["teacher_params"])
+    sft_tokens = sft["step"] * cfg.batch_size * cfg.seq_len
+    student = ModelConfig.from_file(str(Path(out_dir) / "final"))
+    flops = sample_tokens * per_token + sft_tokens * flops_per_token(student, cfg.seq_len, training=True)["total"]
+    return {"tokens": sample_tokens + sft_tokens, "flops": flops, "kept": total["kept"], "sampled": total["sampled"],
+            "keep_rate": total["keep_rate"], "keep_stats": result["samples"]["tasks"], "final_loss": sft["loss"],
+            "student": student_init or student_preset,
+            "summary": f"kept {total['kept']}/{total['sampled']} samples ({100 * total['keep_rate']:.1f}%), "
+                       f"SFT loss {sft['loss']:.3f} after {sft['step']} steps"}

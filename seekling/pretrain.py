@@ -119,8 +119,6 @@ def check_args(a: PretrainArgs) -> None:
         raise ConfigError(f"--betas must be two numbers in [0, 1), got {a.betas}")
     if a.dtype not in (None, "fp32", "bf16"):
         raise ConfigError(f"--dtype must be fp32 or bf16, got {a.dtype!r}")
-    if a.init_from and a.resume:
-        raise ConfigError("--init-from and --resume exclude each other: a resumed run already has its weights")
     check_schedule(a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
 
 
@@ -243,7 +241,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
         model = Transformer(config)
     if checkpoint:
         load_training_checkpoint(checkpoint, model, None, load_weights=True, restore_rng=False)
-    elif a.init_from:
+    elif a.init_from:  # with --resume too: the same command line restarts a run that has no checkpoint yet
         from_hf_state_dict(model, read_safetensors(a.init_from), source=a.init_from)
     if a.compile:
         compile_blocks(model)
@@ -280,6 +278,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     model.train()
     record: dict[str, Any] = {}
     timed_tokens, timed_seconds, train_seconds, val_loss = 0, 0.0, 0.0, None
+    recent_step_seconds = None  # moving average for the ETA (the first steps pay for compilation)
     for step in range(start_step, a.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
@@ -316,6 +315,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
         train_seconds += seconds
         if step > start_step or a.steps - start_step == 1:  # the first step pays for warm-up/compilation
             timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + seconds
+            recent_step_seconds = seconds if recent_step_seconds is None else 0.9 * recent_step_seconds + 0.1 * seconds
         done = step + 1
         record = {
             "loss": losses[0], "mtp_loss": losses[1], "balance_loss": losses[2],
@@ -332,7 +332,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if done % a.log_every == 0 or done == a.steps or "val_loss" in record:
-            say(format_record(done, a.steps, record, train_seconds / (done - start_step)))
+            say(format_record(done, a.steps, record, recent_step_seconds or seconds))
         if a.save_every and done % a.save_every == 0 and done < a.steps:
             save(done)
 

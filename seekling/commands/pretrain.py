@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/")
     io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     io.add_argument("--init-from", default=None, metavar="DIR",
-                    help="start from the weights (and config) of an HF-format model directory")
+                    help="start from the weights (and config) of an HF-format model directory (with --resume: "
+                         "only when --out has no checkpoint yet)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="cpu", help="model size: tiny, cpu, cpu-small, gpu, gpu-node")
@@ -91,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     hw.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
                     help="under torchrun: DDP, or FSDP2 (fully_shard per block, then the root)")
+    for action in parser._actions:  # the CLI prints this docstring raw, so show the defaults here
+        if action.help and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,14 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seekling.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from seekling.checkpoint import load_pretrained  # noqa: E402
 from seekling.distill import NothingKept, SampleSettings, format_keep_stats, load_teacher, rejection_sample  # noqa: E402
 from seekling.evaluate import evaluate  # noqa: E402
 from seekling.pretrain import PretrainArgs, pretrain  # noqa: E402
 from seekling.sft import SFTConfig, make_cold_start, train_sft  # noqa: E402
 from seekling.tasks import make_problems, parse_difficulty  # noqa: E402
 from seekling.tokenizer import Tokenizer  # noqa: E402
-from seekling.training import tokenizer_files  # noqa: E402
 
 STAGES = ["student", "sample", "distilled", "cold", "cold_matched", "eval"]
 MODELS = ["teacher", "student", "distilled", "cold", "cold_matched"]

@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -580,9 +580,7 @@ def build_student(tokenizer, preset: str | None = None, init: str | Path | None 
     from seekling.config import ModelConfig
     from seekling.model import Transformer
 
-    if (preset is None) == (init is None):
-        raise ConfigError("give exactly one student: a preset (--student-preset cpu-small) or a model "
-                          "directory (--student-init DIR)")
+    _check_student(preset, init)
     if init is not None:
         model = load_pretrained(str(init), device=device)
         if model.config.vocab_size < tokenizer.vocab_size:
@@ -592,6 +590,18 @@ def build_student(tokenizer, preset: str | None = None, init: str | Path | None 
     torch.manual_seed(seed)
     with torch.device(device):
         return Transformer(ModelConfig.from_name(preset, vocab_size=tokenizer.vocab_size))
+
+
+def _check_student(preset: str | None, init: str | Path | None) -> None:
+    from seekling.config import PRESETS
+
+    if (preset is None) == (init is None):
+        raise ConfigError("give exactly one student: a preset (--student-preset cpu-small) or a model "
+                          "directory (--student-init DIR)")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown student preset {preset!r}; known: {', '.join(PRESETS)}")
+    if init is not None and not (Path(init) / "config.json").is_file():
+        raise CheckpointError(f"student {init}: no config.json there")
 
 
 def _student_tokenizer_dir(tokenizer_dir, student_init, teacher_dir: str) -> Path:
@@ -611,10 +621,11 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
             tokenizer_dir: str | Path | None = None, teacher_tokenizer: str | Path | None = None,
             sample: SampleSettings | None = None, sft=None, eval_problems: dict[str, list[Problem]] | None = None,
             eval_settings=None, resume: bool = False, overwrite: bool = False, device: str = "cpu",
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            fit_batch: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Rejection-sample `problems` from the teacher into OUT/samples.jsonl, SFT the student on them
     (OUT/checkpoints, OUT/metrics.jsonl, OUT/final), then evaluate teacher, student before and
-    student after on `eval_problems` (OUT/eval.json; skipped when None). Returns a summary."""
+    student after on `eval_problems` (OUT/eval.json; skipped when None). Returns a summary.
+    `fit_batch` lowers the SFT batch size when the kept samples fill fewer rows than one batch."""
     from seekling.checkpoint import save_pretrained
     from seekling.evaluate import EvalSettings
     from seekling.sft import SFTConfig, train_sft
@@ -629,26 +640,34 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
     if found and not resume:
         raise CheckpointError(f"{out} already holds a distillation run ({Path(found).name}); pass --resume to "
                               "continue it, or choose another --out")
+    _check_student(student_preset, student_init)  # every check that can fail before the sampling
+    tok_dir = _student_tokenizer_dir(tokenizer_dir, student_init, resolve_teacher(teacher_path)[0])
+    tokenizer = Tokenizer.load(tok_dir)
     teacher = load_teacher(teacher_path, teacher_tokenizer, device)
     log(f"teacher: {teacher.kind} model, {teacher.num_params / 1e6:.2f}M parameters, {teacher.path}")
     samples = rejection_sample(teacher, problems, out / "samples.jsonl", sample, overwrite=overwrite, log=log)
     log(format_keep_stats(samples))
     del teacher
-    tok_dir = _student_tokenizer_dir(tokenizer_dir, student_init, resolve_teacher(teacher_path)[0])
-    tokenizer = Tokenizer.load(tok_dir)
     init_dir = out / "student_init"  # kept for the 'before' evaluation and for resuming
     if resume and (init_dir / "config.json").is_file():
         student = build_student(tokenizer, init=init_dir, device=device)
     else:
         student = build_student(tokenizer, student_preset, student_init, sft.seed, device)
         save_pretrained(student, str(init_dir), extra_files=tokenizer_files(tok_dir))
+    if fit_batch:
+        from seekling.data import SFTLoader
+
+        rows = SFTLoader(out / "samples.jsonl", tokenizer, 1, sft.seq_len, seed=sft.seed, pack=sft.pack).batches_in_epoch(0)
+        if rows < sft.batch_size:
+            log(f"the kept samples fill {rows} rows: SFT batch size lowered from {sft.batch_size} to {rows}")
+            sft = dataclasses.replace(sft, batch_size=rows)
     log(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters "
         f"({student_preset or student_init}), SFT for {sft.steps} steps on {samples['total']['kept']} samples")
     with _on_device(device):
         sft_summary = train_sft(student, tokenizer, out / "samples.jsonl", sft, out, tokenizer_dir=tok_dir,
                                 resume=bool(found), log=log)
-    result = {"samples": samples, "sft": sft_summary, "student": str(student_preset or student_init),
-              "tokenizer": str(tok_dir)}
+    result = {"samples": samples, "sft": sft_summary, "sft_config": asdict(sft),
+              "student": str(student_preset or student_init), "tokenizer": str(tok_dir)}
     if eval_problems:
         settings = eval_settings or EvalSettings()
         result["eval"] = evaluate_three(teacher_path, teacher_tokenizer, init_dir, out / "final", tokenizer,
@@ -723,9 +742,13 @@ def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out
                     log_every=max(1, sft_steps // 10), seed=seed)
     settings = SampleSettings(k=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                               batch_size=512)
-    result = distill(teacher_dir, out_dir, read_problem_file(problems_path)[:problems], student_init=student_init,
-                     student_preset=student_preset, tokenizer_dir=tokenizer_dir, sample=settings, sft=cfg,
-                     resume=resume, device=str(device), log=log)
+    try:
+        result = distill(teacher_dir, out_dir, read_problem_file(problems_path)[:problems], student_init=student_init,
+                         student_preset=student_preset, tokenizer_dir=tokenizer_dir, sample=settings, sft=cfg,
+                         resume=resume, device=str(device), fit_batch=True, log=log)
+    except NothingKept as e:  # a weak teacher: the run goes on, the report says why this stage is empty
+        return {"skipped": f"no verified sample to train on ({format_keep_stats(e.summary, one_line=True)})",
+                "keep_stats": e.summary["tasks"]}
     # FLOPs: a forward over prompt + completion of every sampled row, then 3x forward per SFT token
     total, sft = result["samples"]["total"], result["sft"]
     sample_tokens = total["prompt_tokens"] + total["completion_tokens"]
@@ -733,11 +756,12 @@ def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out
     per_token = (forward_flops_per_token(ModelConfig.from_file(str(teacher_dir)), max(1, round(
         sample_tokens / max(total["sampled"], 1))), include_mtp=False)["total"]
                  if kind == "seekling" else 2.0 * result["samples"]["teacher_params"])
-    sft_tokens = sft["step"] * cfg.batch_size * cfg.seq_len
+    sft_tokens = sft["step"] * result["sft_config"]["batch_size"] * cfg.seq_len
     student = ModelConfig.from_file(str(Path(out_dir) / "final"))
     flops = sample_tokens * per_token + sft_tokens * flops_per_token(student, cfg.seq_len, training=True)["total"]
     return {"tokens": sample_tokens + sft_tokens, "flops": flops, "kept": total["kept"], "sampled": total["sampled"],
             "keep_rate": total["keep_rate"], "keep_stats": result["samples"]["tasks"], "final_loss": sft["loss"],
+            "sft_batch_size": result["sft_config"]["batch_size"],
             "student": student_init or student_preset,
             "summary": f"kept {total['kept']}/{total['sampled']} samples ({100 * total['keep_rate']:.1f}%), "
                        f"SFT loss {sft['loss']:.3f} after {sft['step']} steps"}

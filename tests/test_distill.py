@@ -311,10 +311,15 @@ def test_speedrun_hook(tmp_path, teacher_run, tokenizer, tok_dir, monkeypatch):
                 problems_path=str(run / "data" / "grpo_problems.jsonl"), out_dir=str(run / "distill"),
                 samples=2, problems=16, device=torch.device("cpu"), resume=True)
     inspect.signature(D.speedrun_stage).bind(**call)  # what seekling.speedrun.stage_distill passes
-    result = D.speedrun_stage(**call, sft_steps=3, sft_batch_size=4, sft_seq_len=64, max_new_tokens=12)
+    result = D.speedrun_stage(**call, sft_steps=3, sft_batch_size=64, sft_seq_len=64, max_new_tokens=12)
     assert result["kept"] == 16 and result["sampled"] == 32 and result["keep_rate"] == 0.5
     assert result["tokens"] > 0 and result["flops"] > 0 and "kept 16/32" in result["summary"]
+    assert result["sft_batch_size"] < 64  # 16 short samples fill fewer rows than a batch: it was lowered
     assert load_pretrained(str(run / "distill" / "final")).config.vocab_size == tokenizer.vocab_size
+    # a teacher whose samples all fail: the stage is skipped with the statistics, the speedrun goes on
+    monkeypatch.undo()
+    skipped = D.speedrun_stage(**{**call, "out_dir": str(run / "distill2")}, sft_steps=3, max_new_tokens=6)
+    assert "no verified sample to train on" in skipped["skipped"] and "32 sampled from 16 prompts" in skipped["skipped"]
 
 
 def test_bad_input_is_explained(tmp_path, teacher_run, tok_dir, capsys):
@@ -342,6 +347,10 @@ def test_bad_input_is_explained(tmp_path, teacher_run, tok_dir, capsys):
     assert main(["distill", "--teacher", str(teacher_run), "--tasks", "arithmetic", "--num-problems", "3",
                  "--k", "2", "--max-new-tokens", "6", "--student-preset", "tiny", "--out", str(tmp_path / "d")]) == 2
     assert "no sample was kept" in capsys.readouterr().err and not (tmp_path / "d" / "final").exists()
+    # a student that cannot be built is refused before any sampling
+    assert main(["distill", "--teacher", str(teacher_run), "--tasks", "arithmetic", "--student-preset", "nope",
+                 "--out", str(tmp_path / "d2")]) == 2
+    assert "unknown student preset 'nope'" in capsys.readouterr().err and not (tmp_path / "d2").exists()
     assert main(["sample", "--teacher", str(teacher_run), "--out", out]) == 2
     assert "either --tasks or --problems" in capsys.readouterr().err
     problems.write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")

@@ -248,6 +248,23 @@ def test_sampled_hf_rows_stop_at_eos(qwen_teacher):
         assert teacher.tokenizer.eos_id not in c.token_ids[:-1]
 
 
+def test_distill_from_a_transformers_teacher(tmp_path, qwen_teacher, tok_dir):
+    from seekling.evaluate import EvalSettings
+    from seekling.sft import SFTConfig
+
+    directory, problem = qwen_teacher
+    result = D.distill(directory, tmp_path / "d", [problem], student_preset="tiny", tokenizer_dir=tok_dir,
+                       sample=D.SampleSettings(k=2, temperature=0, max_new_tokens=24),
+                       sft=SFTConfig(seq_len=64, batch_size=1, steps=2, warmup_steps=1, save_every=0),
+                       eval_problems={"arithmetic": [problem]},
+                       eval_settings=EvalSettings(k=2, temperature=0, max_new_tokens=24), log=lambda _: None)
+    assert result["samples"]["total"]["kept"] == 1
+    evals = result["eval"]
+    assert evals["teacher"]["params"] == sum(p.numel() for p in D.load_teacher(directory).model.parameters())
+    assert evals["teacher"]["tasks"]["arithmetic"]["pass@1"] == 1.0  # it memorised this answer, greedy
+    assert set(evals) == {"teacher", "student_before", "student_after"}
+
+
 def correct_teacher(monkeypatch):
     """Make every loaded teacher answer "What is a+b?" prompts right (a perfect arithmetic teacher)."""
     real = D.load_teacher

@@ -4,7 +4,8 @@ The teacher is the GRPO-trained `cpu` model of benchmarks/bench_grpo.py (GRPO_WO
 that benchmark first, or pass --make-teacher to run it). The student is the smaller `cpu-small`
 preset, pre-trained on the teacher's pre-training corpus. Each stage is cached in --work:
 
-    1. student      pre-train `cpu-small` on GRPO_WORK/data (the same shards, steps and tokenizer)
+    0. inputs       GRPO_WORK/{grpo/final,tok,data,cold.jsonl} copied into WORK/inputs (frozen for reruns)
+    1. student      pre-train `cpu-small` on those shards with that tokenizer
     2. sample       rejection sampling from the teacher on --num-problems train problems, --k each
                     (seekling.distill.rejection_sample: well-formed and verified correct, deduplicated)
     3. distilled    the student after --sft-steps of SFT on the kept samples
@@ -35,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seekling.checkpoint import load_pretrained  # noqa: E402
-from seekling.distill import NothingKept, SampleSettings, format_keep_stats, load_teacher, rejection_sample  # noqa: E402
+from seekling.distill import (NothingKept, SampleSettings, format_keep_stats, load_teacher,  # noqa: E402
+                              rejection_sample, weights_fingerprint)
 from seekling.evaluate import evaluate  # noqa: E402
 from seekling.pretrain import PretrainArgs, pretrain  # noqa: E402
 from seekling.sft import SFTConfig, make_cold_start, train_sft  # noqa: E402
@@ -51,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/bench_distill", help="directory for every stage's output")
     p.add_argument("--grpo-work", default="runs/bench_grpo", help="bench_grpo.py's --work: teacher, tokenizer, data")
     p.add_argument("--make-teacher", action="store_true", help="run bench_grpo.py first when its teacher is missing")
-    p.add_argument("--redo", default="", help=f"comma-separated stages to redo (and all after): {','.join(STAGES)}")
+    p.add_argument("--redo", default="", help=f"comma-separated stages to redo (and all after): {','.join(STAGES)}; "
+                   "redoing 'student' also copies the teacher's pipeline from --grpo-work again")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the cores are shared)")
     p.add_argument("--task", default="countdown", help="the task (the teacher's RL task)")
     p.add_argument("--difficulty", nargs="*", default=["countdown.count=3", "countdown.max_number=15",
@@ -82,14 +85,24 @@ def main(argv=None) -> int:
     first_redo = min((STAGES.index(s) for s in redo), default=len(STAGES))
     difficulty = parse_difficulty(args.difficulty)
     task_difficulty = difficulty.get(args.task, {})
-    teacher_dir, tok_dir = grpo_work / "grpo" / "final", grpo_work / "tok"
-    if not (teacher_dir / "model.safetensors").is_file():
-        if not args.make_teacher:
-            raise SystemExit(f"no teacher at {teacher_dir}: run benchmarks/bench_grpo.py --work {grpo_work} "
-                             "first, or pass --make-teacher")
-        import bench_grpo  # noqa: PLC0415 - the sibling benchmark builds the whole teacher pipeline
+    # The teacher's pipeline is copied into WORK/inputs once: bench_grpo may be rerun meanwhile.
+    inputs = work / "inputs"
+    if not (inputs / "grpo_final" / "model.safetensors").is_file() or "student" in redo:
+        if not (grpo_work / "grpo" / "final" / "model.safetensors").is_file():
+            if not args.make_teacher:
+                raise SystemExit(f"no teacher at {grpo_work}/grpo/final: run benchmarks/bench_grpo.py --work "
+                                 f"{grpo_work} first, or pass --make-teacher")
+            import bench_grpo  # noqa: PLC0415 - the sibling benchmark builds the whole teacher pipeline
 
-        bench_grpo.main(["--work", str(grpo_work)])
+            bench_grpo.main(["--work", str(grpo_work)])
+        shutil.rmtree(inputs, ignore_errors=True)
+        for src, dst in (("grpo/final", "grpo_final"), ("tok", "tok"), ("data", "data"), ("cold.jsonl", "cold.jsonl"),
+                         ("eval_after.json", "teacher_eval_bench_grpo.json")):
+            if (grpo_work / src).is_dir():
+                shutil.copytree(grpo_work / src, inputs / dst)
+            elif (grpo_work / src).is_file():
+                shutil.copy(grpo_work / src, inputs / dst)
+    teacher_dir, tok_dir = inputs / "grpo_final", inputs / "tok"
     tokenizer = Tokenizer.load(tok_dir)
     timings: dict[str, float] = {}
 
@@ -107,7 +120,7 @@ def main(argv=None) -> int:
 
     def pretrain_student() -> None:
         shutil.rmtree(student_dir, ignore_errors=True)
-        pretrain(PretrainArgs(data=str(grpo_work / "data"), out=str(student_dir), tokenizer=str(tok_dir),
+        pretrain(PretrainArgs(data=str(inputs / "data"), out=str(student_dir), tokenizer=str(tok_dir),
                               preset=args.student_preset, vocab_size=tokenizer.vocab_size, steps=args.pretrain_steps,
                               batch_size=16, seq_len=128, lr=2e-3, warmup=30, eval_every=100, save_every=10_000,
                               quiet=True))
@@ -136,7 +149,7 @@ def main(argv=None) -> int:
     cfg = dict(seq_len=256, batch_size=args.sft_batch_size, steps=args.sft_steps, lr=args.sft_lr, warmup_steps=10, save_every=0,
                log_every=25)
     matched = work / "cold_matched.jsonl"
-    data = {"distilled": samples, "cold": grpo_work / "cold.jsonl", "cold_matched": matched}
+    data = {"distilled": samples, "cold": inputs / "cold.jsonl", "cold_matched": matched}
     for name in ("distilled", "cold", "cold_matched"):
         def run_sft(name=name) -> None:
             if name == "cold_matched":
@@ -180,7 +193,8 @@ def main(argv=None) -> int:
               "gain_over_cold_matched_points": round(100 * (pass1["distilled"] - pass1["cold_matched"]), 2),
               "keep_rate": keep["total"]["keep_rate"], "kept": kept, "sampled": keep["total"]["sampled"],
               "cold_start_conversations": sum(1 for _ in open(data["cold"])), "sft_steps": args.sft_steps,
-              "stage_seconds": timings, "args": vars(args), "load_average": _load()}
+              "teacher_fingerprint": weights_fingerprint(teacher_dir), "stage_seconds": timings, "args": vars(args),
+              "load_average": _load()}
     result["pass"] = gain >= 5 and args.eval_n >= 500 and k >= 4
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nkeep rate {100 * result['keep_rate']:.1f}% ({kept}/{result['sampled']}); student pass@1: distilled "

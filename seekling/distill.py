@@ -53,7 +53,6 @@ class HFTokenizer:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.bos_id = tokenizer.bos_token_id
-        self.vocab_size = len(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False)
@@ -131,10 +130,6 @@ class Teacher:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _has_weights(directory: Path) -> bool:
-    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
-
-
 def resolve_teacher(path: str | Path) -> tuple[Path, str]:
     """(model directory, kind) for a teacher path; CheckpointError saying what was looked for."""
     from seekling.training import latest_checkpoint
@@ -142,12 +137,9 @@ def resolve_teacher(path: str | Path) -> tuple[Path, str]:
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"teacher {path}: no such directory")
-    candidates = [root, root / "final"]
-    latest = latest_checkpoint(root)
-    if latest:
-        candidates.append(Path(latest))
-    for directory in candidates:
-        if (directory / "config.json").is_file() and _has_weights(directory):
+    for directory in [root, root / "final"] + ([Path(latest_checkpoint(root))] if latest_checkpoint(root) else []):
+        weights = (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+        if (directory / "config.json").is_file() and weights:
             try:
                 model_type = json.loads((directory / "config.json").read_text()).get("model_type")
             except (json.JSONDecodeError, AttributeError) as e:
@@ -220,8 +212,8 @@ def _seekling_or_hf_tokenizer(directory: Path):
 
 # ----------------------------------------------------------------------------- problems and verifiers
 def read_problem_file(path: str | Path) -> list[Problem]:
-    """Problems from JSONL, one `{"prompt", "answer", ["id", "task", "meta"]}` a line. A row without
-    an id gets one from its prompt (stable across runs, so resume finds it)."""
+    """Problems from JSONL, one `{"prompt", "answer", ["id", "task", "meta"]}` a line, each id once. A row
+    without an id gets one from its prompt and answer (stable across runs, so resume finds it)."""
     problems: dict[str, Problem] = {}
     for line, row in read_jsonl(path, ("prompt", "answer")):
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
@@ -232,10 +224,8 @@ def read_problem_file(path: str | Path) -> list[Problem]:
         if not isinstance(meta, dict):
             raise DataError(f"{path}:{line}: 'meta' must be an object")
         pid = str(row.get("id") or f"p-{stable_hash(row['prompt'] + '|' + str(row['answer'])):016x}")
-        problem = Problem(pid, str(row.get("task") or ""), row["prompt"], str(row["answer"]), "", meta)
-        if pid in problems and problems[pid] != problem:
-            raise DataError(f"{path}:{line}: id {pid!r} is used by an earlier, different row")
-        problems[pid] = problem
+        # A repeated id is the same problem (task files repeat problems, numbers in another order): once.
+        problems.setdefault(pid, Problem(pid, str(row.get("task") or ""), row["prompt"], str(row["answer"]), "", meta))
     if not problems:
         raise DataError(f"{path}: no problems")
     return list(problems.values())
@@ -422,8 +412,8 @@ def _resume(out: Path, teacher: Teacher, settings: SampleSettings, overwrite: bo
     writes) are removed, and those problems sampled again."""
     stats_path = stats_path_for(out)
     if overwrite:
-        for path in (out, stats_path):
-            path.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+        stats_path.unlink(missing_ok=True)
     if not out.exists() and not stats_path.exists():
         return set(), {}, set()
     done: set[str] = set()

@@ -5,7 +5,7 @@ that benchmark first, or pass --make-teacher to run it). The student is the smal
 preset, pre-trained on the teacher's pre-training corpus. Each stage is cached in --work:
 
     0. inputs       GRPO_WORK/{grpo/final,tok,data,cold.jsonl} copied into WORK/inputs (frozen for reruns)
-    1. student      pre-train `cpu-small` on those shards with that tokenizer
+    1. student      pre-train `cpu-small` on those shards with that tokenizer, as many steps as the teacher
     2. sample       rejection sampling from the teacher on --num-problems train problems, --k each
                     (seekling.distill.rejection_sample: well-formed and verified correct, deduplicated)
     3. distilled    the student after --sft-steps of SFT on the kept samples
@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                        "countdown.max_target=50"],
                    metavar="TASK.SETTING=VALUE", help="difficulty (the same as bench_grpo's)")
     p.add_argument("--student-preset", default="cpu-small", help="the student's model preset")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="student pre-training steps (16 x 128 tokens)")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="student pre-training steps of 16 x 128 tokens (0: as many as the teacher's, else 300)")
     p.add_argument("--num-problems", type=int, default=4000, help="train problems sampled from the teacher")
     p.add_argument("--k", type=int, default=4, help="teacher samples per problem")
     p.add_argument("--temperature", type=float, default=0.6, help="teacher sampling temperature")
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             bench_grpo.main(["--work", str(grpo_work)])
         shutil.rmtree(inputs, ignore_errors=True)
         for src, dst in (("grpo/final", "grpo_final"), ("tok", "tok"), ("data", "data"), ("cold.jsonl", "cold.jsonl"),
-                         ("eval_after.json", "teacher_eval_bench_grpo.json")):
+                         ("eval_after.json", "teacher_eval_bench_grpo.json"), ("pretrain/summary.json", "pretrain.json")):
             if (grpo_work / src).is_dir():
                 shutil.copytree(grpo_work / src, inputs / dst)
             elif (grpo_work / src).is_file():
@@ -120,8 +121,10 @@ def main(argv=None) -> int:
 
     def pretrain_student() -> None:
         shutil.rmtree(student_dir, ignore_errors=True)
+        teacher_steps = json.loads((inputs / "pretrain.json").read_text())["steps"] if (inputs / "pretrain.json").is_file() else 300
         pretrain(PretrainArgs(data=str(inputs / "data"), out=str(student_dir), tokenizer=str(tok_dir),
-                              preset=args.student_preset, vocab_size=tokenizer.vocab_size, steps=args.pretrain_steps,
+                              preset=args.student_preset, vocab_size=tokenizer.vocab_size,
+                              steps=args.pretrain_steps or teacher_steps,
                               batch_size=16, seq_len=128, lr=2e-3, warmup=30, eval_every=100, save_every=10_000,
                               quiet=True))
 

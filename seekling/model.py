@@ -173,10 +173,14 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
         if self.v_dim < self.qk_dim:  # the fused CPU kernel wants equal head dims: pad v, slice after
-            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, self.qk_dim - self.v_dim)),
-                                                 is_causal=True, scale=self.scale)[..., : self.v_dim]
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # the CPU flash kernel is faster in fp32 than in bf16 at these head sizes
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out = out[..., : self.v_dim].to(q.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _forward_cached(self, x, cos, sin, step: "CacheStep", layer_idx: int):

@@ -7,8 +7,8 @@ the expert-bias update, the load all-reduce and a metrics.jsonl line per step. T
 measured from the wall-clock stamps of its metrics lines, so data loading and logging count. MTP is
 off on both sides (bench_model's loop has none); a third line shows the trainer with MTP on.
 
-Other engineers may share the cores: the load average is printed before and after; each figure is
-the best of --repeats alternating measurements.
+Other engineers may share the cores: the load average is printed before and after, and each side's
+figure is its best single step (median in brackets) over --repeats alternating rounds of --steps.
 
     python benchmarks/bench_pretrain.py                 # cpu preset, fp32 and bf16 (a few minutes on 2 cores)
     python benchmarks/bench_pretrain.py --quick         # fewer steps, one repeat
@@ -62,16 +62,27 @@ def make_corpus(root: str, vocab_size: int, tokens_needed: int) -> tuple[str, st
         n *= 2
 
 
-def trainer_rate(cfg_path: str, tok: str, data: str, out: str, args, dtype: str, steps: int) -> float:
-    """Tokens/s of the trainer's steady state: wall time between its first and last metrics lines."""
+def trainer_rates(cfg_path: str, tok: str, data: str, out: str, args, dtype: str) -> list[float]:
+    """Tokens/s of each of the trainer's steps after warm-up, from the wall-clock stamps of its
+    metrics lines: everything the loop does between two lines counts (data, logging included)."""
     pretrain(PretrainArgs(
-        data=data, tokenizer=tok, out=out, config=cfg_path, steps=steps, batch_size=args.batch,
+        data=data, tokenizer=tok, out=out, config=cfg_path, steps=args.warmup + args.steps, batch_size=args.batch,
         seq_len=args.seq_len, warmup=1, eval_every=0, save_every=0, keep_last=1, log_every=10**9,
         quiet=True, dtype=dtype, device="cpu"))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     timed = rows[args.warmup - 1:]  # the first line closes the warm-up steps
-    tokens = (timed[-1]["tokens"] - timed[0]["tokens"])
-    return tokens / (timed[-1]["time"] - timed[0]["time"])
+    return [(b["tokens"] - a["tokens"]) / (b["time"] - a["time"]) for a, b in zip(timed, timed[1:])]
+
+
+def bare_rates(cfg: ModelConfig, batches, args, bf16: bool) -> list[float]:
+    """Tokens/s of single steps of bench_model's loop (each call: one untimed step, then one timed)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    return [train_rate(model, batches, 1, 1, bf16, False) for _ in range(args.steps)]
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:
@@ -112,27 +123,22 @@ def main() -> None:
         seq = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=g)
         batches.append((seq[:, :-1], seq[:, 1:]))
 
-    print(f"\n{'':6s} {'bare loop':>10s} {'trainer':>10s} {'overhead':>9s} {'MFU bare':>9s} {'MFU trainer':>12s}"
-          f" {'trainer+MTP':>12s} {'MFU':>6s}")
+    print("\ntokens/s per step, best (median) over the timed steps")
+    print(f"{'':6s} {'bare loop':>16s} {'trainer':>16s} {'overhead':>9s} {'MFU bare':>9s} {'MFU trainer':>12s}"
+          f" {'trainer+MTP':>16s} {'MFU':>6s}")
     for dtype in ("fp32", "bf16"):
         bare, trainer, trainer_mtp = [], [], []
-        for r in range(args.repeats):
-            torch.manual_seed(0)
-            model = Transformer(cfg)
-            bare.append(train_rate(model, batches, args.steps, args.warmup, dtype == "bf16", False))
-            del model
-            out = os.path.join(root, f"run-{dtype}-{r}")
-            trainer.append(trainer_rate(os.path.join(paths["no MTP"], "config.json"), tok, data, out, args, dtype,
-                                        total_steps))
-            out = os.path.join(root, f"run-mtp-{dtype}-{r}")
-            trainer_mtp.append(trainer_rate(os.path.join(paths["MTP"], "config.json"), tok, data, out, args, dtype,
-                                            total_steps))
+        for r in range(args.repeats):  # alternate, so a burst of load from others hits all three
+            bare += bare_rates(cfg, batches, args, dtype == "bf16")
+            trainer += trainer_rates(os.path.join(paths["no MTP"], "config.json"), tok, data,
+                                     os.path.join(root, f"run-{dtype}-{r}"), args, dtype)
+            trainer_mtp += trainer_rates(os.path.join(paths["MTP"], "config.json"), tok, data,
+                                         os.path.join(root, f"run-mtp-{dtype}-{r}"), args, dtype)
         a, b, c = max(bare), max(trainer), max(trainer_mtp)
         p = peak[dtype]
-        print(f"{dtype:6s} {a:10,.0f} {b:10,.0f} {a / b - 1:9.1%} {a * fpt['no MTP'] / p:9.1%} "
-              f"{b * fpt['no MTP'] / p:12.1%} {c:12,.0f} {c * fpt['MTP'] / p:6.1%}")
-        print(f"{'':6s} all measurements (tokens/s): bare {[round(x) for x in bare]}, "
-              f"trainer {[round(x) for x in trainer]}, trainer+MTP {[round(x) for x in trainer_mtp]}")
+        print(f"{dtype:6s} {a:8,.0f} ({median(bare):5,.0f}) {b:8,.0f} ({median(trainer):5,.0f}) {a / b - 1:9.1%} "
+              f"{a * fpt['no MTP'] / p:9.1%} {b * fpt['no MTP'] / p:12.1%} {c:8,.0f} ({median(trainer_mtp):5,.0f}) "
+              f"{c * fpt['MTP'] / p:6.1%}", flush=True)
     print(f"\nload average after: {load_average()}")
 
 

@@ -1,0 +1,699 @@
+"""The whole DeepSeek-R1 recipe in one command: task data -> tokenizer -> pre-training -> cold-start SFT
+-> GRPO -> rejection-sampling distillation, with an evaluation after every model stage and a report card.
+
+Every stage writes into one run directory (default `runs/speedrun-<preset>`):
+
+    state.json          the preset, its settings and the finished stages (written atomically)
+    data/               cold-start conversations, GRPO and evaluation problems (JSONL)
+    tokenizer/ shards/  the BPE tokenizer and the pre-training token shards
+    pretrain/ sft/ grpo/ distill/   each trainer's run directory (metrics.jsonl, checkpoints/, final/)
+    eval/STAGE.json     held-out pass@1, cons@k, format and length after each model stage
+    report.md report.html cost.json plots/   the report card (`seekling.report`)
+
+Stopped at any point (Ctrl-C, kill, a crash), the same command resumes: finished stages are skipped
+and the stage that was running continues from its last checkpoint (the trainers' own exact resume).
+A preset is a `SpeedrunPreset`, a flat dataclass of stage settings; `PRESETS` names them:
+
+    seekling speedrun                         # the `cpu` preset: ~15 minutes on a 2-core machine
+    seekling speedrun --preset smoke --out /tmp/smoke     # under 2 minutes, the end-to-end test
+    torchrun --nproc_per_node=8 -m seekling.cli speedrun --preset gpu-node   # pre-training on 8 GPUs
+
+Library use: `run_speedrun(PRESETS["smoke"], "runs/x")`; `run_stages` is the resumable loop alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from seekling.errors import ConfigError, SeeklingError
+
+STATE_FILE = "state.json"
+STATE_FORMAT = "seekling-speedrun-v1"
+
+
+# ----------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class SpeedrunPreset:
+    """Settings of every stage. Changing any field makes a different run (its directory is refused)."""
+
+    name: str
+    about: str
+    # model and hardware (model presets live in seekling.config)
+    model: str = "cpu-small"
+    dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    # task data: pre-training sees worked solutions of several tasks (as a base model has seen math);
+    # cold start, GRPO and evaluation use one of them, `rl_task` (train split; test split held out)
+    pretrain_tasks: tuple[str, ...] = ("arithmetic", "linear", "wordproblem")
+    rl_task: str = "arithmetic"
+    difficulty: tuple[str, ...] = ()  # e.g. ("arithmetic.digits=3",): TASK.SETTING=VALUE
+    tokenizer_examples: int = 3000  # problems per task the tokenizer learns from
+    vocab_size: int = 1024
+    # pre-training (tokens per step = batch * seq_len * ranks)
+    pretrain_examples: int = 8000  # problems per pre-training task
+    pretrain_steps: int = 800
+    pretrain_batch_size: int = 16
+    seq_len: int = 128
+    pretrain_lr: float = 2e-3
+    pretrain_warmup: int = 40
+    pretrain_checkpoints: int = 8  # saved over the run: resume points and the expert-load heatmap
+    # cold-start SFT on R1-format worked solutions of the RL task
+    sft_examples: int = 2000
+    sft_steps: int = 40
+    sft_batch_size: int = 16
+    sft_seq_len: int = 256
+    sft_lr: float = 3e-4
+    # GRPO on the RL task
+    grpo_steps: int = 200
+    prompts_per_step: int = 16
+    group_size: int = 8
+    grpo_lr: float = 1e-4  # measured on `cpu`: 2e-5 barely moves, 3e-4 collapses
+    grpo_loss: str = "token_mean"
+    max_new_tokens: int = 64
+    grpo_save_every: int = 20
+    grpo_max_minutes: float | None = 6.0  # a cap for slow or busy machines (the report notes when it hit)
+    grpo_problems: int = 20000
+    # rejection-sampling distillation: the pre-trained base fine-tuned on verified GRPO samples
+    distill_samples: int = 4  # completions per problem; only verified-correct ones are kept
+    distill_problems: int = 300
+    distill_steps: int = 40
+    # evaluation after every model stage
+    eval_n: int = 200
+    eval_k: int = 4
+    eval_batch_size: int = 512
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **changes: Any) -> "SpeedrunPreset":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, SpeedrunPreset] = {
+    "cpu": SpeedrunPreset(
+        name="cpu", about="the main job: ~10-15 minutes on 2 CPU cores, a ~1M-parameter DeepSeek-V3 "
+                         "(MLA, MoE, MTP) that GRPO makes better at held-out arithmetic"),
+    "smoke": SpeedrunPreset(
+        name="smoke", about="every stage at toy size in under 2 minutes (the end-to-end test)",
+        model="tiny", tokenizer_examples=300, vocab_size=400, pretrain_examples=300, pretrain_steps=24,
+        pretrain_batch_size=8, seq_len=64, pretrain_warmup=2, pretrain_checkpoints=4, sft_examples=64,
+        sft_steps=6, sft_batch_size=8, sft_seq_len=96, grpo_steps=3, prompts_per_step=4, group_size=4,
+        max_new_tokens=24, grpo_save_every=1, grpo_max_minutes=None, grpo_problems=200, distill_problems=16, distill_samples=2, distill_steps=6,
+        eval_n=12, eval_k=2, eval_batch_size=64),
+    "gpu": SpeedrunPreset(
+        name="gpu", about="one GPU: the `gpu` model (~1.2B total, ~0.24B active), longer stages",
+        model="gpu", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=100000,
+        pretrain_steps=3000, pretrain_batch_size=64, seq_len=256, pretrain_lr=6e-4, pretrain_warmup=200,
+        pretrain_checkpoints=4, sft_examples=4000, sft_steps=300, sft_batch_size=64, sft_lr=1e-4,
+        grpo_steps=200, prompts_per_step=64, group_size=16, grpo_lr=3e-6, max_new_tokens=128,
+        grpo_save_every=20, grpo_max_minutes=None, grpo_problems=50000, distill_problems=4000, distill_samples=8, distill_steps=300,
+        eval_n=500, eval_k=8, eval_batch_size=2048),
+    "gpu-node": SpeedrunPreset(
+        name="gpu-node", about="8 GPUs under torchrun: the `gpu-node` model (~6.6B total, ~1.2B active)",
+        model="gpu-node", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=200000,
+        pretrain_steps=5000, pretrain_batch_size=32, seq_len=512, pretrain_lr=4e-4, pretrain_warmup=300,
+        pretrain_checkpoints=4, sft_examples=8000, sft_steps=400, sft_batch_size=64, sft_lr=5e-5,
+        grpo_steps=300, prompts_per_step=64, group_size=16, grpo_lr=2e-6, max_new_tokens=192,
+        grpo_save_every=20, grpo_max_minutes=None, grpo_problems=100000, distill_problems=8000, distill_samples=8, distill_steps=400,
+        eval_n=1000, eval_k=8, eval_batch_size=4096),
+}
+
+
+def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
+    """A named preset with `FIELD=VALUE` overrides (parsed as the field's type)."""
+    if name not in PRESETS:
+        known = "; ".join(f"{n} ({p.about})" for n, p in PRESETS.items())
+        raise ConfigError(f"unknown speedrun preset {name!r}; known presets: {known}")
+    preset = PRESETS[name]
+    types = {f.name: f.type for f in dataclasses.fields(SpeedrunPreset)}
+    changes: dict[str, Any] = {}
+    for spec in overrides or []:
+        key, sep, text = spec.partition("=")
+        if not sep or key not in types or key in ("name", "about"):
+            settable = ", ".join(k for k in types if k not in ("name", "about"))
+            raise ConfigError(f"--set {spec!r}: expected FIELD=VALUE with FIELD one of: {settable}")
+        current = getattr(preset, key)
+        try:
+            if isinstance(current, tuple):
+                value: Any = tuple(t for t in text.split(",") if t)
+            elif isinstance(current, bool):
+                value = text.lower() in ("1", "true", "yes")
+            elif isinstance(current, int):
+                value = int(text)
+            elif isinstance(current, float) or (current is None and key != "dtype"):
+                value = None if text.lower() == "none" else float(text)
+            else:
+                value = None if text.lower() == "none" else text
+        except ValueError:
+            raise ConfigError(f"--set {spec!r}: {text!r} is not a valid {type(current).__name__}") from None
+        changes[key] = value
+    return preset.replace(**changes) if changes else preset
+
+
+# ----------------------------------------------------------------------------- state.json
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, fsync it and rename it over `path`: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_state(preset: SpeedrunPreset) -> dict[str, Any]:
+    from seekling.report import environment
+
+    return {"format": STATE_FORMAT, "preset": preset.name, "config": preset.to_json(), "finished": [],
+            "stages": {}, "created": time.time(), "environment": environment()}
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); it is not a speedrun state file, choose another --out") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ConfigError(f"{path} is not a seekling speedrun state file; choose another --out")
+    return state
+
+
+def suggest_out(run_dir: Path) -> str:
+    n = 2
+    while Path(f"{run_dir}-{n}").exists():
+        n += 1
+    return f"{run_dir}-{n}"
+
+
+def check_same_run(state: dict[str, Any], preset: SpeedrunPreset, run_dir: Path) -> None:
+    """ConfigError when `run_dir` holds a run of another preset or other settings: never mix two runs."""
+    ours = preset.to_json()
+    if state["preset"] != preset.name:
+        raise ConfigError(
+            f"{run_dir} holds a speedrun of preset {state['preset']!r}, not {preset.name!r}. Resume that one "
+            f"with `seekling speedrun --preset {state['preset']} --out {run_dir}`, or start this one in a new "
+            f"directory: --out {suggest_out(run_dir)}")
+    diff = [f"{k}: {state['config'].get(k)!r} there, {v!r} now" for k, v in ours.items()
+            if state["config"].get(k) != v]
+    if diff:
+        raise ConfigError(
+            f"{run_dir} holds a {preset.name!r} speedrun with other settings ({'; '.join(diff[:4])}"
+            f"{'; ...' if len(diff) > 4 else ''}); resuming would mix two runs. Rerun with the old settings, "
+            f"or start a new run: --out {suggest_out(run_dir)}")
+
+
+# ----------------------------------------------------------------------------- up-front checks
+def required_bytes(preset: SpeedrunPreset) -> int:
+    """A generous estimate of the disk a run needs at its peak: checkpoints (weights + two AdamW
+    moments) of pre-training (all kept until the expert loads are measured), SFT and GRPO (two each),
+    four final models, the token shards and the JSONL files; then 50% on top."""
+    from seekling.config import ModelConfig, count_parameters
+
+    params = count_parameters(ModelConfig.from_name(preset.model))
+    weights = 4 * (params["total"] + params.get("mtp", 0))
+    checkpoint = 3 * weights
+    checkpoints = (preset.pretrain_checkpoints + 2 + 2 + 2) * checkpoint + 5 * weights
+    shards = 2 * 120 * preset.pretrain_examples * len(preset.pretrain_tasks)
+    return int(1.5 * (checkpoints + shards) + 50e6)
+
+
+def check_run_dir(run_dir: Path, preset: SpeedrunPreset) -> dict[str, Any] | None:
+    """Everything about `--out` that can fail, before any work: writability, free space and whether it
+    holds this run, another run or something else. Returns the saved state when resuming."""
+    state = read_state(run_dir) if run_dir.is_dir() else None
+    if state is not None:
+        check_same_run(state, preset, run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} already exists and is not a speedrun directory (no {STATE_FILE}); "
+                          f"choose a new --out, e.g. --out {suggest_out(run_dir)}")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a directory; choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise SeeklingError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable --out") from None
+    free = shutil.disk_usage(run_dir).free
+    need = required_bytes(preset)
+    if free < need:
+        raise SeeklingError(f"{run_dir}: only {free / 1e9:.2f} GB free on that disk, and the {preset.name!r} "
+                            f"speedrun needs about {need / 1e9:.2f} GB; free some space or choose another --out")
+    return state
+
+
+# ----------------------------------------------------------------------------- the resumable loop
+@dataclass
+class Stage:
+    """One step of the pipeline. `run(ctx)` returns a dict for state.json: its numbers, and for the cost
+    ledger `tokens` and `flops`; {"skipped": reason} when it could not run. `all_ranks`: under torchrun
+    every rank runs it (pre-training); the other stages run on rank 0 alone."""
+
+    name: str
+    about: str
+    run: Callable[["Context"], dict[str, Any]]
+    all_ranks: bool = False
+
+
+@dataclass
+class Context:
+    run_dir: Path
+    preset: SpeedrunPreset
+    state: dict[str, Any]
+    say: Callable[[str], None] = print
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dtype(self) -> str:
+        return self.preset.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+
+    def save_state(self) -> None:
+        if self.is_main:
+            write_json_atomic(self.path(STATE_FILE), self.state)
+
+
+def ledger_device(ctx: Context) -> dict[str, Any]:
+    """How the cost ledger prices this process: CPU cores (torch threads) or GPUs by name."""
+    if ctx.device.type != "cuda":
+        return {"device": "cpu", "devices": torch.get_num_threads(), "dtype": "fp32"}
+    from seekling.cost import GPUS
+
+    name = torch.cuda.get_device_name(ctx.device).lower()
+    gpu = next((g for g in GPUS if g in name), "h100")  # H200 and unknown GPUs priced as an H100
+    return {"device": gpu, "devices": ctx.world_size, "dtype": ctx.dtype}
+
+
+def run_stages(ctx: Context, stages: list[Stage], barrier: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Run the stages not yet in `state["finished"]`, in order, recording each one atomically as it ends.
+
+    One line per stage. A stage interrupted (Ctrl-C, kill, error) is not marked finished, so the next
+    call runs it again, and the trainers inside continue from their last checkpoint.
+    """
+    n = len(stages)
+    last_collective = max((i for i, s in enumerate(stages) if s.all_ranks), default=-1)
+    for i, stage in enumerate(stages, start=1):
+        if not ctx.is_main and i - 1 > last_collective:
+            break  # only rank 0 goes on after the last multi-rank stage
+        tag = f"[{i}/{n}] {stage.name}"
+        if stage.name in ctx.state["finished"]:
+            ctx.say(f"{tag}: finished earlier, skipped")
+            continue
+        if ctx.is_main or stage.all_ranks:
+            ctx.say(f"{tag}: {stage.about}")
+            start = time.perf_counter()
+            try:
+                result = stage.run(ctx) or {}
+            except KeyboardInterrupt:
+                ctx.say(f"\n{tag}: interrupted; run the same command again to resume this stage "
+                        "from its last checkpoint")
+                raise
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SeeklingError(
+                        f"stage {stage.name}: the disk is full ({e.filename or ctx.run_dir}). Finished stages "
+                        f"and checkpoints are kept: free some space and run the same command to resume") from None
+                raise
+            result["seconds"] = time.perf_counter() - start
+            if ctx.is_main:
+                if "skipped" not in result:
+                    result["cost"] = {"seconds": result["seconds"], "tokens": int(result.get("tokens", 0)),
+                                      "flops": float(result.get("flops", 0.0)), **ledger_device(ctx)}
+                ctx.state["stages"][stage.name] = result
+                ctx.state["finished"].append(stage.name)
+                ctx.save_state()
+            ctx.say(f"{tag}: {'skipped: ' + result['skipped'] if 'skipped' in result else 'done'} "
+                    f"in {result['seconds']:.1f}s" + (f" | {result['summary']}" if result.get("summary") else ""))
+        if i - 1 <= last_collective:
+            barrier()
+    return ctx.state
+
+
+# ----------------------------------------------------------------------------- the stages
+def validate_preset(p: SpeedrunPreset) -> None:
+    """ConfigError for settings that cannot run, before any work (the trainers check again, later)."""
+    from seekling.config import PRESETS as MODEL_PRESETS, ModelConfig
+    from seekling.grpo import LOSS_AGGREGATIONS
+    from seekling.tasks import get_task, parse_difficulty
+
+    if p.model not in MODEL_PRESETS:
+        raise ConfigError(f"model {p.model!r}: known model presets are {', '.join(MODEL_PRESETS)}")
+    for task in (*p.pretrain_tasks, p.rl_task):
+        get_task(task)
+    unknown = set(parse_difficulty(list(p.difficulty))) - {*p.pretrain_tasks, p.rl_task}
+    if unknown:
+        raise ConfigError(f"difficulty is set for {sorted(unknown)}, which this run does not use")
+    counts = {k: getattr(p, k) for k in ("pretrain_steps", "pretrain_batch_size", "seq_len", "sft_steps",
+                                         "sft_batch_size", "sft_seq_len", "grpo_steps", "prompts_per_step",
+                                         "max_new_tokens", "eval_n", "eval_k", "pretrain_checkpoints",
+                                         "pretrain_examples", "sft_examples", "tokenizer_examples")}
+    for name, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if p.group_size < 2:
+        raise ConfigError(f"group_size must be >= 2 (a group of one has no relative advantage), got {p.group_size}")
+    if p.grpo_loss not in LOSS_AGGREGATIONS:
+        raise ConfigError(f"grpo_loss {p.grpo_loss!r}: known {', '.join(LOSS_AGGREGATIONS)}")
+    if p.dtype not in (None, "fp32", "bf16"):
+        raise ConfigError(f"dtype must be fp32 or bf16, got {p.dtype!r}")
+    max_pos = ModelConfig.from_name(p.model).max_position_embeddings
+    if max(p.seq_len, p.sft_seq_len) > max_pos:
+        raise ConfigError(f"seq_len/sft_seq_len exceed the {p.model!r} model's {max_pos} positions")
+
+
+def _difficulty(p: SpeedrunPreset, tasks: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    from seekling.tasks import parse_difficulty
+
+    return {t: d for t, d in parse_difficulty(list(p.difficulty)).items() if t in tasks}
+
+
+def _write_problems(path: Path, problems: list) -> None:
+    with open(path, "w") as f:
+        for q in problems:
+            f.write(json.dumps({"id": q.id, "task": q.task, "prompt": q.prompt, "answer": q.answer,
+                                "meta": q.meta}) + "\n")
+
+
+def _latest_step(run_dir: Path) -> int:
+    from seekling.training import latest_checkpoint, read_trainer_state
+
+    found = latest_checkpoint(run_dir)
+    return int(read_trainer_state(found)["step"]) if found else 0
+
+
+def _on_device(ctx: Context):
+    """SFT and GRPO build their batches with torch.full/zeros/tensor and never move them; on a GPU a
+    default-device scope puts those batches next to the model (an adapter: untested without a GPU)."""
+    return torch.device(ctx.device) if ctx.device.type == "cuda" else contextlib.nullcontext()
+
+
+def stage_data(ctx: Context) -> dict[str, Any]:
+    from seekling.sft import make_cold_start
+    from seekling.tasks import make_problems
+
+    p, data = ctx.preset, ctx.path("data")
+    data.mkdir(exist_ok=True)
+    rl = _difficulty(p, [p.rl_task]).get(p.rl_task, {})
+    n_cold = make_cold_start([p.rl_task], p.sft_examples, data / "cold_start.jsonl", p.seed, _difficulty(p, [p.rl_task]))
+    _write_problems(data / "grpo_problems.jsonl", make_problems(p.rl_task, "train", p.grpo_problems, p.seed, **rl))
+    _write_problems(data / "eval_problems.jsonl", make_problems(p.rl_task, "test", p.eval_n, p.seed, **rl))
+    return {"summary": f"{n_cold} cold-start conversations, {p.grpo_problems} GRPO problems, "
+                       f"{p.eval_n} held-out {p.rl_task} problems"}
+
+
+def stage_tokenizer(ctx: Context) -> dict[str, Any]:
+    from seekling.data import build_token_shards
+    from seekling.tasks import completion_text, make_mixture
+    from seekling.tokenizer import Tokenizer
+
+    p = ctx.preset
+    tasks = list(dict.fromkeys([*p.pretrain_tasks, p.rl_task]))
+    texts = [q.prompt + " " + completion_text(q)
+             for q in make_mixture(tasks, "train", p.tokenizer_examples, p.seed + 1, _difficulty(p, tasks))]
+    tokenizer = Tokenizer.train(texts, vocab_size=p.vocab_size)
+    # Build both into temporary directories and rename: a kill never leaves half a tokenizer or shard set.
+    for name in ("tokenizer", "shards"):
+        shutil.rmtree(ctx.path(f".{name}.tmp"), ignore_errors=True)
+        shutil.rmtree(ctx.path(name), ignore_errors=True)
+    tokenizer.save(ctx.path(".tokenizer.tmp"))
+    os.replace(ctx.path(".tokenizer.tmp"), ctx.path("tokenizer"))
+    index = build_token_shards(ctx.path(".shards.tmp"), tokenizer, tasks=list(p.pretrain_tasks),
+                               num_examples=p.pretrain_examples, difficulty=_difficulty(p, p.pretrain_tasks),
+                               val_fraction=0.05, seed=p.seed)
+    os.replace(ctx.path(".shards.tmp"), ctx.path("shards"))
+    train, val = index["splits"]["train"]["tokens"], index["splits"]["val"]["tokens"]
+    return {"vocab_size": tokenizer.vocab_size, "train_tokens": train, "val_tokens": val, "tokens": train + val,
+            "summary": f"vocabulary {tokenizer.vocab_size}, {train:,} train + {val:,} val tokens"}
+
+
+def stage_pretrain(ctx: Context) -> dict[str, Any]:
+    from seekling.pretrain import PretrainArgs, pretrain
+    from seekling.tokenizer import Tokenizer
+
+    p, out = ctx.preset, ctx.path("pretrain")
+    vocab = Tokenizer.load(ctx.path("tokenizer")).vocab_size
+    save_every = max(1, p.pretrain_steps // p.pretrain_checkpoints)
+    summary = pretrain(PretrainArgs(
+        data=str(ctx.path("shards")), out=str(out), tokenizer=str(ctx.path("tokenizer")), preset=p.model,
+        vocab_size=vocab, resume=True, steps=p.pretrain_steps, batch_size=p.pretrain_batch_size, seq_len=p.seq_len,
+        lr=p.pretrain_lr, warmup=p.pretrain_warmup, eval_every=max(1, p.pretrain_steps // 10), eval_batches=4,
+        save_every=save_every, keep_last=0, log_every=max(1, p.pretrain_steps // 4), seed=p.seed,
+        device=ctx.device.type, dtype=p.dtype, quiet=not ctx.is_main))
+    if not ctx.is_main:
+        return {}
+    loads = measure_expert_load(out, ctx.path("shards"), p.pretrain_batch_size, p.seq_len, ctx.device)
+    write_json_atomic(out / "expert_load.json", loads)
+    from seekling.training import list_checkpoints
+
+    for old in list_checkpoints(out)[:-1]:  # measured; only the last is worth its disk space now
+        shutil.rmtree(old, ignore_errors=True)
+    return {"tokens": summary["tokens"], "flops": summary["flops"], "steps_run": summary["steps_run"],
+            "resumed_from": summary["resumed_from"], "final_loss": summary["final_loss"],
+            "val_loss": summary["val_loss"], "tokens_per_s": summary["tokens_per_s"], "mfu": summary["mfu"],
+            "summary": f"loss {summary['final_loss']:.3f}, val loss {summary['val_loss'] or float('nan'):.3f}, "
+                       f"{summary['tokens']:,} tokens"}
+
+
+@torch.no_grad()
+def measure_expert_load(run_dir: Path, data_dir: Path, batch_size: int, seq_len: int, device: torch.device,
+                        batches: int = 4) -> dict[str, Any]:
+    """Tokens routed to each expert of each MoE layer, at every saved checkpoint, on the same val
+    batches: the per-expert load over training (pretrain's metrics.jsonl keeps only the imbalance)."""
+    from seekling.checkpoint import load_pretrained
+    from seekling.data import TokenLoader
+    from seekling.training import list_checkpoints, read_trainer_state
+
+    loader = TokenLoader(data_dir, batch_size, seq_len, split="val", shuffle=False)
+    n = min(batches, loader.batches_in_epoch(0))
+    steps, loads = [], []
+    for checkpoint in list_checkpoints(run_dir):
+        model = load_pretrained(str(checkpoint), device=device)
+        if not model.moe_gates:
+            break
+        total_LE = None
+        for b in range(n):
+            x, _ = loader.batch_at(0, b)
+            load_LE = model(x.to(device)).expert_load.float().cpu()
+            total_LE = load_LE if total_LE is None else total_LE + load_LE
+        steps.append(int(read_trainer_state(checkpoint)["step"]))
+        loads.append(total_LE.tolist())
+    first_moe = model.config.first_k_dense_replace if steps else 0
+    return {"steps": steps, "load": loads, "layers": [first_moe + i for i in range(len(loads[0]) if loads else 0)],
+            "tokens_per_checkpoint": n * batch_size * seq_len,
+            "source": "measured on the first val batches at each pre-training checkpoint"}
+
+
+def stage_sft(ctx: Context) -> dict[str, Any]:
+    from seekling.checkpoint import load_pretrained
+    from seekling.flops import flops_per_token
+    from seekling.sft import SFTConfig, train_sft
+    from seekling.tokenizer import Tokenizer
+
+    p, out = ctx.preset, ctx.path("sft")
+    start_step = _latest_step(out)
+    cfg = SFTConfig(seq_len=p.sft_seq_len, batch_size=p.sft_batch_size, steps=p.sft_steps, lr=p.sft_lr,
+                    warmup_steps=max(1, p.sft_steps // 10), save_every=max(1, p.sft_steps // 3),
+                    log_every=max(1, p.sft_steps // 10), seed=p.seed)
+    model = load_pretrained(str(ctx.path("pretrain", "final")), device=ctx.device)
+    with _on_device(ctx):
+        summary = train_sft(model, Tokenizer.load(ctx.path("tokenizer")), ctx.path("data", "cold_start.jsonl"), cfg,
+                            out, tokenizer_dir=ctx.path("tokenizer"), resume=True, log=ctx.say)
+    tokens = (summary["step"] - start_step) * cfg.batch_size * cfg.seq_len
+    per_token = flops_per_token(model.config, cfg.seq_len, training=True, include_mtp=cfg.mtp_weight > 0)["total"]
+    return {"tokens": tokens, "flops": tokens * per_token, "final_loss": summary["loss"],
+            "resumed_from_step": start_step, "summary": f"loss {summary['loss']:.3f} after {summary['step']} steps"}
+
+
+def stage_grpo(ctx: Context) -> dict[str, Any]:
+    from seekling.checkpoint import load_pretrained
+    from seekling.grpo import GRPOConfig, prompt_ids, read_problems, train_grpo
+    from seekling.tokenizer import Tokenizer
+
+    p, out = ctx.preset, ctx.path("grpo")
+    tokenizer = Tokenizer.load(ctx.path("tokenizer"))
+    problems = read_problems(str(ctx.path("data", "grpo_problems.jsonl")))
+    cfg = GRPOConfig(prompts_per_step=p.prompts_per_step, group_size=p.group_size, max_new_tokens=p.max_new_tokens,
+                     temperature=1.0, lr=p.grpo_lr, loss_aggregation=p.grpo_loss, steps=p.grpo_steps,
+                     save_every=p.grpo_save_every, seed=p.seed, rewards={"correct": 1.0, "format": 0.2})
+    start_step = _latest_step(out)
+    model = load_pretrained(str(ctx.path("sft", "final")), device=ctx.device)
+    with _on_device(ctx):
+        summary = train_grpo(model, tokenizer, problems, cfg, out, tokenizer_dir=ctx.path("tokenizer"), resume=True,
+                             max_seconds=p.grpo_max_minutes * 60 if p.grpo_max_minutes else None, log=ctx.say)
+    # FLOPs from each step's mean lengths: sampling is a forward over prompt + completion for all P*G
+    # rows, the update 3x forward (mu times) over the rows of the groups kept.
+    prompt_len = sum(len(prompt_ids(tokenizer, q, cfg.template)) for q in problems[:200]) / min(200, len(problems))
+    tokens = flops = 0.0
+    for r in summary["history"]:
+        rows, length = cfg.prompts_per_step * cfg.group_size, prompt_len + r["response_length"]
+        per_token = _forward_flops(model.config, length)
+        trained = r.get("groups_kept", 0) * cfg.group_size * length * cfg.mu if not r.get("skipped") else 0
+        tokens += rows * length + trained
+        flops += rows * length * per_token + 3 * trained * per_token
+    last = summary["history"][-1] if summary["history"] else {}
+    capped = summary["step"] < cfg.steps
+    return {"tokens": int(tokens), "flops": flops, "steps": summary["step"], "resumed_from_step": start_step,
+            "time_capped": capped, "last_reward": last.get("reward"), "last_accuracy": last.get("accuracy"),
+            "summary": f"{summary['step']} steps, last reward {last.get('reward', float('nan')):.3f}, "
+                       f"train accuracy {last.get('accuracy', float('nan')):.2f}"
+                       + (f" (stopped by the {p.grpo_max_minutes} min cap)" if capped else "")}
+
+
+def _forward_flops(config, context_len: float) -> float:
+    from seekling.flops import forward_flops_per_token
+
+    return forward_flops_per_token(config, max(1, round(context_len)), include_mtp=False)["total"]
+
+
+def stage_distill(ctx: Context) -> dict[str, Any]:
+    """R1's stage 3: sample from the GRPO model, keep the verified-correct answers, fine-tune the
+    pre-trained base on them (`seekling.distill.speedrun_stage`; skipped when that module is absent)."""
+    try:
+        from seekling.distill import speedrun_stage
+    except ImportError as e:
+        if e.name not in ("seekling.distill", None):
+            raise
+        return {"skipped": "seekling.distill (speedrun_stage) is not installed"}
+    p = ctx.preset
+    return dict(speedrun_stage(
+        teacher_dir=str(ctx.path("grpo", "final")), tokenizer_dir=str(ctx.path("tokenizer")),
+        problems_path=str(ctx.path("data", "grpo_problems.jsonl")), out_dir=str(ctx.path("distill")),
+        samples=p.distill_samples, problems=p.distill_problems, device=ctx.device, resume=True,
+        sft_steps=p.distill_steps, sft_batch_size=p.sft_batch_size, sft_seq_len=p.sft_seq_len, sft_lr=p.sft_lr,
+        max_new_tokens=p.max_new_tokens, seed=p.seed, log=ctx.say))
+
+
+def eval_stage(model_stage: str) -> Callable[[Context], dict[str, Any]]:
+    """The held-out evaluation of `model_stage`'s final model (skipped when that stage was)."""
+
+    def run(ctx: Context) -> dict[str, Any]:
+        from seekling.checkpoint import load_pretrained
+        from seekling.evaluate import evaluate, prompt_ids
+        from seekling.generate import generate
+        from seekling.grpo import read_problems
+        from seekling.tokenizer import Tokenizer
+        from seekling.training import progress_bar
+
+        if "skipped" in ctx.state["stages"].get(model_stage, {}):
+            return {"skipped": f"no {model_stage} model"}
+        p = ctx.preset
+        tokenizer = Tokenizer.load(ctx.path("tokenizer"))
+        problems = read_problems(str(ctx.path("data", "eval_problems.jsonl")))
+        model = load_pretrained(str(ctx.path(model_stage, "final")), device=ctx.device)
+        bar = progress_bar(len(problems) * p.eval_k, desc="eval")
+
+        def generate_with_bar(model, prompts, params):
+            completions = generate(model, prompts, params)
+            bar.update(len(prompts))
+            return completions
+
+        try:
+            result = evaluate(model, tokenizer, [p.rl_task], k=p.eval_k, max_new_tokens=p.max_new_tokens,
+                              batch_size=p.eval_batch_size, seed=p.seed, problems={p.rl_task: problems},
+                              keep_samples=3, generate_fn=generate_with_bar)
+        finally:
+            bar.close()
+        result["model"] = model_stage
+        ctx.path("eval").mkdir(exist_ok=True)
+        write_json_atomic(ctx.path("eval", f"{model_stage}.json"), result)
+        m = result["mean"]
+        prompt_len = sum(len(prompt_ids(tokenizer, q)) for q in problems) / len(problems)
+        tokens = len(problems) * p.eval_k * (prompt_len + m["mean_length"])
+        k = p.eval_k
+        return {"tokens": int(tokens), "flops": tokens * _forward_flops(model.config, prompt_len + m["mean_length"]),
+                "metrics": m, "summary": f"pass@1 {m['pass@1']:.1%}, cons@{k} {m[f'cons@{k}']:.1%}, "
+                                         f"format {m['format']:.1%}, mean length {m['mean_length']:.1f}"}
+
+    return run
+
+
+def pipeline_stages() -> list[Stage]:
+    return [
+        Stage("data", "task problems: cold-start conversations, GRPO and held-out evaluation sets", stage_data),
+        Stage("tokenizer", "byte-level BPE on the task text, then the pre-training token shards", stage_tokenizer),
+        Stage("pretrain", "pre-training: next-token + MTP loss, aux-loss-free MoE balancing", stage_pretrain,
+              all_ranks=True),
+        Stage("eval_pretrain", "held-out evaluation of the pre-trained model", eval_stage("pretrain")),
+        Stage("sft", "cold-start SFT on R1-format worked solutions", stage_sft),
+        Stage("eval_sft", "held-out evaluation after cold-start SFT", eval_stage("sft")),
+        Stage("grpo", "GRPO with rule-based rewards (correct + format)", stage_grpo),
+        Stage("eval_grpo", "held-out evaluation after GRPO", eval_stage("grpo")),
+        Stage("distill", "rejection-sampling distillation (SFT on verified GRPO samples)", stage_distill),
+        Stage("eval_distill", "held-out evaluation after distillation", eval_stage("distill")),
+    ]
+
+
+def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = None, device: str | None = None,
+                 stages: list[Stage] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a whole speedrun in `out` and write its report; returns the final state."""
+    from seekling.training import barrier, destroy_distributed, init_distributed
+
+    validate_preset(preset)
+    run_dir = Path(out)
+    info = init_distributed(device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or (free_cores() if info.device.type == "cpu" else previous_threads))
+    try:
+        state = check_run_dir(run_dir, preset) if info.is_main else None
+        if info.is_main:
+            resuming = state is not None
+            state = state or new_state(preset)
+            write_json_atomic(run_dir / STATE_FILE, state)
+            done = len(state["finished"])
+            say(f"speedrun {preset.name!r} in {run_dir}: {preset.about}; "
+                + (f"{info.world_size} ranks on {info.device.type}" if info.world_size > 1 else
+                   f"{torch.get_num_threads()} torch thread(s) on {info.device.type}")
+                + (f" (resuming: {done} stage(s) finished earlier)" if resuming else ""))
+        barrier()
+        if state is None:
+            state = read_state(run_dir)
+        ctx = Context(run_dir, preset, state, say if info.is_main else (lambda _: None), info.device,
+                      info.rank, info.world_size)
+        start = time.perf_counter()
+        run_stages(ctx, stages if stages is not None else pipeline_stages(), barrier)
+        if info.is_main:
+            from seekling.report import write_report
+
+            state.setdefault("runs", []).append({"seconds": time.perf_counter() - start, "ended": time.time()})
+            ctx.save_state()
+            md, html = write_report(run_dir)
+            say(f"report: {md} and {html}")
+        return state
+    finally:
+        torch.set_num_threads(previous_threads)
+        destroy_distributed(info)
+
+
+def free_cores() -> int:
+    """torch's thread count less the cores other programs keep busy (1-minute load average), at least 1.
+
+    On cores shared with other jobs, torch's spinning threads make a step several times slower than one
+    thread alone (measured 4x with 2 threads on a 2-core machine under load 4); on an idle machine this is
+    torch's default."""
+    cores = torch.get_num_threads()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))

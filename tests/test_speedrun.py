@@ -1,0 +1,261 @@
+"""seekling speedrun: the `smoke` preset end to end (report, tables, plots filled from that run), resume
+after a kill, the resumable stage loop with fake stages, and every bad input refused before any work.
+
+    .venv/bin/python -m pytest -q tests/test_speedrun.py              # ~1-2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seekling.cli import main
+from seekling.errors import ConfigError, SeeklingError
+from seekling.speedrun import (PRESETS, Context, Stage, check_run_dir, get_preset, new_state, read_state,
+                               run_speedrun, run_stages, write_json_atomic)
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_STAGES = ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "eval_sft", "grpo", "eval_grpo", "distill",
+              "eval_distill"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One real `smoke` speedrun, shared by the tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("speedrun") / "smoke"
+    lines: list[str] = []
+    start = time.perf_counter()
+    state = run_speedrun(PRESETS["smoke"], run_dir, threads=1, say=lines.append)
+    return {"dir": run_dir, "state": state, "lines": lines, "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_smoke_preset_runs_every_stage_and_fills_the_report(smoke_run):
+    run_dir, state = smoke_run["dir"], smoke_run["state"]
+    assert smoke_run["seconds"] < 120
+    assert state["finished"] == ALL_STAGES
+    assert read_state(run_dir)["finished"] == ALL_STAGES  # what is on disk, not only in memory
+    # one line as each stage starts and one as it ends, numbered
+    for i, name in enumerate(ALL_STAGES, start=1):
+        assert sum(line.startswith(f"[{i}/10] {name}:") for line in smoke_run["lines"]) == 2
+
+    md = (run_dir / "report.md").read_text()
+    # the results table holds this run's numbers: each row equals eval/STAGE.json
+    for stage, label in (("pretrain", "after pre-training"), ("sft", "after cold-start SFT"), ("grpo", "after GRPO")):
+        m = json.loads((run_dir / "eval" / f"{stage}.json").read_text())["mean"]
+        row = f"| {label} | {100 * m['pass@1']:.1f}% | {100 * m['cons@2']:.1f}% | {100 * m['format']:.1f}% " \
+              f"| {m['mean_length']:.1f} |"
+        assert row in md
+        assert m["mean_length"] > 0
+    distill = state["stages"]["distill"]
+    if "skipped" in distill:  # a teacher with no verified sample leaves nothing to distil: said so
+        assert f"| after distillation | skipped: {distill['skipped']} |" in md
+    else:
+        assert (run_dir / "eval" / "distill.json").is_file() and distill["tokens"] > 0
+    # the environment and the cost table
+    assert f"| torch / python | {torch.__version__}" in md
+    assert "| torch threads / ranks | 1 / 1 |" in md
+    for stage in ("pretrain", "sft", "grpo", "eval_pretrain"):
+        assert re.search(rf"^\| {stage} \| 1 x cpu \(fp32\) \|", md, re.M)
+
+    # the cost ledger: pre-training's tokens and FLOPs by hand
+    from seekling.config import ModelConfig
+    from seekling.flops import flops_per_token
+
+    p = PRESETS["smoke"]
+    cost = json.loads((run_dir / "cost.json").read_text())
+    pretrain_row = next(s for s in cost["stages"] if s["stage"] == "pretrain")
+    tokens = p.pretrain_steps * p.pretrain_batch_size * p.seq_len
+    vocab = state["stages"]["tokenizer"]["vocab_size"]
+    per_token = flops_per_token(ModelConfig.from_name("tiny", vocab_size=vocab), p.seq_len)["total"]
+    assert pretrain_row["tokens"] == tokens
+    assert pretrain_row["flops"] == pytest.approx(tokens * per_token)
+    assert 0 < pretrain_row["mfu"] < 1
+    assert pretrain_row["seconds"] == pytest.approx(state["stages"]["pretrain"]["seconds"])
+    assert cost["totals"]["dollars"] > 0
+
+
+def test_smoke_report_plots_and_self_contained_html(smoke_run):
+    run_dir = smoke_run["dir"]
+    for name in ("pretrain_loss.png", "grpo.png", "expert_load.png", "pass_at_1.png"):
+        data = (run_dir / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    page = (run_dir / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4
+    assert not re.search(r'src="(?!data:)', page)  # nothing to fetch: one file carries everything
+    assert "<table>" in page and "after cold-start SFT" in page
+
+    # the per-expert load heatmap's data: every checkpoint, each token routed to top-k experts
+    loads = json.loads((run_dir / "pretrain" / "expert_load.json").read_text())
+    p = PRESETS["smoke"]
+    every = p.pretrain_steps // p.pretrain_checkpoints
+    assert loads["steps"] == list(range(every, p.pretrain_steps + 1, every))
+    top_k = 2  # the tiny model's num_experts_per_tok
+    for checkpoint in loads["load"]:
+        for layer in checkpoint:
+            assert len(layer) == 8 and sum(layer) == pytest.approx(top_k * loads["tokens_per_checkpoint"])
+    # measured, then only the last pre-training checkpoint is kept
+    assert [d.name for d in (run_dir / "pretrain" / "checkpoints").iterdir() if d.name.startswith("step_")] == \
+        [f"step_{p.pretrain_steps:07d}"]
+    # the GRPO plot is drawn from this run's metrics
+    grpo = [json.loads(line) for line in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in grpo] == list(range(1, p.grpo_steps + 1))
+
+
+def test_rerunning_a_finished_run_only_rewrites_the_report(smoke_run):
+    run_dir = smoke_run["dir"]
+    before = {name: (run_dir / "eval" / f"{name}.json").read_text() for name in ("pretrain", "sft", "grpo")}
+    lines: list[str] = []
+    state = run_speedrun(PRESETS["smoke"], run_dir, threads=1, say=lines.append)
+    assert sum("finished earlier, skipped" in line for line in lines) == len(ALL_STAGES)
+    assert state["finished"] == ALL_STAGES
+    assert {name: (run_dir / "eval" / f"{name}.json").read_text() for name in before} == before
+
+
+def test_kill_during_pretraining_then_rerun_resumes_and_matches(smoke_run, tmp_path):
+    """SIGKILL the command once pre-training has saved a checkpoint; the same command resumes from it and
+    ends where the uninterrupted run ended (pre-training's resume is exact)."""
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "seekling.cli", "speedrun", "--preset", "smoke", "--out", str(run_dir),
+           "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoints = run_dir / "pretrain" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints.is_dir() and any(d.name.startswith("step_") for d in checkpoints.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "pre-training never saved a checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = read_state(run_dir)
+    assert "tokenizer" in state["finished"] and "pretrain" not in state["finished"]
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[1/10] data: finished earlier, skipped" in out.stdout
+    state = read_state(run_dir)
+    assert state["finished"] == ALL_STAGES
+    assert state["stages"]["pretrain"]["resumed_from"] is not None
+    assert state["stages"]["pretrain"]["steps_run"] < PRESETS["smoke"].pretrain_steps
+    ours = (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    reference = (smoke_run["dir"] / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in ours] == [json.loads(r)["loss"] for r in reference]
+    assert (run_dir / "report.html").is_file()
+
+
+# ----------------------------------------------------------------------------- the stage loop, with fake stages
+def _fake_stages(calls: list[str], fail_at: str | None = None, error: BaseException = KeyboardInterrupt()):
+    def make(name: str):
+        def run(ctx):
+            calls.append(name)
+            if name == fail_at:
+                raise error
+            return {"tokens": 10, "flops": 1e6, "summary": f"{name} ok"}
+        return run
+    return [Stage(name, f"fake {name}", make(name)) for name in ("a", "b", "c")]
+
+
+def _context(tmp_path, rank: int = 0) -> Context:
+    preset = PRESETS["smoke"]
+    state = new_state(preset)
+    write_json_atomic(tmp_path / "state.json", state)
+    return Context(tmp_path, preset, state, say=lambda _: None, rank=rank)
+
+
+def test_interrupted_stage_is_not_marked_finished_and_rerun_continues_there(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(_context(tmp_path), _fake_stages(calls, fail_at="b"))
+    assert calls == ["a", "b"]
+    state = read_state(tmp_path)
+    assert state["finished"] == ["a"] and state["stages"]["a"]["cost"]["tokens"] == 10
+    assert not list(tmp_path.glob(".*.tmp"))  # the state was replaced whole
+
+    calls.clear()
+    ctx = Context(tmp_path, PRESETS["smoke"], read_state(tmp_path), say=lambda _: None)
+    run_stages(ctx, _fake_stages(calls))
+    assert calls == ["b", "c"]  # a is not run twice
+    assert read_state(tmp_path)["finished"] == ["a", "b", "c"]
+
+
+def test_full_disk_during_a_stage_is_a_clear_error_and_keeps_finished_stages(tmp_path):
+    calls: list[str] = []
+    full = OSError(errno.ENOSPC, "No space left on device", "x.safetensors")
+    with pytest.raises(SeeklingError, match="disk is full.*run the same command to resume"):
+        run_stages(_context(tmp_path), _fake_stages(calls, fail_at="c", error=full))
+    assert read_state(tmp_path)["finished"] == ["a", "b"]
+
+
+def test_other_ranks_run_only_multi_rank_stages_and_stop_after_the_last(tmp_path):
+    calls: list[str] = []
+    stages = _fake_stages(calls)
+    stages[1].all_ranks = True
+    barriers = []
+    run_stages(_context(tmp_path, rank=1), stages, barrier=lambda: barriers.append(1))
+    assert calls == ["b"] and len(barriers) == 2  # after a (rank 0's) and after b; never waits on c
+    assert read_state(tmp_path)["finished"] == []  # only rank 0 writes the state
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_preset_lists_the_known_ones(capsys):
+    assert main(["speedrun", "--preset", "laptop"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown speedrun preset 'laptop'" in err
+    for name in PRESETS:
+        assert name in err
+
+
+def test_bad_override_names_the_settable_fields():
+    with pytest.raises(ConfigError, match="FIELD one of: .*grpo_steps"):
+        get_preset("smoke", ["grpo_stepz=3"])
+    with pytest.raises(ConfigError, match="not a valid int"):
+        get_preset("smoke", ["grpo_steps=many"])
+    assert get_preset("smoke", ["grpo_steps=7", "pretrain_tasks=linear"]).grpo_steps == 7
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        run_speedrun(get_preset("smoke", ["group_size=1"]), "/nonexistent/never-created")
+
+
+def test_directory_of_another_preset_or_config_is_refused_with_a_new_out(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_json_atomic(run_dir / "state.json", new_state(PRESETS["smoke"]))
+    with pytest.raises(ConfigError, match=r"preset 'smoke', not 'cpu'.*--out .*run-2"):
+        check_run_dir(run_dir, PRESETS["cpu"])
+    with pytest.raises(ConfigError, match=r"other settings \(grpo_steps: 3 there, 9 now\).*--out .*run-2"):
+        check_run_dir(run_dir, get_preset("smoke", ["grpo_steps=9"]))
+    assert check_run_dir(run_dir, PRESETS["smoke"])["preset"] == "smoke"  # the same run resumes
+
+
+def test_non_run_directory_file_and_unwritable_out_are_refused(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a speedrun directory"):
+        check_run_dir(tmp_path / "notes", PRESETS["smoke"])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SeeklingError, match="cannot write to"):  # as root too: a file is in the way
+        check_run_dir(tmp_path / "afile" / "run", PRESETS["smoke"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a speedrun state file"):
+        check_run_dir(tmp_path / "bad", PRESETS["smoke"])
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_too_little_free_space_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    run_dir = tmp_path / "run"
+    assert main(["speedrun", "--preset", "smoke", "--out", str(run_dir)]) == 2
+    assert "GB free" in capsys.readouterr().err
+    assert not (run_dir / "state.json").exists()

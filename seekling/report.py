@@ -18,6 +18,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,8 @@ def plot_expert_load(loads: dict[str, Any] | None, metrics: list[dict], path: Pa
                           interpolation="nearest")
         ax.set_xticks(range(len(steps)), [str(s) for s in steps])
         ax.set_ylabel("expert")
-        index = loads.get("layers", list(range(n_layers)))[layer]
-        ax.set_title(f"decoder layer {index} (MoE): tokens per expert / mean (1 = balanced)", fontsize=10)
+        name = f"decoder layer {loads['layers'][layer]} (MoE)" if "layers" in loads else f"MoE layer {layer + 1}"
+        ax.set_title(f"{name}: tokens per expert / mean (1 = balanced)", fontsize=10)
     axes[n_layers - 1][0].set_xlabel("pre-training step of the checkpoint")
     fig.colorbar(image, ax=[axes[i][0] for i in range(n_layers)], label="load / mean load")
     if imbalance:
@@ -336,12 +337,18 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     if not any(plots_made.values()):
         blocks.append(("p", "No plots: matplotlib is not installed (`pip install matplotlib`)."))
 
-    sample = next(((evals[n]["tasks"][task].get("samples") or [None])[0] for n in ("grpo", "sft") if n in evals), None)
-    if sample:
-        blocks.append(("h2", "A held-out problem after GRPO"))
-        blocks.append(("pre", f"question: {sample['prompt']}\nanswer:   {sample['answer']}\n\n"
-                              + "\n".join(f"sample {i + 1} ({'correct' if ok else 'wrong'}): {c}"
-                                          for i, (c, ok) in enumerate(zip(sample["completions"], sample["correct"])))))
+    stage = next((n for n in ("grpo", "sft", "pretrain") if n in evals), None)
+    samples = evals[stage]["tasks"][task].get("samples") or [] if stage else []
+    if samples:
+        label = dict(MODEL_STAGES)[stage]
+        blocks.append(("h2", f"Held-out problems {label}"))
+        lines = []
+        for s in samples:
+            lines.append(f"{s['prompt']}   (answer {s['answer']}; {sum(s['correct'])} of {len(s['correct'])} "
+                         "samples correct)")
+            shown = {ok: c for c, ok in zip(s["completions"], s["correct"])}  # one right and one wrong, if any
+            lines += [f"  {'right' if ok else 'wrong'}: {c}" for ok, c in sorted(shown.items(), reverse=True)]
+        blocks.append(("pre", "\n".join(lines)))
 
     notes = [f"{name}: skipped ({s['skipped']})" for name, s in stages.items() if "skipped" in s]
     notes += [f"{name}: resumed from step {s['resumed_from_step']}" for name, s in stages.items()
@@ -357,7 +364,9 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     if notes:
         blocks.append(("h2", "Notes"))
         blocks.append(("ul", notes))
-    blocks.append(("p", f"Settings: {json.dumps(config)}"))
+    settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("name", "about"))
+    blocks.append(("h2", "Settings"))
+    blocks.append(("pre", textwrap.fill(settings, 100)))
     return blocks
 
 

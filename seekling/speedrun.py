@@ -14,7 +14,7 @@ Stopped at any point (Ctrl-C, kill, a crash), the same command resumes: finished
 and the stage that was running continues from its last checkpoint (the trainers' own exact resume).
 A preset is a `SpeedrunPreset`, a flat dataclass of stage settings; `PRESETS` names them:
 
-    seekling speedrun                         # the `cpu` preset: ~15 minutes on a 2-core machine
+    seekling speedrun                         # the `cpu` preset: 7-15 minutes on a 2-core machine
     seekling speedrun --preset smoke --out /tmp/smoke     # under 2 minutes, the end-to-end test
     torchrun --nproc_per_node=8 -m seekling.cli speedrun --preset gpu-node   # pre-training on 8 GPUs
 
@@ -52,6 +52,7 @@ class SpeedrunPreset:
     # model and hardware (model presets live in seekling.config)
     model: str = "cpu-small"
     dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    distributed: str = "ddp"  # pre-training under torchrun: ddp, or fsdp (FSDP2) for models too big to replicate
     seed: int = 0
     # task data: pre-training sees worked solutions of several tasks (as a base model has seen math);
     # cold start, GRPO and evaluation use one of them, `rl_task` (train split; test split held out)
@@ -121,7 +122,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         eval_n=500, eval_k=8, eval_batch_size=2048),
     "gpu-node": SpeedrunPreset(
         name="gpu-node", about="8 GPUs under torchrun: the `gpu-node` model (~6.6B total, ~1.2B active)",
-        model="gpu-node", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=200000,
+        model="gpu-node", distributed="fsdp", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=200000,
         pretrain_steps=5000, pretrain_batch_size=32, seq_len=512, pretrain_lr=4e-4, pretrain_warmup=300,
         pretrain_checkpoints=4, sft_examples=8000, sft_steps=400, sft_batch_size=64, sft_lr=5e-5,
         grpo_steps=300, prompts_per_step=64, group_size=16, grpo_lr=2e-6, max_new_tokens=192,
@@ -208,8 +209,11 @@ def check_same_run(state: dict[str, Any], preset: SpeedrunPreset, run_dir: Path)
             f"{run_dir} holds a speedrun of preset {state['preset']!r}, not {preset.name!r}. Resume that one "
             f"with `seekling speedrun --preset {state['preset']} --out {run_dir}`, or start this one in a new "
             f"directory: --out {suggest_out(run_dir)}")
-    diff = [f"{k}: {state['config'].get(k)!r} there, {v!r} now" for k, v in ours.items()
-            if state["config"].get(k) != v]
+    saved = state["config"]
+    # A field newer than the run (absent from its state) matches when it keeps its default behaviour.
+    defaults = {f.name: f.default for f in dataclasses.fields(SpeedrunPreset)}
+    diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in ours.items()
+            if k != "about" and (saved[k] != v if k in saved else v != defaults.get(k))]
     if diff:
         raise ConfigError(
             f"{run_dir} holds a {preset.name!r} speedrun with other settings ({'; '.join(diff[:4])}"
@@ -297,60 +301,69 @@ class Context:
             write_json_atomic(self.path(STATE_FILE), self.state)
 
 
-def ledger_device(ctx: Context) -> dict[str, Any]:
-    """How the cost ledger prices this process: CPU cores (torch threads) or GPUs by name."""
+def ledger_device(ctx: Context, ranks: int) -> dict[str, Any]:
+    """How the cost ledger prices a stage on `ranks` processes: CPU cores (torch threads) or GPUs by name."""
     if ctx.device.type != "cuda":
-        return {"device": "cpu", "devices": torch.get_num_threads(), "dtype": "fp32"}
+        return {"device": "cpu", "devices": torch.get_num_threads() * ranks, "dtype": "fp32"}
     from seekling.cost import GPUS
 
     name = torch.cuda.get_device_name(ctx.device).lower()
     gpu = next((g for g in GPUS if g in name), "h100")  # H200 and unknown GPUs priced as an H100
-    return {"device": gpu, "devices": ctx.world_size, "dtype": ctx.dtype}
+    return {"device": gpu, "devices": ranks, "dtype": ctx.dtype}
 
 
-def run_stages(ctx: Context, stages: list[Stage], barrier: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def run_stages(ctx: Context, stages: list[Stage], barrier: Callable[[], None] = lambda: None,
+               leave: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Run the stages not yet in `state["finished"]`, in order, recording each one atomically as it ends.
 
     One line per stage. A stage interrupted (Ctrl-C, kill, error) is not marked finished, so the next
-    call runs it again, and the trainers inside continue from their last checkpoint.
+    call runs it again, and the trainers inside continue from their last checkpoint. Under torchrun all
+    ranks meet at `barrier` after each stage up to the last multi-rank one, then call `leave` (drop the
+    process group: the trainers after it would otherwise wait for ranks that have gone) and only rank 0
+    goes on.
     """
     n = len(stages)
     last_collective = max((i for i, s in enumerate(stages) if s.all_ranks), default=-1)
-    for i, stage in enumerate(stages, start=1):
-        if not ctx.is_main and i - 1 > last_collective:
-            break  # only rank 0 goes on after the last multi-rank stage
-        tag = f"[{i}/{n}] {stage.name}"
+    for i, stage in enumerate(stages):
+        if not ctx.is_main and i > last_collective:
+            break
+        tag = f"[{i + 1}/{n}] {stage.name}"
         if stage.name in ctx.state["finished"]:
             ctx.say(f"{tag}: finished earlier, skipped")
-            continue
-        if ctx.is_main or stage.all_ranks:
-            ctx.say(f"{tag}: {stage.about}")
-            start = time.perf_counter()
-            try:
-                result = stage.run(ctx) or {}
-            except KeyboardInterrupt:
-                ctx.say(f"\n{tag}: interrupted; run the same command again to resume this stage "
-                        "from its last checkpoint")
-                raise
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise SeeklingError(
-                        f"stage {stage.name}: the disk is full ({e.filename or ctx.run_dir}). Finished stages "
-                        f"and checkpoints are kept: free some space and run the same command to resume") from None
-                raise
-            result["seconds"] = time.perf_counter() - start
-            if ctx.is_main:
-                if "skipped" not in result:
-                    result["cost"] = {"seconds": result["seconds"], "tokens": int(result.get("tokens", 0)),
-                                      "flops": float(result.get("flops", 0.0)), **ledger_device(ctx)}
-                ctx.state["stages"][stage.name] = result
-                ctx.state["finished"].append(stage.name)
-                ctx.save_state()
-            ctx.say(f"{tag}: {'skipped: ' + result['skipped'] if 'skipped' in result else 'done'} "
-                    f"in {result['seconds']:.1f}s" + (f" | {result['summary']}" if result.get("summary") else ""))
-        if i - 1 <= last_collective:
+        elif ctx.is_main or stage.all_ranks:
+            run_stage(ctx, stage, tag)
+        if i <= last_collective:
             barrier()
+        if i == last_collective:
+            leave()
     return ctx.state
+
+
+def run_stage(ctx: Context, stage: Stage, tag: str) -> None:
+    ctx.say(f"{tag}: {stage.about}")
+    start = time.perf_counter()
+    try:
+        result = stage.run(ctx) or {}
+    except KeyboardInterrupt:
+        ctx.say(f"\n{tag}: interrupted; run the same command again to resume this stage from its last checkpoint")
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SeeklingError(
+                f"stage {stage.name}: the disk is full ({e.filename or ctx.run_dir}). Finished stages and "
+                "checkpoints are kept: free some space and run the same command to resume") from None
+        raise
+    result["seconds"] = time.perf_counter() - start
+    if ctx.is_main:
+        if "skipped" not in result:
+            result["cost"] = {"seconds": result["seconds"], "tokens": int(result.get("tokens", 0)),
+                              "flops": float(result.get("flops", 0.0)),
+                              **ledger_device(ctx, ctx.world_size if stage.all_ranks else 1)}
+        ctx.state["stages"][stage.name] = result
+        ctx.state["finished"].append(stage.name)
+        ctx.save_state()
+    outcome = f"skipped: {result['skipped']}" if "skipped" in result else "done"
+    ctx.say(f"{tag}: {outcome} in {result['seconds']:.1f}s" + (f" | {result['summary']}" if result.get("summary") else ""))
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -378,6 +391,8 @@ def validate_preset(p: SpeedrunPreset) -> None:
         raise ConfigError(f"group_size must be >= 2 (a group of one has no relative advantage), got {p.group_size}")
     if p.grpo_loss not in LOSS_AGGREGATIONS:
         raise ConfigError(f"grpo_loss {p.grpo_loss!r}: known {', '.join(LOSS_AGGREGATIONS)}")
+    if p.distributed not in ("ddp", "fsdp"):
+        raise ConfigError(f"distributed must be ddp or fsdp, got {p.distributed!r}")
     if p.dtype not in (None, "fp32", "bf16"):
         raise ConfigError(f"dtype must be fp32 or bf16, got {p.dtype!r}")
     max_pos = ModelConfig.from_name(p.model).max_position_embeddings
@@ -462,7 +477,7 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
         vocab_size=vocab, resume=True, steps=p.pretrain_steps, batch_size=p.pretrain_batch_size, seq_len=p.seq_len,
         lr=p.pretrain_lr, warmup=p.pretrain_warmup, eval_every=max(1, p.pretrain_steps // 10), eval_batches=4,
         save_every=save_every, keep_last=0, log_every=max(1, p.pretrain_steps // 4), seed=p.seed,
-        device=ctx.device.type, dtype=p.dtype, quiet=not ctx.is_main))
+        device=ctx.device.type, dtype=p.dtype, distributed=p.distributed, quiet=not ctx.is_main))
     if not ctx.is_main:
         return {}
     loads = measure_expert_load(out, ctx.path("shards"), p.pretrain_batch_size, p.seq_len, ctx.device)
@@ -674,7 +689,8 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         ctx = Context(run_dir, preset, state, say if info.is_main else (lambda _: None), info.device,
                       info.rank, info.world_size)
         start = time.perf_counter()
-        run_stages(ctx, stages if stages is not None else pipeline_stages(), barrier)
+        run_stages(ctx, stages if stages is not None else pipeline_stages(), barrier,
+                   leave=lambda: destroy_distributed(info))
         if info.is_main:
             from seekling.report import write_report
 

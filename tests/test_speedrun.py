@@ -200,10 +200,19 @@ def test_other_ranks_run_only_multi_rank_stages_and_stop_after_the_last(tmp_path
     calls: list[str] = []
     stages = _fake_stages(calls)
     stages[1].all_ranks = True
-    barriers = []
-    run_stages(_context(tmp_path, rank=1), stages, barrier=lambda: barriers.append(1))
-    assert calls == ["b"] and len(barriers) == 2  # after a (rank 0's) and after b; never waits on c
+    events = []
+    run_stages(_context(tmp_path, rank=1), stages, barrier=lambda: events.append("barrier"),
+               leave=lambda: events.append("leave"))
+    assert calls == ["b"]
+    assert events == ["barrier", "barrier", "leave"]  # after a (rank 0's) and b, then out of the group
     assert read_state(tmp_path)["finished"] == []  # only rank 0 writes the state
+
+    calls.clear()
+    events.clear()  # rank 0 meets the same barriers, leaves the group, then runs c alone
+    (tmp_path / "rank0").mkdir()
+    run_stages(_context(tmp_path / "rank0"), stages, barrier=lambda: events.append("barrier"),
+               leave=lambda: events.append("leave"))
+    assert calls == ["a", "b", "c"] and events == ["barrier", "barrier", "leave"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -234,6 +243,12 @@ def test_directory_of_another_preset_or_config_is_refused_with_a_new_out(tmp_pat
     with pytest.raises(ConfigError, match=r"other settings \(grpo_steps: 3 there, 9 now\).*--out .*run-2"):
         check_run_dir(run_dir, get_preset("smoke", ["grpo_steps=9"]))
     assert check_run_dir(run_dir, PRESETS["smoke"])["preset"] == "smoke"  # the same run resumes
+    # a run started before a field existed resumes if the field keeps its default, and not otherwise
+    state = new_state(PRESETS["smoke"])
+    del state["config"]["distributed"], state["config"]["distill_steps"]  # smoke: default ddp, but 6 not 40
+    write_json_atomic(run_dir / "state.json", state)
+    with pytest.raises(ConfigError, match=r"\(distill_steps: None there, 6 now\)"):
+        check_run_dir(run_dir, PRESETS["smoke"])
 
 
 def test_non_run_directory_file_and_unwritable_out_are_refused(tmp_path):

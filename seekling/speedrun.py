@@ -148,8 +148,6 @@ def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
         try:
             if isinstance(current, tuple):
                 value: Any = tuple(t for t in text.split(",") if t)
-            elif isinstance(current, bool):
-                value = text.lower() in ("1", "true", "yes")
             elif isinstance(current, int):
                 value = int(text)
             elif isinstance(current, float) or (current is None and key != "dtype"):

@@ -9,6 +9,8 @@ off on both sides (bench_model's loop has none); a third line shows the trainer 
 
 Other engineers may share the cores: the load average is printed before and after, and each side's
 figure is its best single step (median in brackets) over --repeats alternating rounds of --steps.
+Last, the pieces of work the trainer adds around forward + backward + AdamW are timed one by one,
+which load from other users barely moves.
 
     python benchmarks/bench_pretrain.py                 # cpu preset, fp32 and bf16 (a few minutes on 2 cores)
     python benchmarks/bench_pretrain.py --quick         # fewer steps, one repeat
@@ -31,7 +33,7 @@ from bench_model import train_rate  # noqa: E402
 
 from seekling.config import ModelConfig  # noqa: E402
 from seekling.cost import cpu_peak  # noqa: E402
-from seekling.data import build_token_shards, read_jsonl  # noqa: E402
+from seekling.data import TokenLoader, build_token_shards, read_jsonl  # noqa: E402
 from seekling.flops import flops_per_token  # noqa: E402
 from seekling.model import Transformer  # noqa: E402
 from seekling.pretrain import PretrainArgs, pretrain  # noqa: E402
@@ -81,6 +83,41 @@ def bare_rates(cfg: ModelConfig, batches, args, bf16: bool) -> list[float]:
     return [train_rate(model, batches, 1, 1, bf16, False) for _ in range(args.steps)]
 
 
+def loop_parts_ms(cfg: ModelConfig, data: str, args, reps: int = 5) -> dict[str, float]:
+    """Best-of-`reps` milliseconds of each piece of work the trainer adds around forward + backward +
+    AdamW, timed on their own: unlike two whole loops, this barely moves with load from other users."""
+    from seekling.model import expert_imbalance, update_expert_bias
+    from seekling.training import MetricsLogger, clip_gradients
+
+    loader = TokenLoader(data, args.batch, args.seq_len)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x, y = next(loader)
+    out = model(x, y)
+    (out.loss + 1e-4 * out.balance_loss).backward()
+    load = out.expert_load.double()
+    logger = MetricsLogger(tempfile.mkdtemp(), tensorboard=False)
+    record = {k: 1.0 for k in ("loss", "mtp_loss", "balance_loss", "total_loss", "lr", "grad_norm", "tokens",
+                               "tokens_per_s", "mfu", "expert_imbalance", "step_seconds", "time")}
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times)
+
+    parts = {
+        "batch from TokenLoader": best(lambda: next(loader)),
+        "gradient clipping": best(lambda: clip_gradients(model.parameters(), 1.0)),
+        "expert-bias update + imbalance": best(lambda: (update_expert_bias(model, load, 1e-3), expert_imbalance(load))),
+        "metrics.jsonl line": best(lambda: logger.log(1, **record)),
+    }
+    logger.close()
+    return parts
+
+
 def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -126,6 +163,7 @@ def main() -> None:
     print("\ntokens/s per step, best (median) over the timed steps")
     print(f"{'':6s} {'bare loop':>16s} {'trainer':>16s} {'overhead':>9s} {'MFU bare':>9s} {'MFU trainer':>12s}"
           f" {'trainer+MTP':>16s} {'MFU':>6s}")
+    best_bare = {}
     for dtype in ("fp32", "bf16"):
         bare, trainer, trainer_mtp = [], [], []
         for r in range(args.repeats):  # alternate, so a burst of load from others hits all three
@@ -135,10 +173,17 @@ def main() -> None:
             trainer_mtp += trainer_rates(os.path.join(paths["MTP"], "config.json"), tok, data,
                                          os.path.join(root, f"run-mtp-{dtype}-{r}"), args, dtype)
         a, b, c = max(bare), max(trainer), max(trainer_mtp)
+        best_bare[dtype] = a
         p = peak[dtype]
         print(f"{dtype:6s} {a:8,.0f} ({median(bare):5,.0f}) {b:8,.0f} ({median(trainer):5,.0f}) {a / b - 1:9.1%} "
               f"{a * fpt['no MTP'] / p:9.1%} {b * fpt['no MTP'] / p:12.1%} {c:8,.0f} ({median(trainer_mtp):5,.0f}) "
               f"{c * fpt['MTP'] / p:6.1%}", flush=True)
+    parts = loop_parts_ms(cfg, data, args)
+    step_ms = 1e3 * args.batch * args.seq_len / best_bare["fp32"]
+    print(f"\nthe trainer's own work per step (fp32, best of 5), against the bare loop's best step of {step_ms:.0f} ms:")
+    for name, ms in parts.items():
+        print(f"  {name:32s} {ms:8.3f} ms")
+    print(f"  {'total':32s} {sum(parts.values()):8.3f} ms = {sum(parts.values()) / step_ms:.2%} of a step")
     print(f"\nload average after: {load_average()}")
 
 

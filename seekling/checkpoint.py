@@ -167,6 +167,9 @@ def save_pretrained(model: Transformer, directory: str, dtype: torch.dtype | Non
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the final directory gets normal permissions
     try:
         model.config.save(tmp)
         save_file(to_hf_state_dict(model, dtype), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})

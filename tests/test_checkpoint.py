@@ -87,3 +87,12 @@ def test_save_is_atomic(saved, monkeypatch):
         save_pretrained(Transformer(ModelConfig.from_name("tiny")), str(path))
     assert (path / "model.safetensors").read_bytes() == before
     assert not [p for p in os.listdir(path.parent) if p.startswith(".tmp-")]
+
+
+def test_saved_directory_has_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_pretrained(Transformer(ModelConfig.from_name("tiny")), str(tmp_path / "perm"))
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "perm").st_mode & 0o777) == 0o755

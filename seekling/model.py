@@ -23,6 +23,7 @@ from seekling.config import ModelConfig
 from seekling.errors import SeeklingError
 
 IGNORE_INDEX = -100
+FP32_CPU_ATTENTION = True  # under CPU bf16 autocast, run the fused attention kernel in fp32
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -174,7 +175,7 @@ class MLA(nn.Module):
         v = v.transpose(1, 2)
         if self.v_dim < self.qk_dim:  # the fused CPU kernel wants equal head dims: pad v, slice after
             v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if FP32_CPU_ATTENTION and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # the CPU flash kernel is faster in fp32 than in bf16 at these head sizes
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=self.scale)

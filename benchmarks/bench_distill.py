@@ -5,7 +5,9 @@ that benchmark first, or pass --make-teacher to run it). The student is the smal
 preset, pre-trained on the teacher's pre-training corpus. Each stage is cached in --work:
 
     0. inputs       GRPO_WORK/{grpo/final,tok,data,cold.jsonl} copied into WORK/inputs (frozen for reruns)
-    1. student      pre-train `cpu-small` on those shards with that tokenizer, as many steps as the teacher
+    1. student      pre-train `cpu-small` with the teacher's tokenizer, as many steps as the teacher, on the
+                    general corpus (arithmetic, linear, wordproblem: not the RL task, as R1's students never
+                    saw R1's RL data) or, with --student-corpus teacher, on the teacher's own shards
     2. sample       rejection sampling from the teacher on --num-problems train problems, --k each
                     (seekling.distill.rejection_sample: well-formed and verified correct, deduplicated)
     3. distilled    the student after --sft-steps of SFT on the kept samples
@@ -36,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seekling.checkpoint import load_pretrained  # noqa: E402
+from seekling.data import build_token_shards  # noqa: E402
 from seekling.distill import (NothingKept, SampleSettings, format_keep_stats, load_teacher,  # noqa: E402
                               rejection_sample, weights_fingerprint)
 from seekling.evaluate import evaluate  # noqa: E402
@@ -61,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                        "countdown.max_target=50"],
                    metavar="TASK.SETTING=VALUE", help="difficulty (the same as bench_grpo's)")
     p.add_argument("--student-preset", default="cpu-small", help="the student's model preset")
+    p.add_argument("--student-corpus", default="general", choices=["general", "teacher"],
+                   help="pre-train the student on --student-pretrain-tasks (general) or on the teacher's own shards")
+    p.add_argument("--student-pretrain-tasks", default="arithmetic,linear,wordproblem",
+                   help="tasks of the general corpus: the reasoning tasks without the RL task, as R1's students "
+                        "never saw R1's RL data")
+    p.add_argument("--pretrain-examples", type=int, default=20000, help="problems per task of the general corpus")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="student pre-training steps of 16 x 128 tokens (0: as many as the teacher's, else 300)")
     p.add_argument("--num-problems", type=int, default=4000, help="train problems sampled from the teacher")
@@ -121,8 +130,14 @@ def main(argv=None) -> int:
 
     def pretrain_student() -> None:
         shutil.rmtree(student_dir, ignore_errors=True)
+        data_dir = inputs / "data"
+        if args.student_corpus == "general":
+            data_dir = work / "student_data"
+            shutil.rmtree(data_dir, ignore_errors=True)
+            build_token_shards(data_dir, tokenizer, tasks=[t for t in args.student_pretrain_tasks.split(",") if t],
+                               num_examples=args.pretrain_examples, val_fraction=0.05, seed=0)
         teacher_steps = json.loads((inputs / "pretrain.json").read_text())["steps"] if (inputs / "pretrain.json").is_file() else 300
-        pretrain(PretrainArgs(data=str(inputs / "data"), out=str(student_dir), tokenizer=str(tok_dir),
+        pretrain(PretrainArgs(data=str(data_dir), out=str(student_dir), tokenizer=str(tok_dir),
                               preset=args.student_preset, vocab_size=tokenizer.vocab_size,
                               steps=args.pretrain_steps or teacher_steps,
                               batch_size=16, seq_len=128, lr=2e-3, warmup=30, eval_every=100, save_every=10_000,
@@ -191,7 +206,7 @@ def main(argv=None) -> int:
               f"{100 * m[f'cons@{k}']:>7.1f}% {100 * m['format']:>7.1f}% {m['mean_length']:>7.1f}")
     pass1 = {name: evals[name]["tasks"][args.task]["pass@1"] for name in MODELS}
     gain = round(100 * (pass1["distilled"] - pass1["cold"]), 2)
-    result = {"task": args.task, "difficulty": difficulty, "eval_n": args.eval_n, "k": k, "pass@1": pass1,
+    result = {"task": args.task, "difficulty": difficulty, "student_corpus": args.student_corpus, "eval_n": args.eval_n, "k": k, "pass@1": pass1,
               "gain_over_cold_points": gain,
               "gain_over_cold_matched_points": round(100 * (pass1["distilled"] - pass1["cold_matched"]), 2),
               "keep_rate": keep["total"]["keep_rate"], "kept": kept, "sampled": keep["total"]["sampled"],

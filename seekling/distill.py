@@ -380,10 +380,10 @@ def row_seed(seed: int, problem_id: str, sample: int) -> int:
     return stable_hash(f"{seed}/{problem_id}/{sample}") % (2**62)
 
 
-def _read_samples(out: Path, fingerprint: str) -> list[tuple[int, dict]]:
+def _read_samples(out: Path, fingerprint: str) -> list[dict]:
     """The rows of an existing samples file; a half-written last line (a kill mid-write) is dropped,
     rows of another teacher are refused."""
-    rows: list[tuple[int, dict]] = []
+    rows: list[dict] = []
     lines = out.read_text().split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -400,7 +400,7 @@ def _read_samples(out: Path, fingerprint: str) -> list[tuple[int, dict]]:
         if teacher["fingerprint"] != fingerprint:
             raise ConfigError(f"{out} holds samples of another teacher ({teacher.get('path')}, line {number}); "
                               "pass --overwrite to replace them, or write to another file")
-        rows.append((number, row))
+        rows.append(row)
     return rows
 
 
@@ -438,11 +438,11 @@ def _resume(out: Path, teacher: Teacher, settings: SampleSettings, overwrite: bo
                  for task, s in saved["tasks"].items()}
     rows = _read_samples(out, teacher.fingerprint) if out.exists() else []
     if not stats_path.exists():  # the stats are lost: what was kept is what the file holds
-        for _, row in rows:
+        for row in rows:
             p = row["provenance"]
             done.add(p["prompt_id"])
             stats.setdefault(p.get("task", ""), KeepStats()).kept += 1
-    keep = [row for _, row in rows if row["provenance"]["prompt_id"] in done]
+    keep = [row for row in rows if row["provenance"]["prompt_id"] in done]
     if len(keep) != len(rows) or (out.exists() and not out.read_text().endswith("\n") and out.stat().st_size):
         _write_atomic(out, "".join(json.dumps(r) + "\n" for r in keep))
     seen = {row["messages"][0]["content"] + "\x00" + " ".join(row["messages"][-1]["content"].split()) for row in keep}

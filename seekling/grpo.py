@@ -316,6 +316,8 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
 
 
 # ----------------------------------------------------------------------------- scoring under the policy
+# The slow obvious path: each row's prompt + completion through a full forward. Kept as the reference
+# that `group_logprobs` (the path training uses) is tested against.
 def pad_rollouts(rows: Sequence[int], rollouts: Rollouts, pad_id: int) -> tuple[torch.Tensor, ...]:
     """Rows `rows` as right-padded tensors: inputs [B, T] (prompt + completion minus the last token),
     targets [B, T], a completion mask [B, T] and the old log-probs [B, T] aligned with the targets."""
@@ -350,43 +352,98 @@ def token_logprobs(model, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, tem
     return logp_BT, entropy_BT
 
 
+def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], group_size: int,
+                   temperature: float, pad_id: int, with_entropy: bool = False):
+    """Log-probs of every completion token [B, Tc] (and the entropy there), each group's prompt run once.
+
+    The G completions of a group share their prompt, so the prompt goes through the model once per
+    group (P rows, not P*G), its latent cache is copied to the group's G rows, and the completions
+    run against it with `forward_cached`, gradients flowing through both. This is the same
+    computation as a full forward of prompt + completion (`token_logprobs`, the slow reference
+    path, checked against this in the tests) with the prompt's share of the work divided by G.
+    Returns (logp_BT, mask_BT, entropy_BT or None), aligned with the completion tokens.
+    """
+    from seekling.model import LatentCache
+
+    G, P, B = group_size, len(prompts), len(completions)
+    if B != P * G:
+        raise ConfigError(f"{B} completions for {P} prompts is not {G} per prompt")
+    device = next(model.parameters()).device
+    Tp, Tc = max(len(p) for p in prompts), max(len(c) for c in completions)
+    prompt_PT = torch.full((P, Tp), pad_id, dtype=torch.long, device=device)
+    completion_BT = torch.full((B, Tc), pad_id, dtype=torch.long, device=device)
+    for i, ids in enumerate(prompts):
+        prompt_PT[i, : len(ids)] = torch.tensor(ids)
+    for i, ids in enumerate(completions):
+        completion_BT[i, : len(ids)] = torch.tensor(ids)
+    prompt_len_P = torch.tensor([len(p) for p in prompts], device=device)
+    completion_len_B = torch.tensor([len(c) for c in completions], device=device)
+    cache = LatentCache(model.config, P, Tp + Tc, device=device)
+    # explicit rows make the cache reads copies, so autograd never sees a buffer change under it
+    last_PV = model.forward_cached(prompt_PT, cache, rows=torch.arange(P, device=device), num_new=prompt_len_P)
+    per_row = LatentCache(model.config, 0, Tp + Tc, device=device)
+    per_row.kv = [kv.repeat_interleave(G, dim=0) for kv in cache.kv]
+    per_row.lengths = cache.lengths.repeat_interleave(G)
+    logits_BTV = model.forward_cached(completion_BT, per_row, rows=torch.arange(B, device=device),
+                                      num_new=completion_len_B, all_logits=True)
+    # token 0 is predicted by the prompt's last position, token t by completion position t - 1
+    logits_BTV = torch.cat([last_PV.repeat_interleave(G, dim=0)[:, None], logits_BTV[:, :-1]], dim=1)
+    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
+    logp_BT = logp_BTV.gather(-1, completion_BT[..., None]).squeeze(-1)
+    mask_BT = (torch.arange(Tc, device=device)[None] < completion_len_B[:, None]).float()
+    entropy_BT = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return logp_BT, mask_BT, entropy_BT
+
+
 # ----------------------------------------------------------------------------- one optimisation step
 def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int,
               ref_model=None) -> dict[str, float]:
     """`mu` optimiser steps on one rollout batch; returns the loss statistics of the last one.
 
-    The rows are sorted by length and cut into micro-batches (less padding); each micro-batch's
+    Micro-batches hold whole groups (`group_logprobs` runs each prompt once); each micro-batch's
     loss is divided by batch-wide totals, so the accumulated gradient is the full-batch gradient.
     A non-finite loss or gradient skips the update and reports `nan: 1`.
     """
-    advantages_PG = group_advantages(rollouts.rewards_PG, cfg.scale_std)
-    advantages = advantages_PG.flatten()
-    n_rows = advantages.shape[0]
-    order = sorted(range(n_rows), key=lambda r: len(rollouts.prompt_ids[r]) + len(rollouts.completion_ids[r]))
-    chunks = [order[i: i + cfg.micro_batch_size] for i in range(0, n_rows, cfg.micro_batch_size)]
-    padded = [pad_rollouts(rows, rollouts, pad_id) for rows in chunks]
-    totals = LossTotals(n_rows, sum(len(c) for c in rollouts.completion_ids), cfg.max_new_tokens)
+    G = rollouts.group_size
+    advantages_B = group_advantages(rollouts.rewards_PG, cfg.scale_std).flatten()
+    n_groups = len(rollouts.problems)
+    per_chunk = max(1, cfg.micro_batch_size // G)
+    chunks = []  # (prompts, completions, old log-probs [B, Tc], advantages [B])
+    for start in range(0, n_groups, per_chunk):
+        groups = range(start, min(start + per_chunk, n_groups))
+        rows = [g * G + i for g in groups for i in range(G)]
+        completions = [rollouts.completion_ids[r] for r in rows]
+        old_BT = torch.zeros(len(rows), max(len(c) for c in completions))
+        for b, r in enumerate(rows):
+            old_BT[b, : len(rollouts.old_logprobs[r])] = torch.tensor(rollouts.old_logprobs[r])
+        chunks.append(([rollouts.prompt_ids[g * G] for g in groups], completions, old_BT, advantages_B[rows]))
+    totals = LossTotals(len(advantages_B), sum(len(c) for c in rollouts.completion_ids), cfg.max_new_tokens)
     ref_logps = []
     if cfg.beta > 0:
         with torch.no_grad():
-            ref_logps = [token_logprobs(ref_model, inp, tgt, cfg.temperature)[0] for inp, tgt, _, _ in padded]
+            ref_logps = [group_logprobs(ref_model, prompts, completions, G, cfg.temperature, pad_id)[0]
+                         for prompts, completions, _, _ in chunks]
     model.train()
     stats: dict[str, float] = {}
     entropy_mean = 0.0  # of the sampling policy: measured on the first pass only
     for iteration in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
-        for i, (rows, (inp, tgt, mask, old)) in enumerate(zip(chunks, padded)):
-            logp, entropy = token_logprobs(model, inp, tgt, cfg.temperature, with_entropy=iteration == 0)
-            loss, s = grpo_loss(logp, old, advantages[rows], mask, ref_logps[i] if ref_logps else None,
+        for i, (prompts, completions, old_BT, adv_B) in enumerate(chunks):
+            logp_BT, mask_BT, entropy_BT = group_logprobs(model, prompts, completions, G, cfg.temperature, pad_id,
+                                                          with_entropy=iteration == 0)
+            loss, s = grpo_loss(logp_BT, old_BT, adv_B, mask_BT, ref_logps[i] if ref_logps else None,
                                 cfg.beta, cfg.eps_low, cfg.eps_high, cfg.loss_aggregation, totals)
             loss.backward()
-            share = float(mask.sum()) / max(totals.num_tokens, 1)  # token-weighted means of the stats
+            share = float(mask_BT.sum()) / max(totals.num_tokens, 1)  # token-weighted means of the stats
             sums["loss"] += loss.item()
             sums["clip_fraction"] += s["clip_fraction"] * share
             sums["kl"] += s.get("kl", 0.0) * share
-            if entropy is not None:
-                entropy_mean += float((entropy * mask).sum()) / max(totals.num_tokens, 1)
+            if entropy_BT is not None:
+                entropy_mean += float((entropy_BT * mask_BT).sum()) / max(totals.num_tokens, 1)
         sums["entropy"] = entropy_mean
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
@@ -406,11 +463,13 @@ def problems_for_step(problems: Sequence[Problem], step: int, per_step: int, see
     """The `per_step` problems of `step`: consecutive slices of a per-epoch shuffle, a pure function of
     (seed, step), so a resumed run sees exactly the prompts it would have seen."""
     n = len(problems)
+    orders: dict[int, np.ndarray] = {}
     out = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, index = divmod(i, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(problems[int(order[index])])
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(problems[int(orders[epoch][index])])
     return out
 
 
@@ -453,7 +512,8 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
     Checkpoints (model, optimizer, RNG, step) go to `run_dir/checkpoints`, one JSON line of metrics
     per step to `run_dir/metrics.jsonl`, the final model to `run_dir/final`. A step whose loss or
     gradient is not finite is skipped and logged; `cfg.max_bad_steps` of them in a row stop the run
-    with `TrainingStopped`, leaving the last good checkpoint as it was.
+    with `TrainingStopped`, leaving the last good checkpoint as it was. `on_step(step, record)` is
+    called after each step; a true return value ends the run there (saved like a finished one).
     """
     from seekling.checkpoint import save_pretrained
     from seekling.training import (MetricsLogger, build_optimizer, latest_checkpoint, load_training_checkpoint,
@@ -483,7 +543,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
     metrics = MetricsLogger(run_dir, resume_step=step if resume and found else None, tensorboard=False)
     run_config = {"kind": "grpo", **asdict(cfg)}
     bar = progress_bar(cfg.steps, initial=step, desc="grpo")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     history: list[dict[str, float]] = []
 
     def checkpoint() -> str | None:
@@ -510,7 +570,8 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                 record.update(stats, train_tokens_per_s=trained / max(seconds, 1e-9))
             else:
                 record.update(skipped=1)  # every group was all-right or all-wrong: nothing to learn
-            record.update(lr=lr, seconds=time.perf_counter() - start)
+            # wall time, and this process's CPU time (the same on an idle machine; less on a shared one)
+            record.update(lr=lr, seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - start_cpu)
             step += 1
             if record.get("nan"):
                 bad_steps += 1
@@ -528,12 +589,14 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                             len=f"{record['response_length']:.0f}")
-            if on_step is not None:
-                on_step(step, record)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            stop = bool(on_step(step, record)) if on_step is not None else False
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
                 last_good = checkpoint()
             if max_seconds is not None and time.perf_counter() - start > max_seconds:
                 log(f"time budget of {max_seconds:.0f}s reached at step {step}")
+                break
+            if stop:
+                log(f"stopped by on_step at step {step}")
                 break
         last_good = checkpoint()
         final = save_pretrained(model, str(run_dir / "final"), extra_files=tokenizer_files(tokenizer_dir))

@@ -13,7 +13,8 @@ import seekling.grpo as grpo
 from seekling.config import ModelConfig
 from seekling.errors import ConfigError, DataError
 from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, clipped_surrogate, group_advantages,
-                           grpo_loss, grpo_step, informative_groups, kl_to_reference, pad_rollouts, prompt_ids,
+                           group_logprobs, grpo_loss, grpo_step, informative_groups, kl_to_reference, pad_rollouts,
+                           prompt_ids,
                            read_problems, seq_mean_token_mean, seq_sum_constant, token_logprobs, token_mean,
                            train_grpo)
 from seekling.model import Transformer
@@ -131,6 +132,30 @@ def completion_logprob(model, tokenizer, rollouts, row):
     with torch.no_grad():
         logp, _ = token_logprobs(model, inputs, targets, 1.0)
     return float((logp * mask).sum())
+
+
+def test_shared_prompt_scoring_equals_the_full_forward(tokenizer):
+    """group_logprobs (each prompt once, completions against its latent cache) against the slow path
+    (prompt + completion through a full forward): same log-probs, entropies and gradients."""
+    model = tiny(tokenizer)
+    prompts, completions = [[5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15], [16, 17], [18, 19, 20, 21]]
+    logp, mask, entropy = group_logprobs(model, prompts, completions, 2, 0.7, tokenizer.pad_id, with_entropy=True)
+    (logp * mask).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    rollouts = Rollouts([None, None], [prompts[0]] * 2 + [prompts[1]] * 2, completions,
+                        [[0.0] * len(c) for c in completions], [""] * 4, torch.zeros(2, 2), {}, [False] * 4,
+                        [False] * 4, [True] * 4)
+    inputs, targets, ref_mask, _ = pad_rollouts(range(4), rollouts, tokenizer.pad_id)
+    ref_logp, ref_entropy = token_logprobs(model, inputs, targets, 0.7, with_entropy=True)
+    (ref_logp * ref_mask).sum().backward()
+    for b in range(4):
+        assert torch.allclose(logp[b][mask[b].bool()], ref_logp[b][ref_mask[b].bool()], atol=1e-5)
+        assert torch.allclose(entropy[b][mask[b].bool()], ref_entropy[b][ref_mask[b].bool()], atol=1e-4)
+    slow = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.allclose(fast[name], slow[name], atol=1e-5), name
 
 
 def test_positive_advantage_raises_that_completion(tokenizer):

@@ -301,7 +301,12 @@ def plot(history: list[dict], heldout: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     for ax, key, title in zip(axes, ("reward", "accuracy", "response_length"),
                               ("mean reward", "train accuracy (T=1)", "response length (tokens)")):
-        ax.plot(steps, [r[key] for r in history])
+        values = [r[key] for r in history]
+        window = max(1, len(values) // 25)  # a running mean over ~4% of the run, drawn over the raw values
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, values, alpha=0.3)
+        ax.plot(steps, smooth)
         ax.set_title(title)
         ax.set_xlabel("GRPO step")
     axes[3].plot([h["step"] for h in heldout], [100 * h["pass@1"] for h in heldout], marker="o")

@@ -1,17 +1,25 @@
 """Seconds per GRPO step: seekling against TRL's GRPOTrainer, one configuration, the same CPU.
 
 Both run the same model (a seekling model directory, exported in HF format: transformers loads it
-as DeepseekV3ForCausalLM), the same tokenizer and chat template, the same countdown prompts in the
+as DeepseekV3ForCausalLM), the same tokenizer and prompt template, the same task prompts in the
 same order, P prompts x G completions per step at temperature 1 with at most --max-new-tokens,
 rewards `correct` + 0.2 `format` (seekling.rewards, wrapped for TRL), the DAPO token-mean loss with
 eps 0.2 / 0.28, no KL (beta 0), one optimiser step per generation, AdamW at the same lr. seekling's
 dynamic sampling is off, so both train on every completion. Each side runs --steps steps; the first
-(warm-up) step is left out of the mean.
+(warm-up) step is left out of the mean. Reported: CPU seconds of the process per step (what a step
+costs on an idle core; the cores here are shared with other jobs) and wall seconds.
+
+Where the time goes: seekling samples with the latent-cache engine (all P*G rows batched) and scores
+each group's prompt once (`seekling.grpo.group_logprobs`); TRL samples with transformers' `generate`
+and runs prompt + completion through the model for every completion. So the gap grows with the
+prompt: with the short chat prompts of the arithmetic task it is under 2x, with the R1-Zero
+template (`--template r1zero`, ~90 prompt tokens) it is above 3x.
 
 TRL is not a seekling dependency: install it into the venv without touching torch/transformers,
 
     .venv/bin/pip install --no-deps trl==1.16.0 && .venv/bin/pip install -c constraints.txt accelerate datasets
     .venv/bin/python benchmarks/bench_trl.py --model runs/bench_grpo/sft/final --steps 6
+    .venv/bin/python benchmarks/bench_trl.py --model runs/bench_grpo/sft/final --steps 6 --template r1zero
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from seekling.config import ModelConfig  # noqa: E402
 from seekling.grpo import GRPOConfig, train_grpo  # noqa: E402
 from seekling.model import Transformer  # noqa: E402
 from seekling.rewards import combine_rewards  # noqa: E402
-from seekling.tasks import completion_text, make_mixture, make_problems  # noqa: E402
+from seekling.tasks import completion_text, make_mixture, make_problems, parse_difficulty, to_chat  # noqa: E402
 from seekling.tokenizer import Tokenizer  # noqa: E402
 
 REWARDS = {"correct": 1.0, "format": 0.2}
@@ -44,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="runs/bench_grpo/sft/final",
                    help="seekling model directory with tokenizer files (default: bench_grpo's cold-started "
                         "model; a fresh `cpu`-preset model when it does not exist)")
+    p.add_argument("--task", default="arithmetic", help="the reasoning task the prompts come from")
+    p.add_argument("--difficulty", nargs="*", default=["arithmetic.ops=+-"], metavar="TASK.SETTING=VALUE",
+                   help="task difficulty (bench_grpo's RL task by default)")
+    p.add_argument("--template", default="chat", choices=["chat", "r1zero"],
+                   help="prompt format: the chat template, or R1-Zero's plain-text prompt (long prompts)")
     p.add_argument("--preset", default="cpu", help="preset of the fresh model used when --model does not exist")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps per side (the first is warm-up)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="P")
@@ -77,7 +90,7 @@ def run_seekling(model_dir: Path, problems, args, work: Path) -> list[float]:
     cfg = GRPOConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                      max_new_tokens=args.max_new_tokens, temperature=1.0, lr=args.lr, beta=0.0, eps_low=0.2,
                      eps_high=0.28, loss_aggregation="token_mean", mu=1, steps=args.steps, save_every=0,
-                     dynamic_sampling=False, weight_decay=0.0, micro_batch_size=args.prompts_per_step * args.group_size,
+                     dynamic_sampling=False, weight_decay=0.0, template=args.template, micro_batch_size=args.prompts_per_step * args.group_size,
                      rewards=dict(REWARDS))
     summary = train_grpo(model, tokenizer, problems, cfg, work / "seekling", tokenizer_dir=model_dir, log=print)
     lengths = [r["response_length"] for r in summary["history"]]
@@ -99,11 +112,14 @@ def run_trl(model_dir: Path, problems, args, work: Path) -> list[float]:
 
     def seekling_reward(prompts, completions, answer, meta, task, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [reward(t, a, **{**m, "task": k}).total for t, a, m, k in zip(texts, answer, meta, task)]
+        return [reward(t, a, **{**json.loads(m), "task": k}).total for t, a, m, k in zip(texts, answer, meta, task)]
 
     n = args.steps * args.prompts_per_step
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer,
-                                  "meta": {"numbers": p.meta["numbers"], "target": p.meta["target"]},
+    def prompt(p):  # what seekling.grpo.prompt_ids renders, in the form TRL takes
+        return to_chat(p, "chat") if args.template == "chat" else "<|begin_of_text|>" + to_chat(p, "r1zero")
+
+    dataset = Dataset.from_list([{"prompt": prompt(p), "answer": p.answer,
+                                  "meta": json.dumps(p.meta),
                                   "task": p.task} for p in problems[:n]])
     batch = args.prompts_per_step * args.group_size
     config = TRLConfig(
@@ -144,8 +160,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = prepare_model(args.model, args.preset, work)
-        problems = make_problems("countdown", "train", args.steps * args.prompts_per_step, 0,
-                                 count=3, max_number=15, max_target=50)
+        difficulty = parse_difficulty(args.difficulty).get(args.task, {})
+        problems = make_problems(args.task, "train", args.steps * args.prompts_per_step, 0, **difficulty)
         ours, our_lengths = run_seekling(model_dir, problems, args, work)
         trl, trl_lengths = run_trl(model_dir, problems, args, work)
     # CPU time of the process is what a step costs on an idle core; wall time is what this (shared)

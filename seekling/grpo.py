@@ -535,19 +535,23 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                               "(--resume) to continue it, or choose another output directory")
     ref_model = build_reference(model, run_dir, resume and bool(found)) if cfg.beta > 0 else None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step, bad_steps, last_good = 0, 0, found
+    step, bad_steps, last_good, elapsed, elapsed_cpu = 0, 0, found, 0.0, 0.0
     if resume and found:
         state = load_training_checkpoint(found, model, optimizer)
         step = state["step"]
+        elapsed = state["extra_state"].get("seconds", 0.0)  # the clocks carry on where the run stopped
+        elapsed_cpu = state["extra_state"].get("cpu_seconds", 0.0)
         log(f"resumed from {found} at step {step}")
     metrics = MetricsLogger(run_dir, resume_step=step if resume and found else None, tensorboard=False)
     run_config = {"kind": "grpo", **asdict(cfg)}
     bar = progress_bar(cfg.steps, initial=step, desc="grpo")
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu = time.perf_counter() - elapsed, time.process_time() - elapsed_cpu
     history: list[dict[str, float]] = []
 
     def checkpoint() -> str | None:
-        return save_training_checkpoint(run_dir, step, model, optimizer, extra_state={"bad_steps": bad_steps},
+        extra = {"bad_steps": bad_steps, "seconds": time.perf_counter() - start,
+                 "cpu_seconds": time.process_time() - start_cpu}
+        return save_training_checkpoint(run_dir, step, model, optimizer, extra_state=extra,
                                         config=run_config, tokenizer_dir=tokenizer_dir)
 
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from seekling.decode import DecodeEngine
 from seekling.errors import SeeklingError
 from seekling.model import LatentCache, Transformer
 
@@ -140,7 +141,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     max_len = max(n + m for n, m in zip(lengths, budget))
     cache = LatentCache(model.config, B, max(max_len, 1), device=device, dtype=dtype)
     cache.static = compile
-    decode = compiled_decode_step(model) if compile else model.forward_cached
+    engine = None if compile else DecodeEngine(model)
 
     temperature = torch.tensor([p.temperature for p in per_row], device=device)
     top_p = torch.tensor([p.top_p for p in per_row], device=device)
@@ -179,7 +180,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             frozen = cache.lengths.clone()
             step_tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
             step_tokens[idx, 0] = tokens
-            logits = decode(step_tokens, cache)
+            logits = compiled_decode_step(model)(step_tokens, cache)
             done = torch.ones(B, dtype=torch.bool, device=device)
             done[torch.tensor(active, device=device)] = False
             cache.lengths[done] = frozen[done]
@@ -187,5 +188,5 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             continue
         next_rows = rows[idx[keep]]
         full = len(active) == B
-        logits = decode(tokens[keep, None], cache, rows=None if full else next_rows)
+        logits = engine.step(tokens if full else tokens[keep], cache, rows=None if full else next_rows)
     return out

@@ -207,8 +207,8 @@ class MLA(nn.Module):
             out = torch.einsum("bhts,bshv->bthv", probs, v)
         else:
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-            q_cat = (torch.cat([q_latent, q_pe], dim=-1) * self.scale).view(B, T * H, C + self.rope_dim)
-            probs = torch.baddbmm(step.bias_BXS(H), q_cat, kv_BSD.transpose(1, 2)).softmax(-1)  # [B, T*H, S]
+            q_cat = (torch.cat([q_latent, q_pe], dim=-1) * self.scale).view(B, T * H, C + self.rope_dim).to(x.dtype)
+            probs = torch.baddbmm(step.bias_BXS(H).to(x.dtype), q_cat, kv_BSD.transpose(1, 2)).softmax(-1)  # [B, T*H, S]
             out = torch.einsum("bthc,hvc->bthv", torch.bmm(probs, kv_BSD[..., :C]).view(B, T, H, C), w_uv)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 
@@ -270,19 +270,23 @@ class Gate(nn.Module):
     def forward(self, x_TD: torch.Tensor):
         with torch.autocast(x_TD.device.type, enabled=False):
             scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        weights_TK, topk_idx_TK = self.route(scores_TE)
+        return weights_TK, topk_idx_TK, scores_TE
+
+    def route(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the sigmoid scores: the experts' weights [T, K] and indices [T, K]."""
         choice_TE = scores_TE + self.e_score_correction_bias
         if self.n_group > 1:
-            T = x_TD.shape[0]
-            group_scores_TG = choice_TE.view(T, self.n_group, -1).topk(2, dim=-1).values.sum(-1)
+            choice_TGX = choice_TE.view(scores_TE.shape[0], self.n_group, -1)
+            group_scores_TG = choice_TGX.topk(2, dim=-1).values.sum(-1)
             top_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
-            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
-            keep_TE = keep_TG.repeat_interleave(self.n_experts // self.n_group, dim=1)
-            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+            drop_TG = torch.ones_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, False)
+            choice_TE = choice_TGX.masked_fill(drop_TG[:, :, None], float("-inf")).view_as(choice_TE)
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
         weights_TK = scores_TE.gather(1, topk_idx_TK)  # unbiased scores weight the experts
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        return weights_TK * self.scaling, topk_idx_TK, scores_TE
+        return weights_TK * self.scaling if self.scaling != 1.0 else weights_TK, topk_idx_TK
 
 
 _GROUPED_MM_OK: dict[str, bool] = {}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from seekling.checkpoint import load_pretrained
+from seekling.decode import DecodeEngine
 from seekling.errors import CheckpointError, SeeklingError
 from seekling.generate import SamplingParams, make_generator, sample_tokens
 from seekling.model import LatentCache, Transformer
@@ -283,6 +284,7 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.cache = LatentCache(model.config, max_concurrent, self.max_len, device=param.device, dtype=param.dtype)
+        self.decoder = DecodeEngine(model)  # folded copies of the weights: a served model does not change
         self._slots: list[Request | None] = [None] * max_concurrent
         self._pending: collections.deque[Request] = collections.deque()
         self._n_active = 0
@@ -420,9 +422,9 @@ class Engine:
     def _decode_step(self) -> None:
         active = [r for r in self._slots if r is not None]
         rows = torch.tensor([r.slot for r in active], device=self.device)
-        tokens = torch.tensor([[r.last_token] for r in active], device=self.device)
+        tokens = torch.tensor([r.last_token for r in active], device=self.device)
         try:
-            logits = self.model.forward_cached(tokens, self.cache, rows=rows)
+            logits = self.decoder.step(tokens, self.cache, rows=rows)
         except Exception as e:  # noqa: BLE001
             for r in active:
                 self._finish(r, "error", f"decode step failed: {e}")

@@ -1,0 +1,234 @@
+"""The decode step of generation, lean: one new token per row, ~25 kernels per layer.
+
+`Transformer.forward_cached` is the readable reference (any number of new tokens, training-safe).
+When every row brings exactly one new token, as in every decode step, the same computation can be
+reorganised so that a layer is a handful of matmuls and a few elementwise kernels, because at batch
+1-64 a CPU spends its time launching kernels, not in them. `DecodeEngine` folds, once, from the
+model's current weights:
+
+  - RMSNorm's weight (and sqrt(dim)) into the matrix that follows it; the per-row 1/rms is applied
+    to the matmul's output, since a per-row scalar commutes with the product;
+  - the layer's first projections into one matrix: x -> [c_q | c_KV | k_pe | rot(k_pe)] (or, with no
+    q_lora_rank, x -> [query | c_KV | k_pe | rot(k_pe)]);
+  - absorption: q_latent_h = W_UK_h^T q_nope_h = (W_UK_h^T W_q,nope_h) c_q, with the softmax scale,
+    so the query comes out per head as [q_latent | q_pe], ready to meet the cached [c_KV | k_pe];
+  - RoPE's channel pairing: the rows of q_pe and k_pe are permuted so a rotation is
+    x * cos + rot(x) * sin, with rot(x) (a signed permutation of x) produced by the same matmul;
+  - the value half of kv_b_proj into o_proj: o = W_O [W_UV_h ctx_h]_h = (W_O W_UV) ctx, and the
+    residual add rides on addmm;
+  - the MoE gate's rows and the shared experts' gate/up rows into one matrix (fp32 models).
+
+The weights are copied, so build an engine after the last weight update (generate builds one per
+call; a server once). Results equal `forward_cached`'s to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from seekling.model import MLA, LatentCache, Transformer, _grouped_linear_impl
+
+
+@dataclass
+class _Attention:
+    w_in: torch.Tensor  # [q_lora | C | rope | rope, D] (or [query | C | rope | rope, D]), norm folded in
+    b_in: torch.Tensor | None
+    eps_in: torch.Tensor  # sqrt(eps * D) of input_layernorm: 1/rms(x) = sqrt(D) / hypot(|x|, sqrt(eps * D))
+    w_q: torch.Tensor | None  # [H*(C+rope) + H*rope, q_lora]; None when the query comes out of w_in
+    eps_q: torch.Tensor
+    kv_norm: torch.Tensor  # kv_a_layernorm weight * sqrt(C)
+    eps_kv: torch.Tensor
+    w_out_t: torch.Tensor  # [H*C, D]: (W_O W_UV)^T
+    b_out: torch.Tensor | None
+
+
+@dataclass
+class _FeedForward:
+    w_in: torch.Tensor | None  # [E gate rows (fp32 models) | gate | up, D], norm folded in
+    eps: torch.Tensor
+    norm: torch.Tensor  # post_attention_layernorm weight * sqrt(D), for the routed experts' input
+    w_down_t: torch.Tensor | None  # the dense MLP's or the shared experts' down projection, [inter, D]
+    inter: int  # the dense MLP's / shared experts' intermediate size
+    n_gate_rows: int = 0  # gate logits at the front of w_in's output
+    gate_w: torch.Tensor | None = None  # a separate fp32 gate (models not in fp32)
+
+
+class DecodeEngine:
+    """`step(tokens_B, cache, rows)` = `model.forward_cached(tokens_B[:, None], cache, rows)`, one token per row."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.config = c = model.config
+        D = c.hidden_size
+        with torch.no_grad():
+            self.layers = [(self._fold_attention(layer), self._fold_feed_forward(layer)) for layer in model.layers]
+            head = model.lm_head.weight
+            self.head = (head.float() * model.norm.weight.float() * math.sqrt(D)).to(head.dtype)
+            self.head_eps = self._eps(model.norm.eps, D, head)
+
+    # -------------------------------------------------------------------------------- folding
+    @staticmethod
+    def _eps(eps: float, dim: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(math.sqrt(eps * dim), dtype=like.dtype, device=like.device)
+
+    def _rope_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of a RoPE'd projection [rope, ...] -> (rows giving x in the rotated layout, rows giving rot(x))."""
+        r = w.shape[0]
+        if self.config.rope_interleave:  # pairs (0, 1), (2, 3)...: evens first, as apply_rope writes them
+            perm = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+        else:
+            perm = torch.arange(r)
+        a = w[perm]
+        return a, torch.cat([-a[r // 2:], a[: r // 2]])
+
+    def _fold_attention(self, layer) -> _Attention:
+        attn: MLA = layer.self_attn
+        c = self.config
+        H, C, r, n = attn.n_heads, attn.kv_lora_rank, attn.rope_dim, attn.nope_dim
+        D = c.hidden_size
+        like = attn.kv_b_proj.weight
+        f32 = lambda t: t.detach().float()  # noqa: E731
+        w_kv_b = f32(attn.kv_b_proj.weight).view(H, n + attn.v_dim, C)
+        w_uk, w_uv = w_kv_b[:, :n], w_kv_b[:, n:]
+
+        def fold_query(w_q: torch.Tensor) -> torch.Tensor:  # [H*qk, in] -> [H*(C+r) + H*r, in], scaled
+            w = w_q.view(H, n + r, -1)
+            latent = torch.einsum("hdc,hdi->hci", w_uk, w[:, :n])  # W_UK_h^T W_q,nope_h
+            pe, rot = zip(*(self._rope_rows(w[h, n:]) for h in range(H)))
+            per_head = torch.cat([latent, torch.stack(pe)], dim=1).reshape(H * (C + r), -1)
+            return torch.cat([per_head, torch.cat(rot)]) * attn.scale
+
+        w_kv_a = f32(attn.kv_a_proj_with_mqa.weight)
+        kv_rows = [w_kv_a[:C], *self._rope_rows(w_kv_a[C:])]
+        w_q, eps_q = None, None
+        if c.q_lora_rank is None:
+            w_in = torch.cat([fold_query(f32(attn.q_proj.weight))] + kv_rows)
+        else:
+            w_in = torch.cat([f32(attn.q_a_proj.weight)] + kv_rows)
+            q_norm = f32(attn.q_a_layernorm.weight) * math.sqrt(c.q_lora_rank)
+            w_q = (fold_query(f32(attn.q_b_proj.weight)) * q_norm).to(like.dtype)
+            eps_q = self._eps(attn.q_a_layernorm.eps, c.q_lora_rank, like)
+        b_in = None
+        if attn.kv_a_proj_with_mqa.bias is not None:  # attention_bias: the query's bias (q_a_proj's, or none)
+            b_kv = f32(attn.kv_a_proj_with_mqa.bias)
+            q_bias = f32(attn.q_a_proj.bias) if c.q_lora_rank is not None else w_in.new_zeros(w_in.shape[0] - C - 2 * self.config.qk_rope_head_dim)
+            b_in = torch.cat([q_bias, b_kv[:C], *self._rope_rows(b_kv[C:])]).to(like.dtype)
+        w_o = f32(attn.o_proj.weight).view(D, H, attn.v_dim)
+        w_out = torch.einsum("dhv,hvc->dhc", w_o, w_uv).reshape(D, H * C)
+        in_norm = f32(layer.input_layernorm.weight) * math.sqrt(D)
+        return _Attention(
+            w_in=(w_in * in_norm).to(like.dtype), b_in=b_in, eps_in=self._eps(layer.input_layernorm.eps, D, like),
+            w_q=w_q, eps_q=eps_q,
+            kv_norm=(f32(attn.kv_a_layernorm.weight) * math.sqrt(C)).to(like.dtype),
+            eps_kv=self._eps(attn.kv_a_layernorm.eps, C, like),
+            w_out_t=w_out.t().contiguous().to(like.dtype),
+            b_out=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+        )
+
+    def _fold_feed_forward(self, layer) -> _FeedForward:
+        D = self.config.hidden_size
+        like = layer.post_attention_layernorm.weight
+        norm = like.detach().float() * math.sqrt(D)
+        eps = self._eps(layer.post_attention_layernorm.eps, D, like)
+        if not layer.is_moe:
+            mlp = layer.mlp
+            w_in = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * norm
+            return _FeedForward(w_in.to(like.dtype), eps, norm.to(like.dtype), mlp.down_proj.weight.t().contiguous(),
+                                mlp.gate_proj.out_features)
+        moe = layer.mlp
+        rows, inter, w_down_t = [], 0, None
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            rows = [s.gate_proj.weight.float() * norm, s.up_proj.weight.float() * norm]
+            inter, w_down_t = s.gate_proj.out_features, s.down_proj.weight.t().contiguous()
+        gate_w = moe.gate.weight.detach().float() * norm
+        if like.dtype == torch.float32:  # the gate's logits come out of the same matmul, in fp32
+            return _FeedForward(torch.cat([gate_w] + rows), eps, norm, w_down_t, inter, n_gate_rows=gate_w.shape[0])
+        w_in = torch.cat(rows).to(like.dtype) if rows else None
+        return _FeedForward(w_in, eps, norm.to(like.dtype), w_down_t, inter, gate_w=gate_w)
+
+    # -------------------------------------------------------------------------------- the step
+    @staticmethod
+    def _normed_matmul(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor, bias: torch.Tensor | None = None):
+        """rms_norm(x) @ w.T for a w holding the norm's weight * sqrt(dim); also returns the row divisor."""
+        denom = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps)
+        out = F.linear(x, w).div_(denom)
+        return (out if bias is None else out.add_(bias)), denom
+
+    @torch.no_grad()
+    def step(self, tokens_B: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] of the next token after appending tokens_B[b] to cache row rows[b] (all rows when None)."""
+        model, c = self.model, self.config
+        B = tokens_B.shape[0]
+        row_idx = torch.arange(B, device=tokens_B.device) if rows is None else rows
+        pos_B = cache.lengths[row_idx]
+        S = int(pos_B.max()) + 1
+        cos, sin = model.rope(pos_B)
+        dtype = self.head.dtype
+        rope = (torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([sin, sin], -1)[:, None].to(dtype))
+        bias_B1S = torch.zeros(B, 1, S, dtype=dtype, device=cos.device).masked_fill_(
+            torch.arange(S, device=cos.device) > pos_B[:, None, None], float("-inf"))
+        slot_B = row_idx * cache.max_len + pos_B  # where each row's new latent goes in the flattened cache
+        x = F.embedding(tokens_B, model.embed_tokens.weight)
+        for layer_idx, (attn, ff) in enumerate(self.layers):
+            x = self._attention(x, attn, cache.kv[layer_idx], rows, slot_B, S, bias_B1S, rope)
+            x = self._feed_forward(x, ff, model.layers[layer_idx].mlp)
+        cache.lengths[row_idx] = pos_B + 1
+        return self._normed_matmul(x, self.head, self.head_eps)[0]
+
+    def _attention(self, x, a: _Attention, store, rows, slot_B, S, bias_B1S, rope):
+        c = self.config
+        B, H, C, r = x.shape[0], c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        cos_B1R, sin_B1R = rope
+        h, _ = self._normed_matmul(x, a.w_in, a.eps_in, a.b_in)
+        if a.w_q is None:
+            q_full, c_kv, k_pe, k_rot = h.split([H * (C + 2 * r), C, r, r], dim=-1)
+        else:
+            c_q, c_kv, k_pe, k_rot = h.split([h.shape[1] - C - 2 * r, C, r, r], dim=-1)
+            q_full, _ = self._normed_matmul(c_q, a.w_q, a.eps_q)
+        q_BHX = q_full[:, : H * (C + r)].view(B, H, C + r)  # per head [q_latent | q_pe]
+        q_BHX[..., C:].mul_(cos_B1R).addcmul_(q_full[:, H * (C + r):].view(B, H, r), sin_B1R)
+        kv_denom = torch.hypot(torch.linalg.vector_norm(c_kv, dim=-1, keepdim=True), a.eps_kv)
+        k_pe = torch.addcmul(k_pe * cos_B1R[:, 0], k_rot, sin_B1R[:, 0])
+        entry = torch.cat([c_kv * a.kv_norm / kv_denom, k_pe], dim=-1)
+        store.view(-1, store.shape[-1]).index_copy_(0, slot_B, entry.to(store.dtype))
+        kv_BSX = store[:, :S] if rows is None else store[:, :S].index_select(0, rows)
+        kv_BSX = kv_BSX.to(x.dtype)
+        probs = torch.baddbmm(bias_B1S, q_BHX, kv_BSX.transpose(1, 2)).softmax(-1)
+        x = torch.addmm(x, torch.bmm(probs, kv_BSX[..., :C]).view(B, H * C), a.w_out_t)
+        return x if a.b_out is None else x.add_(a.b_out)
+
+    def _feed_forward(self, x, f: _FeedForward, mlp):
+        if f.n_gate_rows == 0 and f.gate_w is None:  # dense SwiGLU
+            h, _ = self._normed_matmul(x, f.w_in, f.eps)
+            return torch.addmm(x, F.silu(h[:, : f.inter]) * h[:, f.inter:], f.w_down_t)
+        if f.gate_w is None:
+            h, denom = self._normed_matmul(x, f.w_in, f.eps)
+            logits, shared = h[:, : f.n_gate_rows], h[:, f.n_gate_rows:]
+        else:
+            logits, denom = self._normed_matmul(x.float(), f.gate_w, f.eps.float())
+            shared = self._normed_matmul(x, f.w_in, f.eps)[0] if f.w_in is not None else None
+            denom = denom.to(x.dtype)
+        weights_TK, topk_idx_TK = mlp.gate.route(logits.sigmoid())
+        x = self._routed(mlp.experts, x, x * f.norm / denom, weights_TK, topk_idx_TK)
+        if f.w_down_t is not None:
+            x = torch.addmm(x, F.silu(shared[:, : f.inter]) * shared[:, f.inter:], f.w_down_t)
+        return x
+
+    @staticmethod
+    def _routed(experts, x_TD, h_TD, weights_TK, topk_idx_TK):
+        """x + the routed experts on h (tokens grouped by expert, as `Experts.forward`)."""
+        K = topk_idx_TK.shape[1]
+        flat_N = topk_idx_TK.reshape(-1)
+        order_N = flat_N.argsort(stable=True)
+        token_N = order_N // K
+        counts_E = torch.bincount(flat_N, minlength=experts.n_experts)
+        gate_up = _grouped_linear_impl(h_TD[token_N], experts.gate_up_proj.transpose(1, 2), counts_E)
+        F_ = experts.inter_dim
+        y = _grouped_linear_impl(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], experts.down_proj.transpose(1, 2), counts_E)
+        y = y * weights_TK.reshape(-1)[order_N, None].to(y.dtype)
+        return x_TD.index_add(0, token_N, y)

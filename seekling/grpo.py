@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
 from seekling.evalsets import grade
@@ -353,7 +354,7 @@ def token_logprobs(model, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, tem
 
 
 def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], group_size: int,
-                   temperature: float, pad_id: int, with_entropy: bool = False):
+                   temperature: float, pad_id: int, with_entropy: bool = False, bucket_rows: int = 16):
     """Log-probs of every completion token [B, Tc] (and the entropy there), each group's prompt run once.
 
     The G completions of a group share their prompt, so the prompt goes through the model once per
@@ -361,7 +362,8 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     run against it with `forward_cached`, gradients flowing through both. This is the same
     computation as a full forward of prompt + completion (`token_logprobs`, the slow reference
     path, checked against this in the tests) with the prompt's share of the work divided by G.
-    Returns (logp_BT, mask_BT, entropy_BT or None), aligned with the completion tokens.
+    Rows run in buckets of `bucket_rows`, sorted by length. Returns (logp_BT, mask_BT, entropy_BT or
+    None), aligned with the completion tokens.
     """
     from seekling.model import LatentCache
 
@@ -384,17 +386,29 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     per_row = LatentCache(model.config, 0, Tp + Tc, device=device)
     per_row.kv = [kv.repeat_interleave(G, dim=0) for kv in cache.kv]
     per_row.lengths = cache.lengths.repeat_interleave(G)
-    logits_BTV = model.forward_cached(completion_BT, per_row, rows=torch.arange(B, device=device),
-                                      num_new=completion_len_B, all_logits=True)
-    # token 0 is predicted by the prompt's last position, token t by completion position t - 1
-    logits_BTV = torch.cat([last_PV.repeat_interleave(G, dim=0)[:, None], logits_BTV[:, :-1]], dim=1)
-    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    logp_BT = logp_BTV.gather(-1, completion_BT[..., None]).squeeze(-1)
+    last_BV = last_PV.repeat_interleave(G, dim=0)
+    # Completions differ in length: rows sorted by length run in buckets, each padded to its own
+    # longest, so little compute goes to padding. Token 0 is predicted by the prompt's last
+    # position, token t by completion position t - 1.
+    order = sorted(range(B), key=lambda b: len(completions[b]))
+    pieces, entropies = [], []
+    for start in range(0, B, bucket_rows):
+        rows = torch.tensor(order[start : start + bucket_rows], device=device)
+        Tb = int(completion_len_B[rows].max())
+        tokens_bT = completion_BT[rows, :Tb]
+        logits_bTV = model.forward_cached(tokens_bT, per_row, rows=rows, num_new=completion_len_B[rows],
+                                          all_logits=True)
+        logits_bTV = torch.cat([last_BV[rows, None], logits_bTV[:, :-1]], dim=1)
+        logp_bTV = torch.log_softmax(logits_bTV.float() / temperature, dim=-1)
+        pieces.append(F.pad(logp_bTV.gather(-1, tokens_bT[..., None]).squeeze(-1), (0, Tc - Tb)))
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(F.pad(-(logp_bTV.exp() * logp_bTV).sum(-1), (0, Tc - Tb)))
+    inverse = torch.empty(B, dtype=torch.long, device=device)
+    inverse[torch.tensor(order, device=device)] = torch.arange(B, device=device)
+    logp_BT = torch.cat(pieces)[inverse]
     mask_BT = (torch.arange(Tc, device=device)[None] < completion_len_B[:, None]).float()
-    entropy_BT = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    entropy_BT = torch.cat(entropies)[inverse] if with_entropy else None
     return logp_BT, mask_BT, entropy_BT
 
 

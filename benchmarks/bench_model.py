@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from seekling.checkpoint import save_pretrained  # noqa: E402
 from seekling.config import ModelConfig  # noqa: E402
 from seekling.cost import cpu_peak  # noqa: E402
+from seekling.decode import DecodeEngine  # noqa: E402
 from seekling.flops import flops_per_token  # noqa: E402
 from seekling.generate import SamplingParams, generate  # noqa: E402
 from seekling.model import Transformer  # noqa: E402
@@ -75,6 +76,36 @@ def sample_rate(model, prompts, new_tokens: int, is_hf: bool, compile: bool = Fa
         outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0), compile=compile)
         produced = sum(len(o.token_ids) for o in outs)
     return produced / (time.perf_counter() - t0)
+
+
+def weight_bandwidth(threads: int) -> float:
+    """Bytes/s at which this machine streams weight matrices it has not touched lately through a
+    matrix-vector product (what decoding one token per row is): 64 MB of 256x256 fp32 matrices."""
+    import torch.nn.functional as F
+
+    mats = [torch.randn(256, 256) for _ in range(256)]
+    x = torch.randn(1, 256)
+    for w in mats:
+        F.linear(x, w)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for w in mats:
+            F.linear(x, w)
+    return 3 * sum(w.numel() * 4 for w in mats) / (time.perf_counter() - t0)
+
+
+def decode_bytes(engine: DecodeEngine, batch: int) -> float:
+    """Weight bytes one decode step reads at `batch` rows: every folded matrix, the head, and the
+    routed experts that at least one row picks (uniform routing: E * (1 - (1 - K/E)^batch) of them)."""
+    c = engine.config
+    tensors = [engine.head]
+    for attn, ff in engine.layers:
+        tensors += [t for t in (attn.w_in, attn.w_q, attn.w_out_t, ff.w_in, ff.w_down_t, ff.gate_w) if t is not None]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size * engine.head.element_size()
+    n_moe = sum(layer.is_moe for layer in engine.model.layers)
+    return total + n_moe * E * (1 - (1 - K / E) ** batch) * per_expert
 
 
 def main() -> None:
@@ -129,12 +160,18 @@ def main() -> None:
         print(line, flush=True)
 
     print(f"\nsampling ({args.new_tokens} new tokens, greedy), new tokens/s")
+    bandwidth = weight_bandwidth(args.threads)
+    engine = DecodeEngine(ours)
+    print(f"  (weights stream through a matrix-vector product at {bandwidth / 1e9:.1f} GB/s here: a decode step "
+          "cannot beat batch * bandwidth / weight bytes read, the bandwidth ceiling below)")
     for bs in [int(s) for s in args.sample_batches.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
         sample_rate(ours, prompts, 4, False)  # warm-up
         b = sample_rate(hf, prompts, args.new_tokens, True)
         a = sample_rate(ours, prompts, args.new_tokens, False)
-        line = f"  batch {bs:3d}   transformers {b:7.0f}   seekling {a:7.0f} ({a / b:5.2f}x)"
+        floor = bs * bandwidth / decode_bytes(engine, bs)
+        line = (f"  batch {bs:3d}   transformers {b:7.0f}   seekling {a:7.0f} ({a / b:5.2f}x)   "
+                f"bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most {floor / b:5.2f}x)")
         if args.compile:
             t0 = time.perf_counter()
             sample_rate(ours, prompts, args.new_tokens, False, compile=True)  # compiles for this shape

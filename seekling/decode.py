@@ -162,7 +162,7 @@ class DecodeEngine:
     @torch.no_grad()
     def step(self, tokens_B: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of the next token after appending tokens_B[b] to cache row rows[b] (all rows when None)."""
-        model, c = self.model, self.config
+        model = self.model
         B = tokens_B.shape[0]
         row_idx = torch.arange(B, device=tokens_B.device) if rows is None else rows
         pos_B = cache.lengths[row_idx]

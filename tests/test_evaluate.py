@@ -11,24 +11,15 @@ from seekling.errors import ConfigError
 from seekling.evaluate import evaluate, format_table, score_task
 from seekling.generate import Completion
 from seekling.model import Transformer
-from seekling.tasks import completion_text, make_problems
-from seekling.tokenizer import Tokenizer
+from seekling.tasks import make_problems
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which costs 50x when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    texts = [completion_text(p) + " " + p.prompt for t in ("arithmetic", "countdown")
-             for p in make_problems(t, "train", 200, 0)]
-    return Tokenizer.train(texts, vocab_size=300)
+def tokenizer(task_tokenizer):
+    return task_tokenizer(("arithmetic", "countdown"), per_task=200)
 
 
 def test_score_task_hand_computed():

@@ -18,24 +18,13 @@ from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, cl
                            read_problems, seq_mean_token_mean, seq_sum_constant, token_logprobs, token_mean,
                            train_grpo)
 from seekling.model import Transformer
-from seekling.tasks import completion_text, make_problems
-from seekling.tokenizer import Tokenizer
+from seekling.tasks import make_problems
 from seekling.training import build_optimizer, list_checkpoints
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which costs 50x when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [completion_text(p) + " " + p.prompt for p in make_problems("arithmetic", "train", 300, 0)]
-    return Tokenizer.train(texts, vocab_size=300)
 
 
 def tiny(tokenizer, seed=0):

@@ -12,12 +12,13 @@ import json
 import httpx
 import openai
 import pytest
-from test_serving import ANSWER, REASONING, build_model_dir, live_server, one_torch_thread, wait_for  # noqa: F401
+from test_serving import ANSWER, REASONING, build_model_dir, live_server, wait_for
 
 from seekling.generate import SamplingParams
 from seekling.server import Limits, create_app
 from seekling.serving import Engine, Job, load_for_serving
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 LIMITS = Limits(max_prompt_tokens=200, max_tokens_cap=300, max_body_bytes=64 * 1024, max_n=8)
 
 

@@ -117,14 +117,9 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a second OpenMP team on a loaded 2-core machine
-    (the engine thread's) can make each small matmul wait milliseconds for a descheduled worker."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models run fastest on one thread, and a second OpenMP team on a loaded 2-core machine (the
+# engine thread's) can make each small matmul wait milliseconds for a descheduled worker.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

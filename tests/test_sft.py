@@ -15,23 +15,11 @@ from seekling.errors import CheckpointError
 from seekling.model import Transformer
 from seekling.rewards import format_reward
 from seekling.sft import SFTConfig, make_cold_start, sft_loss, train_sft
-from seekling.tasks import completion_text, make_problems
-from seekling.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which costs 50x when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [completion_text(p) + " " + p.prompt for p in make_problems("arithmetic", "train", 300, 0)]
-    return Tokenizer.train(texts, vocab_size=300)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import tempfile
 import time
 
 import pytest
-from test_serving import ANSWER, REASONING, build_model_dir, live_server, one_torch_thread, wait_for  # noqa: F401
+from test_serving import ANSWER, REASONING, build_model_dir, live_server, wait_for
 
 from seekling.server import create_app
 from seekling.serving import Engine, load_for_serving
@@ -27,29 +27,30 @@ except ImportError:
 
 missing = [name for name, ok in (("chromium", CHROMIUM), ("chromedriver (chromium-driver)", CHROMEDRIVER),
                                  ("the selenium package", SELENIUM)) if not ok]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"browser test needs {', '.join(missing)}: "
-                                                      "run scripts/ci-browser.sh")
+pytestmark = [pytest.mark.skipif(bool(missing), reason=f"browser test needs {', '.join(missing)}: "
+                                                       "run scripts/ci-browser.sh"),
+              pytest.mark.usefixtures("one_thread")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1000,800"]
 
 
-class SlowModel:
-    """The model with a pause before each forward, so a human-speed stream can be watched."""
+class SlowDecoder:
+    """The engine's decode step with a pause before each token, so a human-speed stream can be watched."""
 
-    def __init__(self, model, delay: float):
-        self.model, self.delay, self.config = model, delay, model.config
+    def __init__(self, decoder, delay: float):
+        self.decoder, self.delay = decoder, delay
 
-    def forward_cached(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
         time.sleep(self.delay)
-        return self.model.forward_cached(*args, **kwargs)
+        return self.decoder.step(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model, tok, _ = load_for_serving(build_model_dir(str(tmp_path_factory.mktemp("web") / "tiny")))
     engine = Engine(model, tok, max_concurrent=2)
-    engine.model = SlowModel(model, 0.1)
+    engine.decoder = SlowDecoder(engine.decoder, 0.1)
     with live_server(create_app(engine, tok, "tiny-scripted")) as url:
         yield url, engine
 

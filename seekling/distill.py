@@ -33,6 +33,7 @@ import torch
 
 from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
 from seekling.evalsets import EVALSETS, GRADERS, grade, load_evalset, read_jsonl
+from seekling.files import write_text_atomic
 from seekling.generate import SamplingParams, generate
 from seekling.rewards import format_reward, known_rewards, load_reward
 from seekling.tasks import R1_ZERO_PROMPT, TASKS, Problem, make_problems, stable_hash
@@ -275,18 +276,9 @@ def _resume(out: Path, teacher: Teacher, settings: SampleSettings, overwrite: bo
             stats.setdefault(p.get("task", ""), KeepStats()).kept += 1
     keep = [row for row in rows if row["provenance"]["prompt_id"] in done]
     if len(keep) != len(rows) or (out.exists() and not out.read_text().endswith("\n") and out.stat().st_size):
-        _write_atomic(out, "".join(json.dumps(r) + "\n" for r in keep))
+        write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in keep))
     seen = {row["messages"][0]["content"] + "\x00" + " ".join(row["messages"][-1]["content"].split()) for row in keep}
     return done, stats, seen
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rejection_sample(teacher: Teacher, problems: Sequence[Problem], out: str | Path, settings: SampleSettings,
@@ -372,7 +364,7 @@ def rejection_sample(teacher: Teacher, problems: Sequence[Problem], out: str | P
 
 def _write_stats(out: Path, teacher: Teacher, settings: SampleSettings, done: set[str],
                  stats: dict[str, KeepStats]) -> None:
-    _write_atomic(stats_path_for(out), json.dumps({
+    write_text_atomic(stats_path_for(out), json.dumps({
         "format": SAMPLES_FORMAT, "teacher": teacher.identity, "settings": settings.recorded(),
         "tasks": {t: s.to_json() for t, s in stats.items()}, "done": sorted(done)}) + "\n")
 
@@ -493,9 +485,9 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
         settings = eval_settings or EvalSettings()
         result["eval"] = evaluate_three(teacher_path, teacher_tokenizer, init_dir, out / "final", tokenizer,
                                         eval_problems, settings, device, log)
-        _write_atomic(out / "eval.json", json.dumps(result["eval"], indent=2) + "\n")
+        write_text_atomic(out / "eval.json", json.dumps(result["eval"], indent=2) + "\n")
         log(format_comparison(result["eval"]))
-    _write_atomic(out / "distill.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text_atomic(out / "distill.json", json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

@@ -37,9 +37,8 @@ from typing import Any, Callable
 import torch
 
 from seekling.errors import ConfigError, SeeklingError
-
-STATE_FILE = "state.json"
-STATE_FORMAT = "seekling-speedrun-v1"
+from seekling.files import write_json_atomic
+from seekling.rundir import STATE_FILE, check_run_dir, new_state, read_state
 
 
 # ----------------------------------------------------------------------------- presets
@@ -158,106 +157,6 @@ def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
             raise ConfigError(f"--set {spec!r}: {text!r} is not a valid {type(current).__name__}") from None
         changes[key] = value
     return preset.replace(**changes) if changes else preset
-
-
-# ----------------------------------------------------------------------------- state.json
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file, fsync it and rename it over `path`: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def new_state(preset: SpeedrunPreset) -> dict[str, Any]:
-    from seekling.report import environment
-
-    return {"format": STATE_FORMAT, "preset": preset.name, "config": preset.to_json(), "finished": [],
-            "stages": {}, "created": time.time(), "environment": environment()}
-
-
-def read_state(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e}); it is not a speedrun state file, choose another --out") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ConfigError(f"{path} is not a seekling speedrun state file; choose another --out")
-    return state
-
-
-def suggest_out(run_dir: Path) -> str:
-    n = 2
-    while Path(f"{run_dir}-{n}").exists():
-        n += 1
-    return f"{run_dir}-{n}"
-
-
-def check_same_run(state: dict[str, Any], preset: SpeedrunPreset, run_dir: Path) -> None:
-    """ConfigError when `run_dir` holds a run of another preset or other settings: never mix two runs."""
-    ours = preset.to_json()
-    if state["preset"] != preset.name:
-        raise ConfigError(
-            f"{run_dir} holds a speedrun of preset {state['preset']!r}, not {preset.name!r}. Resume that one "
-            f"with `seekling speedrun --preset {state['preset']} --out {run_dir}`, or start this one in a new "
-            f"directory: --out {suggest_out(run_dir)}")
-    saved = state["config"]
-    # A field newer than the run (absent from its state) matches when it keeps its default behaviour.
-    defaults = {f.name: f.default for f in dataclasses.fields(SpeedrunPreset)}
-    diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in ours.items()
-            if k != "about" and (saved[k] != v if k in saved else v != defaults.get(k))]
-    if diff:
-        raise ConfigError(
-            f"{run_dir} holds a {preset.name!r} speedrun with other settings ({'; '.join(diff[:4])}"
-            f"{'; ...' if len(diff) > 4 else ''}); resuming would mix two runs. Rerun with the old settings, "
-            f"or start a new run: --out {suggest_out(run_dir)}")
-
-
-# ----------------------------------------------------------------------------- up-front checks
-def required_bytes(preset: SpeedrunPreset) -> int:
-    """A generous estimate of the disk a run needs at its peak: checkpoints (weights + two AdamW
-    moments) of pre-training (all kept until the expert loads are measured), SFT and GRPO (two each),
-    four final models, the token shards and the JSONL files; then 50% on top."""
-    from seekling.config import ModelConfig, count_parameters
-
-    params = count_parameters(ModelConfig.from_name(preset.model))
-    weights = 4 * (params["total"] + params.get("mtp", 0))
-    checkpoint = 3 * weights
-    checkpoints = (preset.pretrain_checkpoints + 2 + 2 + 2) * checkpoint + 5 * weights
-    shards = 2 * 120 * preset.pretrain_examples * len(preset.pretrain_tasks)
-    return int(1.5 * (checkpoints + shards) + 50e6)
-
-
-def check_run_dir(run_dir: Path, preset: SpeedrunPreset) -> dict[str, Any] | None:
-    """Everything about `--out` that can fail, before any work: writability, free space and whether it
-    holds this run, another run or something else. Returns the saved state when resuming."""
-    state = read_state(run_dir) if run_dir.is_dir() else None
-    if state is not None:
-        check_same_run(state, preset, run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already exists and is not a speedrun directory (no {STATE_FILE}); "
-                          f"choose a new --out, e.g. --out {suggest_out(run_dir)}")
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file, not a directory; choose another --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise SeeklingError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable --out") from None
-    free = shutil.disk_usage(run_dir).free
-    need = required_bytes(preset)
-    if free < need:
-        raise SeeklingError(f"{run_dir}: only {free / 1e9:.2f} GB free on that disk, and the {preset.name!r} "
-                            f"speedrun needs about {need / 1e9:.2f} GB; free some space or choose another --out")
-    return state
 
 
 # ----------------------------------------------------------------------------- the resumable loop

@@ -21,8 +21,9 @@ import torch
 
 from seekling.cli import main
 from seekling.errors import ConfigError, SeeklingError
-from seekling.speedrun import (PRESETS, Context, Stage, check_run_dir, get_preset, new_state, read_state,
-                               run_speedrun, run_stages, write_json_atomic)
+from seekling.files import write_json_atomic
+from seekling.rundir import check_run_dir, new_state, read_state
+from seekling.speedrun import PRESETS, Context, Stage, get_preset, run_speedrun, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "eval_sft", "grpo", "eval_grpo", "distill",

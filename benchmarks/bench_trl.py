@@ -1,4 +1,4 @@
-"""Seconds per GRPO step: seekling against TRL's GRPOTrainer, one configuration, the same CPU.
+"""Seconds per GRPO step: seekling against TRL's GRPOTrainer, the same configuration, the same CPU.
 
 Both run the same model (a seekling model directory, exported in HF format: transformers loads it
 as DeepseekV3ForCausalLM), the same tokenizer and prompt template, the same task prompts in the
@@ -7,19 +7,23 @@ rewards `correct` + 0.2 `format` (seekling.rewards, wrapped for TRL), the DAPO t
 eps 0.2 / 0.28, no KL (beta 0), one optimiser step per generation, AdamW at the same lr. seekling's
 dynamic sampling is off, so both train on every completion. Each side runs --steps steps; the first
 (warm-up) step is left out of the mean. Reported: CPU seconds of the process per step (what a step
-costs on an idle core; the cores here are shared with other jobs) and wall seconds.
+costs on an idle core) and wall seconds.
 
-Where the time goes: seekling samples with the latent-cache engine (all P*G rows batched) and scores
-each group's prompt once (`seekling.grpo.group_logprobs`); TRL samples with transformers' `generate`
-and runs prompt + completion through the model for every completion. So the gap grows with the
-prompt: with the short chat prompts of the arithmetic task it is under 2x, with the R1-Zero
-template (`--template r1zero`, ~90 prompt tokens) it is above 3x.
+Two configurations, differing only in the prompt: R1-Zero's plain-text template (the R1-Zero
+recipe; ~90 prompt tokens) and the chat template of a cold-started model (~20 prompt tokens).
+Where the time goes: seekling prefills each group's prompt once and samples all P*G rows from the
+latent cache with the folded decode step (`seekling.decode`), then scores each group's prompt once
+and the completions in length-sorted buckets (`seekling.grpo.group_logprobs`); TRL samples with
+transformers' `generate` (every row prefills its own copy of the prompt) and runs prompt +
+completion through the model for every completion. So the gap grows with the prompt. With the
+short chat prompts both sides spend most of the step on the same completion-token FLOPs, and
+seekling's forward + backward alone runs near this CPU's matmul peak: the ratio there is ~2x.
 
 TRL is not a seekling dependency: install it into the venv without touching torch/transformers,
 
     .venv/bin/pip install --no-deps trl==1.16.0 && .venv/bin/pip install -c constraints.txt accelerate datasets
     .venv/bin/python benchmarks/bench_trl.py --model runs/bench_grpo/sft/final --steps 6
-    .venv/bin/python benchmarks/bench_trl.py --model runs/bench_grpo/sft/final --steps 6 --template r1zero
+    .venv/bin/python benchmarks/bench_trl.py --templates chat          # one configuration only
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="arithmetic", help="the reasoning task the prompts come from")
     p.add_argument("--difficulty", nargs="*", default=["arithmetic.ops=+-"], metavar="TASK.SETTING=VALUE",
                    help="task difficulty (bench_grpo's RL task by default)")
-    p.add_argument("--template", default="chat", choices=["chat", "r1zero"],
-                   help="prompt format: the chat template, or R1-Zero's plain-text prompt (long prompts)")
+    p.add_argument("--templates", nargs="+", default=["r1zero", "chat"], choices=["chat", "r1zero"],
+                   help="the configurations to run, by prompt format: R1-Zero's plain-text prompt (the R1-Zero "
+                        "recipe, ~90 prompt tokens) and the chat template of the cold-started model (~20)")
     p.add_argument("--preset", default="cpu", help="preset of the fresh model used when --model does not exist")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps per side (the first is warm-up)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="P")
@@ -154,23 +159,16 @@ def run_trl(model_dir: Path, problems, args, work: Path) -> list[float]:
     return times, lengths
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model_dir = prepare_model(args.model, args.preset, work)
-        difficulty = parse_difficulty(args.difficulty).get(args.task, {})
-        problems = make_problems(args.task, "train", args.steps * args.prompts_per_step, 0, **difficulty)
-        ours, our_lengths = run_seekling(model_dir, problems, args, work)
-        trl, trl_lengths = run_trl(model_dir, problems, args, work)
+def compare(model_dir: Path, problems, args, work: Path) -> dict:
+    """One configuration (args.template) through both trainers; the first step of each is warm-up."""
+    ours, our_lengths = run_seekling(model_dir, problems, args, work)
+    trl, trl_lengths = run_trl(model_dir, problems, args, work)
     # CPU time of the process is what a step costs on an idle core; wall time is what this (shared)
-    # machine gave it. The first step of each side is warm-up and left out.
+    # machine gave it.
     mean = {side: {clock: statistics.mean(times[clock][1:]) for clock in times}
             for side, times in (("seekling", ours), ("trl", trl))}
-    result = {
-        "model": str(args.model), "threads": args.threads, "P": args.prompts_per_step, "G": args.group_size,
-        "max_new_tokens": args.max_new_tokens, "steps": args.steps, "loss": "token_mean (TRL loss_type='dapo')",
+    return {
+        "template": args.template,
         "seekling_cpu_seconds_per_step": round(mean["seekling"]["cpu_seconds"], 3),
         "trl_cpu_seconds_per_step": round(mean["trl"]["cpu_seconds"], 3),
         "speedup_cpu": round(mean["trl"]["cpu_seconds"] / mean["seekling"]["cpu_seconds"], 2),
@@ -182,13 +180,35 @@ def main(argv=None) -> int:
         "seekling_mean_length": round(statistics.mean(our_lengths), 1) if our_lengths else None,
         "trl_mean_length": round(statistics.mean(trl_lengths), 1) if trl_lengths else None,
     }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = prepare_model(args.model, args.preset, work)
+        difficulty = parse_difficulty(args.difficulty).get(args.task, {})
+        problems = make_problems(args.task, "train", args.steps * args.prompts_per_step, 0, **difficulty)
+        for template in args.templates:
+            results.append(compare(model_dir, problems, argparse.Namespace(**{**vars(args), "template": template}),
+                                   work / template))
+    summary = {
+        "model": str(args.model), "threads": args.threads, "P": args.prompts_per_step, "G": args.group_size,
+        "max_new_tokens": args.max_new_tokens, "steps": args.steps, "loss": "token_mean (TRL loss_type='dapo')",
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nseconds per GRPO step (CPU time / wall time): seekling {result['seekling_cpu_seconds_per_step']:.2f} / "
-          f"{result['seekling_wall_seconds_per_step']:.2f}, TRL {result['trl_cpu_seconds_per_step']:.2f} / "
-          f"{result['trl_wall_seconds_per_step']:.2f}: seekling is {result['speedup_cpu']:.1f}x faster in CPU time, "
-          f"{result['speedup_wall']:.1f}x in wall time (mean completion length {result['seekling_mean_length']} vs "
-          f"{result['trl_mean_length']} tokens)")
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nseconds per GRPO step (CPU time / wall time), P={args.prompts_per_step} x G={args.group_size}, "
+          f"{args.max_new_tokens} new tokens, {args.threads} thread(s):")
+    for r in results:
+        print(f"  {r['template']:7s} seekling {r['seekling_cpu_seconds_per_step']:.2f} / "
+              f"{r['seekling_wall_seconds_per_step']:.2f}, TRL {r['trl_cpu_seconds_per_step']:.2f} / "
+              f"{r['trl_wall_seconds_per_step']:.2f}: seekling {r['speedup_cpu']:.1f}x faster in CPU time, "
+              f"{r['speedup_wall']:.1f}x in wall time (mean completion length {r['seekling_mean_length']} vs "
+              f"{r['trl_mean_length']} tokens)")
     return 0
 
 

@@ -106,6 +106,33 @@ def compiled_decode_step(model: Transformer):
     return _COMPILED[key]
 
 
+def prefill(model: Transformer, prompts: list[list[int]], cache: LatentCache) -> torch.Tensor:
+    """Run the prompts into empty cache rows 0..B-1; returns each row's next-token logits [B, V].
+
+    Identical prompts (the G completions of a GRPO group, n > 1 in the server) run once: their cache
+    rows are copies of the first one's.
+    """
+    device = cache.lengths.device
+    first: dict[tuple[int, ...], int] = {}
+    source = [first.setdefault(tuple(p), b) for b, p in enumerate(prompts)]
+    unique = sorted(set(source))
+    padded = torch.zeros(len(unique), max(len(prompts[b]) for b in unique), dtype=torch.long, device=device)
+    for i, b in enumerate(unique):
+        padded[i, : len(prompts[b])] = torch.tensor(prompts[b], device=device)
+    rows_U = torch.tensor(unique, device=device)
+    lengths_U = torch.tensor([len(prompts[b]) for b in unique], device=device)
+    logits_UV = model.forward_cached(padded, cache, rows=rows_U, num_new=lengths_U)
+    if len(unique) == len(prompts):
+        return logits_UV
+    source_B = torch.tensor(source, device=device)
+    filled = padded.shape[1]
+    for kv in cache.kv:
+        kv[:, :filled] = kv[source_B, :filled]
+    cache.lengths[:] = cache.lengths[source_B]
+    slot = {b: i for i, b in enumerate(unique)}
+    return logits_UV[torch.tensor([slot[b] for b in source], device=device)]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              progress=None, compile: bool = False) -> list[Completion]:
@@ -151,10 +178,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     stops = [set(p.stop_token_ids) for p in per_row]
     out = [Completion() for _ in range(B)]
 
-    padded = torch.zeros(B, max(lengths), dtype=torch.long, device=device)
-    for b, prompt in enumerate(prompts):
-        padded[b, : len(prompt)] = torch.tensor(prompt, device=device)
-    logits = model.forward_cached(padded, cache, num_new=torch.tensor(lengths, device=device))
+    logits = prefill(model, prompts, cache)
 
     active = [b for b in range(B) if budget[b] > 0]
     rows = torch.arange(B, device=device)

@@ -154,8 +154,9 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         # k_pe rides along as one more "head", so both are rotated by a single call
-        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos.unsqueeze(-2), sin.unsqueeze(-2),
-                        self.config.rope_interleave)
+        # cos/sin in the hidden states' dtype, as transformers does (bf16 models rotate in bf16)
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos.unsqueeze(-2).to(x.dtype),
+                        sin.unsqueeze(-2).to(x.dtype), self.config.rope_interleave)
         return q_nope, pe[:, :, :-1], c_kv, pe[:, :, -1]  # [B,T,H,nope], [B,T,H,rope], [B,T,C], [B,T,rope]
 
     def forward(self, x, cos, sin, step: "CacheStep | None" = None, layer_idx: int = 0) -> torch.Tensor:
@@ -165,9 +166,11 @@ class MLA(nn.Module):
 
     def _forward_expanded(self, x, cos, sin):
         """Training / full-sequence path: expand the latent into per-head keys and values, fused causal attention."""
+        return self._expanded_attention(x, *self._project(x, cos, sin))
+
+    def _expanded_attention(self, x, q_nope, q_pe, c_kv, k_pe):
         B, T, _ = x.shape
         H = self.n_heads
-        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, qk]
@@ -196,6 +199,8 @@ class MLA(nn.Module):
         q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         store = step.cache.kv[layer_idx]
         store[step.row_idx[:, None], step.pos_BT] = torch.cat([c_kv, k_pe], dim=-1).to(store.dtype)
+        if step.fresh:  # a prefill of empty rows sees only its own tokens: plain causal attention is cheaper
+            return self._expanded_attention(x, q_nope, q_pe, c_kv, k_pe)
         kv_BSD = (store[:, :S] if step.rows is None else store[step.rows, :S]).to(x.dtype)
         w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, C)
         w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]
@@ -223,6 +228,7 @@ class CacheStep:
     pos_BT: torch.Tensor  # absolute positions of the new tokens
     S: int  # length of the cache prefix attended
     naive: bool = False
+    fresh: bool = False  # every row starts at position 0 (and, right-padded, attends causally to itself)
 
     def __post_init__(self):
         visible_BTS = torch.arange(self.S, device=self.pos_BT.device) <= self.pos_BT[:, :, None]
@@ -611,7 +617,8 @@ class Transformer(nn.Module):
         pos_BT = start[:, None] + torch.arange(T, device=input_ids.device)
         cos, sin = self.rope(pos_BT)
         S = cache.max_len if cache.static else int(pos_BT.max()) + 1
-        step = CacheStep(cache, rows, row_idx, pos_BT, S, naive)
+        fresh = T > 1 and not naive and not cache.static and not bool(start.any())
+        step = CacheStep(cache, rows, row_idx, pos_BT, S, naive, fresh)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x, _ = layer(x, cos, sin, step)

@@ -99,3 +99,17 @@ def test_compiled_decoding_gives_the_same_tokens(model):
     for a, b in zip(eager, compiled):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_identical_prompts_prefill_once_and_sample_alike(model):
+    p, q = [5, 6, 7, 8], [9, 10]
+    batch = generate(model, [p, q, p, p], SamplingParams(max_new_tokens=6, temperature=0))
+    alone = {tuple(x): generate(model, [x], SamplingParams(max_new_tokens=6, temperature=0))[0] for x in (p, q)}
+    for prompt, out in zip([p, q, p, p], batch):
+        assert out.token_ids == alone[tuple(prompt)].token_ids
+        assert out.logprobs == pytest.approx(alone[tuple(prompt)].logprobs, abs=1e-5)
+    # seeded rows: row b of a batch of copies is the row-b sample of the prompt alone with that seed
+    copies = generate(model, [p] * 3, SamplingParams(max_new_tokens=6, temperature=1.0, seed=11))
+    for b, out in enumerate(copies):
+        single = generate(model, [p], SamplingParams(max_new_tokens=6, temperature=1.0, seed=11 + b))[0]
+        assert out.token_ids == single.token_ids

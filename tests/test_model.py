@@ -175,14 +175,21 @@ def test_cached_decoding_equals_full_forward(q_lora_rank):
 
 
 def test_absorbed_attention_equals_expanded():
+    """A chunk of 5 tokens after a cached prefix of 4: absorbed (default), naive expanded, full forward.
+    The prefill of empty rows takes the plain causal path; it too must equal the full forward."""
     cfg = tiny()
     model = Transformer(cfg).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
-        a = model.forward_cached(x, LatentCache(cfg, 2, 16), all_logits=True)
-        b = model.forward_cached(x, LatentCache(cfg, 2, 16), all_logits=True, naive=True)
-        c = model(x).logits
-    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+        full = model(x).logits
+        chunks = {}
+        for naive in (False, True):
+            cache = LatentCache(cfg, 2, 16)
+            prefill = model.forward_cached(x[:, :4], cache, all_logits=True)
+            assert torch.allclose(prefill, full[:, :4], atol=1e-5)
+            chunks[naive] = model.forward_cached(x[:, 4:], cache, all_logits=True, naive=naive)
+    assert torch.allclose(chunks[False], chunks[True], atol=1e-5)
+    assert torch.allclose(chunks[False], full[:, 4:], atol=1e-5)
 
 
 def test_latent_cache_is_small():

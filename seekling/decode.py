@@ -2,9 +2,9 @@
 
 `Transformer.forward_cached` is the readable reference (any number of new tokens, training-safe).
 When every row brings exactly one new token, as in every decode step, the same computation can be
-reorganised so that a layer is a handful of matmuls and a few elementwise kernels, because at batch
-1-64 a CPU spends its time launching kernels, not in them. `DecodeEngine` folds, once, from the
-model's current weights:
+reorganised so that a layer is a handful of matmuls and a few elementwise kernels: at batch 1-64 a
+CPU spends a decode step streaming weights and launching kernels, not computing, so fewer and
+bigger kernels win. `DecodeEngine` folds, once, from the model's current weights:
 
   - RMSNorm's weight (and sqrt(dim)) into the matrix that follows it; the per-row 1/rms is applied
     to the matmul's output, since a per-row scalar commutes with the product;
@@ -39,7 +39,7 @@ class _Attention:
     b_in: torch.Tensor | None
     eps_in: torch.Tensor  # sqrt(eps * D) of input_layernorm: 1/rms(x) = sqrt(D) / hypot(|x|, sqrt(eps * D))
     w_q: torch.Tensor | None  # [H*(C+rope) + H*rope, q_lora]; None when the query comes out of w_in
-    eps_q: torch.Tensor
+    eps_q: torch.Tensor | None
     kv_norm: torch.Tensor  # kv_a_layernorm weight * sqrt(C)
     eps_kv: torch.Tensor
     w_out_t: torch.Tensor  # [H*C, D]: (W_O W_UV)^T

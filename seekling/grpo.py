@@ -371,7 +371,7 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     if B != P * G:
         raise ConfigError(f"{B} completions for {P} prompts is not {G} per prompt")
     device = next(model.parameters()).device
-    Tp, Tc = max(len(p) for p in prompts), max(len(c) for c in completions)
+    Tp, Tc = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))  # empty ones: masked
     prompt_PT = torch.full((P, Tp), pad_id, dtype=torch.long, device=device)
     completion_BT = torch.full((B, Tc), pad_id, dtype=torch.long, device=device)
     for i, ids in enumerate(prompts):
@@ -394,7 +394,7 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     pieces, entropies = [], []
     for start in range(0, B, bucket_rows):
         rows = torch.tensor(order[start : start + bucket_rows], device=device)
-        Tb = int(completion_len_B[rows].max())
+        Tb = max(1, int(completion_len_B[rows].max()))
         tokens_bT = completion_BT[rows, :Tb]
         logits_bTV = model.forward_cached(tokens_bT, per_row, rows=rows, num_new=completion_len_B[rows],
                                           all_logits=True)

@@ -123,12 +123,15 @@ def completion_logprob(model, tokenizer, rollouts, row):
     return float((logp * mask).sum())
 
 
-def test_shared_prompt_scoring_equals_the_full_forward(tokenizer):
-    """group_logprobs (each prompt once, completions against its latent cache) against the slow path
-    (prompt + completion through a full forward): same log-probs, entropies and gradients."""
+@pytest.mark.parametrize("bucket_rows", [16, 3, 1])
+def test_shared_prompt_scoring_equals_the_full_forward(tokenizer, bucket_rows):
+    """group_logprobs (each prompt once, completions against its latent cache, in length buckets)
+    against the slow path (prompt + completion through a full forward): same log-probs, entropies
+    and gradients."""
     model = tiny(tokenizer)
     prompts, completions = [[5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15], [16, 17], [18, 19, 20, 21]]
-    logp, mask, entropy = group_logprobs(model, prompts, completions, 2, 0.7, tokenizer.pad_id, with_entropy=True)
+    logp, mask, entropy = group_logprobs(model, prompts, completions, 2, 0.7, tokenizer.pad_id, with_entropy=True,
+                                         bucket_rows=bucket_rows)
     (logp * mask).sum().backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

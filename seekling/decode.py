@@ -18,8 +18,9 @@ bigger kernels win. `DecodeEngine` folds, once, from the model's current weights
     residual add rides on addmm;
   - the MoE gate's rows and the shared experts' gate/up rows into one matrix (fp32 models).
 
-The weights are copied, so build an engine after the last weight update (generate builds one per
-call; a server once). Results equal `forward_cached`'s to float rounding (tested).
+The folded matrices are copies taken at build time (the embedding and the routed experts are read
+from the model), so build an engine after the last weight update: `generate` builds one per call, a
+server once. Results equal `forward_cached`'s to float rounding (tested).
 """
 
 from __future__ import annotations

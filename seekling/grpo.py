@@ -10,7 +10,8 @@ for `mu` optimiser steps over that rollout batch, with rho the ratio to the samp
 KL_it = pi_ref/pi - log(pi_ref/pi) - 1 to a frozen reference (beta = 0 never builds it). The sum
 over tokens is aggregated by one of three small functions: `seq_mean_token_mean` (R1 / GRPO),
 `token_mean` (DAPO) or `seq_sum_constant` (Dr. GRPO). Groups whose rewards are all equal carry no
-signal and are dropped (DAPO's dynamic sampling).
+signal and are dropped (DAPO's dynamic sampling); with `refill_rounds` more prompts are sampled until
+P informative groups are kept, as DAPO does (`fill_informative`).
 
 Read top to bottom: the pure pieces (advantages, per-token terms, aggregations, the loss), the
 rollout (prompting, sampling, rewards), `grpo_step`, then `train_grpo`, the loop with checkpoints,
@@ -40,6 +41,9 @@ from seekling.tasks import Problem, to_chat
 
 
 # ----------------------------------------------------------------------------- configuration
+SEEDS_PER_STEP = 65_536  # sampling seeds reserved per step: row b of round r draws from seed + r * P * G + b
+
+
 @dataclass
 class GRPOConfig:
     # rollouts
@@ -51,6 +55,7 @@ class GRPOConfig:
     template: str = "chat"  # 'chat' (tokenizer chat format) or 'r1zero' (the paper's plain-text prompt)
     rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.2})
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal (DAPO)
+    refill_rounds: int = 0  # with dynamic sampling: extra batches of P prompts to refill the dropped groups
     # loss
     loss_aggregation: str = "seq_mean_token_mean"  # see LOSS_AGGREGATIONS
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
@@ -77,6 +82,10 @@ class GRPOConfig:
         for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refill_rounds < 0:
+            raise ConfigError(f"refill_rounds must be >= 0, got {self.refill_rounds}")
+        if (self.refill_rounds + 1) * self.prompts_per_step * self.group_size > SEEDS_PER_STEP:
+            raise ConfigError(f"(refill_rounds + 1) x P x G must be at most {SEEDS_PER_STEP} sampled rows per step")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ConfigError(f"unknown loss aggregation {self.loss_aggregation!r}; "
                               f"known: {', '.join(LOSS_AGGREGATIONS)}")
@@ -278,6 +287,35 @@ class Rollouts:
                         pick(self.old_logprobs), pick(self.texts), self.rewards_PG[keep_P],
                         {k: pick(v) for k, v in self.components.items()}, pick(self.correct),
                         pick(self.formatted), pick(self.finished), self.sample_seconds)
+
+
+    @staticmethod
+    def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
+        """The groups of several rollout batches (of the same G) as one batch."""
+        cat = lambda name: [x for r in parts for x in getattr(r, name)]  # noqa: E731
+        return Rollouts(cat("problems"), cat("prompt_ids"), cat("completion_ids"), cat("old_logprobs"), cat("texts"),
+                        torch.cat([r.rewards_PG for r in parts]),
+                        {k: [x for r in parts for x in r.components[k]] for k in parts[0].components},
+                        cat("correct"), cat("formatted"), cat("finished"), sum(r.sample_seconds for r in parts))
+
+
+def fill_informative(first: Rollouts, sample_more: Callable[[int], Rollouts], target: int,
+                     rounds: int) -> tuple[Rollouts, int]:
+    """DAPO's dynamic sampling: keep the groups whose rewards are not all equal; while fewer than
+    `target` are kept, sample another batch (`sample_more(round)`, round = 1..`rounds`) and keep its
+    informative groups too. Returns (at most `target` informative groups, extra rounds sampled)."""
+    parts = [first.select_groups(informative_groups(first.rewards_PG))]
+    kept = len(parts[0].problems)
+    used = 0
+    while kept < target and used < rounds:
+        used += 1
+        more = sample_more(used)
+        parts.append(more.select_groups(informative_groups(more.rewards_PG)))
+        kept += len(parts[-1].problems)
+    batch = Rollouts.concat(parts)
+    if kept > target:
+        batch = batch.select_groups(torch.arange(kept) < target)
+    return batch, used
 
 
 def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, reward: CombinedReward,
@@ -572,15 +610,23 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
         while step < cfg.steps:
             lr = lr_at(step, "constant", cfg.lr, cfg.warmup_steps, cfg.steps)
             set_lr(optimizer, lr)
-            batch = problems_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
-            rollouts = sample_rollouts(model, tokenizer, batch, cfg, reward, seed=(cfg.seed * 100_003 + step) * 65_536)
-            record = rollout_metrics(rollouts, reward)
-            keep = informative_groups(rollouts.rewards_PG) if cfg.dynamic_sampling else torch.ones(len(batch), dtype=torch.bool)
-            record["groups_kept"] = int(keep.sum())
+            P, rows_per_round = cfg.prompts_per_step, cfg.prompts_per_step * cfg.group_size
+            batch = problems_for_step(problems, step, P, cfg.seed)
+            seed = (cfg.seed * 100_003 + step) * SEEDS_PER_STEP
+            rollouts = sample_rollouts(model, tokenizer, batch, cfg, reward, seed=seed)
+            record = rollout_metrics(rollouts, reward)  # of the step's own P prompts
+            if cfg.dynamic_sampling:
+                def more(r: int) -> Rollouts:  # refill round r: P prompts of another fixed order, own seeds
+                    extra = problems_for_step(problems, step, P, cfg.seed + 7_919 * r)
+                    return sample_rollouts(model, tokenizer, extra, cfg, reward, seed=seed + r * rows_per_round)
+
+                kept, record["refill_rounds"] = fill_informative(rollouts, more, P, cfg.refill_rounds)
+            else:
+                kept = rollouts
+            record["groups_kept"] = len(kept.problems)
             sampled_tokens = sum(len(c) for c in rollouts.completion_ids)
             record["sample_tokens_per_s"] = sampled_tokens / max(rollouts.sample_seconds, 1e-9)
-            if keep.any():
-                kept = rollouts.select_groups(keep)
+            if kept.problems:
                 t0 = time.perf_counter()
                 stats = grpo_step(model, optimizer, kept, cfg, tokenizer.pad_id, ref_model)
                 seconds = time.perf_counter() - t0

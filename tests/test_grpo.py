@@ -12,11 +12,10 @@ import torch
 import seekling.grpo as grpo
 from seekling.config import ModelConfig
 from seekling.errors import ConfigError, DataError
-from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, clipped_surrogate, group_advantages,
-                           group_logprobs, grpo_loss, grpo_step, informative_groups, kl_to_reference, pad_rollouts,
-                           prompt_ids,
-                           read_problems, seq_mean_token_mean, seq_sum_constant, token_logprobs, token_mean,
-                           train_grpo)
+from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, clipped_surrogate, fill_informative,
+                           group_advantages, group_logprobs, grpo_loss, grpo_step, informative_groups,
+                           kl_to_reference, pad_rollouts, prompt_ids, read_problems, seq_mean_token_mean,
+                           seq_sum_constant, token_logprobs, token_mean, train_grpo)
 from seekling.model import Transformer
 from seekling.tasks import make_problems
 from seekling.training import build_optimizer, list_checkpoints
@@ -105,6 +104,36 @@ def test_kl_term_by_hand():
 def test_informative_groups():
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.2, 0.2]])
     assert informative_groups(rewards).tolist() == [False, True, False]
+
+
+def fake_rollouts(name, rewards):
+    """Groups of 2 completions named name0, name1, ... with the given [P, 2] rewards."""
+    P = len(rewards)
+    rows = [[i, j] for i in range(P) for j in range(2)]
+    return Rollouts([f"{name}{i}" for i in range(P)], [[i] for i, _ in rows], [[j] for _, j in rows],
+                    [[0.0] for _ in rows], [f"{name}{i}.{j}" for i, j in rows], torch.tensor(rewards, dtype=torch.float),
+                    {"correct": [float(i) for i, _ in rows]}, [False] * 2 * P, [True] * 2 * P, [True] * 2 * P, 1.0)
+
+
+def test_dynamic_sampling_refills_up_to_the_batch_size():
+    first = fake_rollouts("a", [[1, 1], [0, 1], [0, 0]])  # one informative group of three
+    extra = {1: fake_rollouts("b", [[1, 1], [1, 0], [0, 0]]), 2: fake_rollouts("c", [[0, 1], [1, 0], [1, 1]])}
+    asked = []
+
+    def more(r):
+        asked.append(r)
+        return extra[r]
+
+    kept, used = fill_informative(first, more, target=3, rounds=5)
+    assert used == 2 and asked == [1, 2]
+    assert kept.problems == ["a1", "b1", "c0"]  # informative groups in order, cut at the target
+    assert kept.texts == ["a1.0", "a1.1", "b1.0", "b1.1", "c0.0", "c0.1"]
+    assert kept.rewards_PG.tolist() == [[0, 1], [1, 0], [0, 1]] and kept.components["correct"] == [1, 1, 1, 1, 0, 0]
+    assert kept.sample_seconds == 3.0
+    kept, used = fill_informative(first, more, target=3, rounds=1)  # the round budget ends the refill
+    assert used == 1 and kept.problems == ["a1", "b1"]
+    kept, used = fill_informative(first, more, target=1, rounds=5)  # already full: nothing more sampled
+    assert used == 0 and kept.problems == ["a1"]
 
 
 # ----------------------------------------------------------------------------- a real step on a tiny model
@@ -209,10 +238,10 @@ def _user_rewards(user_rewards):
 def test_dynamic_sampling_drops_all_equal_groups(tmp_path, tokenizer):
     model = tiny(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = small_cfg(rewards={"tests_grpo_rewards:constant": 1.0})
+    cfg = small_cfg(rewards={"tests_grpo_rewards:constant": 1.0}, refill_rounds=2)
     train_grpo(model, tokenizer, make_problems("arithmetic", "train", 4, 0), cfg, tmp_path / "r", log=lambda s: None)
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["groups_kept"] == 0 and r["skipped"] == 1 for r in records)
+    assert all(r["groups_kept"] == 0 and r["skipped"] == 1 and r["refill_rounds"] == 2 for r in records)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -269,6 +298,8 @@ def test_nan_losses_skip_then_stop_keeping_the_last_good_checkpoint(tmp_path, to
 def test_bad_input_is_explained(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="group_size .* must be >= 2"):
         small_cfg(group_size=1).validate()
+    with pytest.raises(ConfigError, match="refill_rounds must be >= 0"):
+        small_cfg(refill_rounds=-1).validate()
     with pytest.raises(ConfigError, match="unknown reward 'acuracy'; known: .*accuracy"):
         train_grpo(tiny(tokenizer), tokenizer, make_problems("arithmetic", "train", 2, 0),
                    small_cfg(rewards={"acuracy": 1.0}), tmp_path / "x")

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--no-dynamic-sampling", action="store_true",
                    help="keep groups whose rewards are all equal (DAPO drops them)")
+    g.add_argument("--refill-rounds", type=int, default=0,
+                   help="dynamic sampling: up to this many extra batches of P prompts per step to refill the "
+                        "dropped groups, as DAPO over-samples until the batch is full (0: train on what is left)")
     g = parser.add_argument_group("loss")
     g.add_argument("--loss", default="seq_mean_token_mean",
                    choices=["seq_mean_token_mean", "token_mean", "seq_sum_constant"],
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = GRPOConfig(
         prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, template=args.template, rewards=parse_rewards(args.reward),
-        dynamic_sampling=not args.no_dynamic_sampling, loss_aggregation=args.loss, scale_std=not args.no_scale_std,
+        dynamic_sampling=not args.no_dynamic_sampling, refill_rounds=args.refill_rounds, loss_aggregation=args.loss, scale_std=not args.no_scale_std,
         eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, mu=args.mu,
         micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, steps=args.steps, seed=args.seed,

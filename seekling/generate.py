@@ -109,8 +109,8 @@ def compiled_decode_step(model: Transformer):
 def prefill(model: Transformer, prompts: list[list[int]], cache: LatentCache) -> torch.Tensor:
     """Run the prompts into empty cache rows 0..B-1; returns each row's next-token logits [B, V].
 
-    Identical prompts (the G completions of a GRPO group, n > 1 in the server) run once: their cache
-    rows are copies of the first one's.
+    Identical prompts (the G completions of a GRPO group, the k samples of an evaluation) run once:
+    their cache rows are copies of the first one's.
     """
     device = cache.lengths.device
     first: dict[tuple[int, ...], int] = {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from seekling.errors import ConfigError
+from seekling.files import write_json_atomic
 
 MODEL_TYPE = "deepseek_v3"
 ROPE_SCALING_TYPES = ("yarn",)
@@ -255,11 +256,7 @@ class ModelConfig:
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_hf_dict(), sort_keys=True)
         return path
 
     @classmethod

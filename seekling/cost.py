@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from seekling.errors import SeeklingError
+from seekling.files import write_json_atomic
 
 # ------------------------------------------------------------------------- prices and peaks
 # Dollars per device-hour (for "cpu": per core, i.e. per torch thread, hour).
@@ -157,10 +158,7 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
         entry = {"cpu": cpu_model(), "threads": threads, **benchmark_cpu_peak(threads), "measured_at": time.time()}
         table[key] = entry
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(table, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(path, table, sort_keys=True)
     return entry
 
 

@@ -54,6 +54,7 @@ class _FeedForward:
     norm: torch.Tensor  # post_attention_layernorm weight * sqrt(D), for the routed experts' input
     w_down_t: torch.Tensor | None  # the dense MLP's or the shared experts' down projection, [inter, D]
     inter: int  # the dense MLP's / shared experts' intermediate size
+    moe: bool = True
     n_gate_rows: int = 0  # gate logits at the front of w_in's output
     gate_w: torch.Tensor | None = None  # a separate fp32 gate (models not in fp32)
 
@@ -139,7 +140,7 @@ class DecodeEngine:
             mlp = layer.mlp
             w_in = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * norm
             return _FeedForward(w_in.to(like.dtype), eps, norm.to(like.dtype), mlp.down_proj.weight.t().contiguous(),
-                                mlp.gate_proj.out_features)
+                                mlp.gate_proj.out_features, moe=False)
         moe = layer.mlp
         rows, inter, w_down_t = [], 0, None
         if moe.shared_experts is not None:
@@ -154,9 +155,14 @@ class DecodeEngine:
 
     # -------------------------------------------------------------------------------- the step
     @staticmethod
+    def _rms_divisor(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """hypot(|x|, sqrt(eps * dim)) per row = rms(x) / sqrt(dim), so rms_norm(x) = x * sqrt(dim) / this."""
+        return torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps)
+
+    @staticmethod
     def _normed_matmul(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor, bias: torch.Tensor | None = None):
         """rms_norm(x) @ w.T for a w holding the norm's weight * sqrt(dim); also returns the row divisor."""
-        denom = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps)
+        denom = DecodeEngine._rms_divisor(x, eps)
         out = F.linear(x, w).div_(denom)
         return (out if bias is None else out.add_(bias)), denom
 
@@ -193,9 +199,8 @@ class DecodeEngine:
             q_full, _ = self._normed_matmul(c_q, a.w_q, a.eps_q)
         q_BHX = q_full[:, : H * (C + r)].view(B, H, C + r)  # per head [q_latent | q_pe]
         q_BHX[..., C:].mul_(cos_B1R).addcmul_(q_full[:, H * (C + r):].view(B, H, r), sin_B1R)
-        kv_denom = torch.hypot(torch.linalg.vector_norm(c_kv, dim=-1, keepdim=True), a.eps_kv)
         k_pe = torch.addcmul(k_pe * cos_B1R[:, 0], k_rot, sin_B1R[:, 0])
-        entry = torch.cat([c_kv * a.kv_norm / kv_denom, k_pe], dim=-1)
+        entry = torch.cat([c_kv * a.kv_norm / self._rms_divisor(c_kv, a.eps_kv), k_pe], dim=-1)
         store.view(-1, store.shape[-1]).index_copy_(0, slot_B, entry.to(store.dtype))
         kv_BSX = store[:, :S] if rows is None else store[:, :S].index_select(0, rows)
         kv_BSX = kv_BSX.to(x.dtype)
@@ -204,7 +209,7 @@ class DecodeEngine:
         return x if a.b_out is None else x.add_(a.b_out)
 
     def _feed_forward(self, x, f: _FeedForward, mlp):
-        if f.n_gate_rows == 0 and f.gate_w is None:  # dense SwiGLU
+        if not f.moe:  # dense SwiGLU
             h, _ = self._normed_matmul(x, f.w_in, f.eps)
             return torch.addmm(x, F.silu(h[:, : f.inter]) * h[:, f.inter:], f.w_down_t)
         if f.gate_w is None:

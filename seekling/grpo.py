@@ -442,8 +442,7 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
         if with_entropy:
             with torch.no_grad():
                 entropies.append(F.pad(-(logp_bTV.exp() * logp_bTV).sum(-1), (0, Tc - Tb)))
-    inverse = torch.empty(B, dtype=torch.long, device=device)
-    inverse[torch.tensor(order, device=device)] = torch.arange(B, device=device)
+    inverse = torch.tensor(order, device=device).argsort()  # row b sits at position inverse[b] of the buckets
     logp_BT = torch.cat(pieces)[inverse]
     mask_BT = (torch.arange(Tc, device=device)[None] < completion_len_B[:, None]).float()
     entropy_BT = torch.cat(entropies)[inverse] if with_entropy else None

@@ -275,3 +275,29 @@ def test_too_little_free_space_is_refused_before_any_work(tmp_path, monkeypatch,
     assert main(["speedrun", "--preset", "smoke", "--out", str(run_dir)]) == 2
     assert "GB free" in capsys.readouterr().err
     assert not (run_dir / "state.json").exists()
+
+
+# ----------------------------------------------------------------------------- the golden file
+def test_smoke_run_reproduces_the_golden_file(smoke_run):
+    """Per-step losses, GRPO rewards, eval numbers and sampled texts equal those recorded before the refactor."""
+    import golden_record
+
+    fingerprint = golden_record.numerics_fingerprint()
+    record = golden_record.record_of(smoke_run["dir"])
+    if os.environ.get("SEEKLING_RECORD_GOLDEN"):
+        golden_record.save(fingerprint, record)
+    golden = golden_record.load()
+    assert golden, f"no golden file at {golden_record.GOLDEN}"
+    if fingerprint in golden:
+        expected = golden[fingerprint]
+        for stage, rows in expected["stages"].items():
+            assert record["stages"][stage] == rows, f"{stage}: per-step metrics differ from the golden file"
+        assert record["eval"] == expected["eval"]
+        assert record.get("distill_samples") == expected.get("distill_samples")
+        return
+    # Another CPU's rounding: the structure and the first pre-training loss (before any update) still hold.
+    any_record = next(iter(golden.values()))
+    assert [r["step"] for r in record["stages"]["grpo"]] == [r["step"] for r in any_record["stages"]["grpo"]]
+    assert record["stages"]["pretrain"][0]["loss"] == pytest.approx(any_record["stages"]["pretrain"][0]["loss"],
+                                                                    rel=1e-4)
+    pytest.skip(f"numerics fingerprint {fingerprint} has no golden record; see tests/golden_record.py")

@@ -63,7 +63,7 @@ def train_rate(model, batches, steps: int, warmup: int, bf16: bool, is_hf: bool,
     return tokens / (time.perf_counter() - t0)
 
 
-def sample_rate(model, prompts, new_tokens: int, is_hf: bool, compile: bool = False) -> float:
+def sample_rate(model, prompts, new_tokens: int, is_hf: bool) -> float:
     model.eval()
     t0 = time.perf_counter()
     if is_hf:
@@ -73,7 +73,7 @@ def sample_rate(model, prompts, new_tokens: int, is_hf: bool, compile: bool = Fa
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         produced = (out.shape[1] - x.shape[1]) * x.shape[0]
     else:
-        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0), compile=compile)
+        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
         produced = sum(len(o.token_ids) for o in outs)
     return produced / (time.perf_counter() - t0)
 
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps and smaller batches (smoke run)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--compile", action="store_true",
-                    help="also measure seekling under torch.compile (compile time excluded, reported apart)")
+                    help="also measure seekling training under torch.compile (compile time excluded, reported apart)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.sample_batches, args.new_tokens = 2, "1,8", 32
@@ -172,12 +172,6 @@ def main() -> None:
         floor = bs * bandwidth / decode_bytes(engine, bs)
         line = (f"  batch {bs:3d}   transformers {b:7.0f}   seekling {a:7.0f} ({a / b:5.2f}x)   "
                 f"bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most {floor / b:5.2f}x)")
-        if args.compile:
-            t0 = time.perf_counter()
-            sample_rate(ours, prompts, args.new_tokens, False, compile=True)  # compiles for this shape
-            warm = time.perf_counter() - t0
-            c = sample_rate(ours, prompts, args.new_tokens, False, compile=True)
-            line += f"   seekling compiled {c:7.0f} ({c / b:5.2f}x; first call {warm:.0f}s)"
         print(line, flush=True)
 
 

@@ -1,8 +1,14 @@
-"""Fast sampling: batched prompts of any lengths against the latent cache, in absorbed form.
+"""The decoding core: every token seekling samples goes through `Decoder` (one latent cache, one step).
 
-The engine knows only token ids. Prompts are right-padded and prefilled together; each row then
-decodes at its own position, finished rows leave the batch, and every sampled token comes with its
-log-probability. Per-row seeds make a row's sample independent of what else is in the batch.
+`generate`, the server's continuous-batching engine (`seekling.serving.Engine`), GRPO rollouts,
+rejection sampling and evaluation all sample here. A `Sequence` is one row being generated: its
+prompt, its `SamplingParams`, its own random stream, its budget and what it has produced so far.
+A `Decoder` owns the model's folded decode step (`seekling.decode.DecodeEngine`) and a
+`LatentCache` of `slots` rows; sequences occupy slots. `Decoder.prefill` runs prompts into their
+slots (identical prompts once), `Decoder.step` runs one new token per sequence; both then sample
+each row with its own temperature / top-p / top-k / generator, append the token and its
+log-probability, and mark the rows a stop token or the budget ended. `generate` is the whole-batch
+loop over it; the server's engine is a scheduler that lets sequences join and leave between steps.
 
     python -c "import torch; from seekling.model import Transformer; from seekling.config import ModelConfig; \
                from seekling.generate import generate, SamplingParams; \
@@ -12,6 +18,8 @@ log-probability. Per-row seeds make a row's sample independent of what else is i
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +27,9 @@ import torch
 from seekling.decode import DecodeEngine
 from seekling.errors import SeeklingError
 from seekling.model import LatentCache, Transformer
+
+MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would overflow the sampler's int64 tensors
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -31,14 +42,26 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise SeeklingError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        """Every field checked, so that sampling a batch can never fail because of one row's settings."""
+        def integer(name: str, lo: int, hi: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise SeeklingError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SeeklingError(f"{name} must be a finite number, got {value!r}")
+            return value
+
+        integer("max_new_tokens", 0, MAX_TOP_K)
+        if number("temperature") < 0:
             raise SeeklingError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < number("top_p") <= 1:
             raise SeeklingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise SeeklingError(f"top_k must be >= 0, got {self.top_k}")
+        integer("top_k", 0, MAX_TOP_K)
+        if self.seed is not None:
+            integer("seed", 0, MAX_SEED)
 
 
 @dataclass
@@ -46,6 +69,16 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)  # includes the stop token when one ended it
     logprobs: list[float] = field(default_factory=list)  # log p(token) under logits / temperature
     finish_reason: str = "length"  # "stop" or "length"
+
+
+def pad_right(seqs: Seq[Seq[int]], pad_id: int = 0, device: torch.device | str | None = None,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one right-padded tensor [B, T] (T = the longest, or `width`) and their lengths [B]."""
+    lengths = [len(s) for s in seqs]
+    out = torch.full((len(seqs), max(lengths) if width is None else width), pad_id, dtype=torch.long, device=device)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+    return out, torch.tensor(lengths, device=device)
 
 
 def sample_tokens(logits_BV: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
@@ -91,56 +124,120 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
-_COMPILED: dict[int, object] = {}
+def check_prompt(config, prompt_ids: Seq[int], where: str, max_len: int) -> None:
+    """A prompt that cannot be generated from (in a context of `max_len`) raises SeeklingError naming `where`."""
+    if len(prompt_ids) == 0:
+        raise SeeklingError(f"{where} is empty")
+    if len(prompt_ids) >= max_len:
+        raise SeeklingError(f"{where} has {len(prompt_ids)} tokens; the context holds {max_len}, "
+                            "leaving no room to generate")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= config.vocab_size:
+        raise SeeklingError(f"{where} has a token id outside the vocabulary [0, {config.vocab_size})")
 
 
-def compiled_decode_step(model: Transformer):
-    """`model.forward_cached` compiled for one new token per row over a fixed-size cache.
+class Sequence:
+    """One row being generated: prompt, settings, random stream (None: torch's global one), output so far."""
 
-    Shapes never change (the whole batch decodes every step, attention spans the whole buffer), so
-    it compiles once per batch size and cache length; worth it for long or repeated sampling.
+    def __init__(self, prompt_ids: Seq[int], params: SamplingParams, seed: int | None = None, max_len: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.generator = make_generator(seed, device)
+        self.stop_ids = set(params.stop_token_ids)
+        self.budget = max(0, min(params.max_new_tokens, max_len - len(self.prompt_ids)))  # new tokens allowed
+        self.out = Completion()
+        self.slot = -1
+        self.done = self.budget == 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.out.token_ids
+
+    def append(self, token: int, logprob: float) -> None:
+        self.out.token_ids.append(token)
+        self.out.logprobs.append(logprob)
+        if token in self.stop_ids:
+            self.out.finish_reason, self.done = "stop", True
+        elif len(self.out.token_ids) >= self.budget:
+            self.done = True
+
+
+class Decoder:
+    """The model's decode step over a latent cache of `slots` rows (sequence `s` lives in row `s.slot`).
+
+    The folded step copies the weights when the decoder is built: build one after the last weight
+    update (`generate` builds one per call, a server once).
     """
-    key = id(model)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(model.forward_cached, dynamic=False)
-    return _COMPILED[key]
 
+    def __init__(self, model: Transformer, slots: int, max_len: int | None = None, cache_len: int | None = None):
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.max_len = max_len or model.config.max_position_embeddings  # the context: prompt + completion
+        self.cache = LatentCache(model.config, slots, cache_len or self.max_len, device=param.device,
+                                 dtype=param.dtype)
+        self.step_fn = DecodeEngine(model)
 
-def prefill(model: Transformer, prompts: list[list[int]], cache: LatentCache) -> torch.Tensor:
-    """Run the prompts into empty cache rows 0..B-1; returns each row's next-token logits [B, V].
+    def check_prompt(self, prompt_ids: Seq[int], where: str) -> None:
+        check_prompt(self.model.config, prompt_ids, where, self.max_len)
 
-    Identical prompts (the G completions of a GRPO group, the k samples of an evaluation) run once:
-    their cache rows are copies of the first one's.
-    """
-    device = cache.lengths.device
-    first: dict[tuple[int, ...], int] = {}
-    source = [first.setdefault(tuple(p), b) for b, p in enumerate(prompts)]
-    unique = sorted(set(source))
-    padded = torch.zeros(len(unique), max(len(prompts[b]) for b in unique), dtype=torch.long, device=device)
-    for i, b in enumerate(unique):
-        padded[i, : len(prompts[b])] = torch.tensor(prompts[b], device=device)
-    rows_U = torch.tensor(unique, device=device)
-    lengths_U = torch.tensor([len(prompts[b]) for b in unique], device=device)
-    logits_UV = model.forward_cached(padded, cache, rows=rows_U, num_new=lengths_U)
-    if len(unique) == len(prompts):
-        return logits_UV
-    source_B = torch.tensor(source, device=device)
-    filled = padded.shape[1]
-    for kv in cache.kv:
-        kv[:, :filled] = kv[source_B, :filled]
-    cache.lengths[:] = cache.lengths[source_B]
-    slot = {b: i for i, b in enumerate(unique)}
-    return logits_UV[torch.tensor([slot[b] for b in source], device=device)]
+    def sequence(self, prompt_ids: Seq[int], params: SamplingParams, seed: int | None = None) -> Sequence:
+        return Sequence(prompt_ids, params, seed, self.max_len, self.device)
+
+    def _rows(self, seqs: Seq[Sequence]) -> torch.Tensor | None:
+        """The cache rows of `seqs`; None when they are the whole cache in order (no gather needed)."""
+        slots = [s.slot for s in seqs]
+        if slots == list(range(self.cache.batch_size)):
+            return None
+        return torch.tensor(slots, device=self.device)
+
+    def prefill(self, seqs: Seq[Sequence]) -> None:
+        """Run each sequence's prompt into its (emptied) slot, then sample its first token.
+
+        Identical prompts (the G completions of a GRPO group, the k samples of an evaluation) run
+        once: the other slots get copies of the first one's cache rows.
+        """
+        first: dict[tuple[int, ...], Sequence] = {}
+        source = [first.setdefault(tuple(s.prompt_ids), s) for s in seqs]
+        unique = list(first.values())
+        slots_U = torch.tensor([s.slot for s in unique], device=self.device)
+        self.cache.reset(slots_U)
+        padded_UT, lengths_U = pad_right([s.prompt_ids for s in unique], device=self.device)
+        logits_UV = self.model.forward_cached(padded_UT, self.cache, rows=slots_U, num_new=lengths_U)
+        if len(unique) < len(seqs):
+            dest = torch.tensor([s.slot for s in seqs], device=self.device)
+            src = torch.tensor([u.slot for u in source], device=self.device)
+            filled = padded_UT.shape[1]
+            for kv in self.cache.kv:
+                kv[dest, :filled] = kv[src, :filled]
+            self.cache.lengths[dest] = self.cache.lengths[src]
+            index = {id(u): i for i, u in enumerate(unique)}
+            logits_UV = logits_UV[torch.tensor([index[id(u)] for u in source], device=self.device)]
+        live = [i for i, s in enumerate(seqs) if not s.done]
+        if live:
+            self._sample([seqs[i] for i in live], logits_UV if len(live) == len(seqs) else logits_UV[live])
+
+    def step(self, seqs: Seq[Sequence]) -> None:
+        """One new token for each sequence (its last one goes into the cache), sampled and appended."""
+        tokens_B = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device)
+        self._sample(seqs, self.step_fn.step(tokens_B, self.cache, rows=self._rows(seqs)))
+
+    def _sample(self, seqs: Seq[Sequence], logits_BV: torch.Tensor) -> None:
+        params = [s.params for s in seqs]
+        tokens, logprobs = sample_tokens(
+            logits_BV, torch.tensor([p.temperature for p in params], device=self.device),
+            torch.tensor([p.top_p for p in params], device=self.device),
+            torch.tensor([p.top_k for p in params], device=self.device), [s.generator for s in seqs])
+        for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            s.append(token, logprob)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             progress=None, compile: bool = False) -> list[Completion]:
+             progress=None) -> list[Completion]:
     """Sample a completion for every prompt. `params` is one for all rows or one per row.
 
     A single seed seeds row b with seed + b, so a batch is reproducible and row b's sample does not
-    depend on the other rows. With `compile`, decode steps run through torch.compile (fixed shapes:
-    finished rows keep a slot but are not sampled); results are the same.
+    depend on the other rows. `progress(n)` is called after each step with the rows it sampled.
     """
     B = len(prompts)
     if B == 0:
@@ -150,67 +247,22 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         raise SeeklingError(f"got {len(per_row)} sampling params for {B} prompts")
     for p in per_row:
         p.validate()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     max_pos = model.config.max_position_embeddings
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise SeeklingError(f"prompt {i} is empty")
-        if len(prompt) >= max_pos:
-            raise SeeklingError(
-                f"prompt {i} has {len(prompt)} tokens; the model's maximum position is {max_pos} "
-                "(max_position_embeddings), so nothing can be generated"
-            )
-        if max(prompt) >= model.config.vocab_size or min(prompt) < 0:
-            raise SeeklingError(f"prompt {i} has a token id outside the vocabulary [0, {model.config.vocab_size})")
-    lengths = [len(p) for p in prompts]
-    budget = [min(p.max_new_tokens, max_pos - n) for p, n in zip(per_row, lengths)]
-    max_len = max(n + m for n, m in zip(lengths, budget))
-    cache = LatentCache(model.config, B, max(max_len, 1), device=device, dtype=dtype)
-    cache.static = compile
-    engine = None if compile else DecodeEngine(model)
-
-    temperature = torch.tensor([p.temperature for p in per_row], device=device)
-    top_p = torch.tensor([p.top_p for p in per_row], device=device)
-    top_k = torch.tensor([p.top_k for p in per_row], device=device)
-    generators = [make_generator(None if p.seed is None else p.seed + (b if not isinstance(params, list) else 0), device)
-                  for b, p in enumerate(per_row)]
-    stops = [set(p.stop_token_ids) for p in per_row]
-    out = [Completion() for _ in range(B)]
-
-    logits = prefill(model, prompts, cache)
-
-    active = [b for b in range(B) if budget[b] > 0]
-    rows = torch.arange(B, device=device)
-    while active:
-        idx = torch.tensor(active, device=device)
-        tokens, logprobs = sample_tokens(logits, temperature[idx], top_p[idx], top_k[idx],
-                                         [generators[b] for b in active])
-        still = []
-        for j, (b, tok, lp) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
-            out[b].token_ids.append(tok)
-            out[b].logprobs.append(lp)
-            if tok in stops[b]:
-                out[b].finish_reason = "stop"
-            elif len(out[b].token_ids) < budget[b]:
-                still.append(j)
+    for b, prompt in enumerate(prompts):
+        check_prompt(model.config, prompt, f"prompt {b}", max_pos)
+    longest = max(len(prompt) + min(p.max_new_tokens, max_pos - len(prompt)) for prompt, p in zip(prompts, per_row))
+    decoder = Decoder(model, B, cache_len=max(longest, 1))
+    seqs = []
+    for b, (prompt, p) in enumerate(zip(prompts, per_row)):
+        seed = None if p.seed is None else p.seed + (b if not isinstance(params, list) else 0)
+        seqs.append(decoder.sequence(prompt, p, seed))
+        seqs[-1].slot = b
+    decoder.prefill(seqs)
+    live = [s for s in seqs if s.token_ids]
+    while live:
         if progress is not None:
-            progress(len(active))
-        if not still:
-            break
-        keep = torch.tensor(still, device=device)
-        active = [active[j] for j in still]
-        if compile:  # every row steps; finished rows rewrite their last slot and are not sampled
-            frozen = cache.lengths.clone()
-            step_tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
-            step_tokens[idx, 0] = tokens
-            logits = compiled_decode_step(model)(step_tokens, cache)
-            done = torch.ones(B, dtype=torch.bool, device=device)
-            done[torch.tensor(active, device=device)] = False
-            cache.lengths[done] = frozen[done]
-            logits = logits[torch.tensor(active, device=device)]
-            continue
-        next_rows = rows[idx[keep]]
-        full = len(active) == B
-        logits = engine.step(tokens if full else tokens[keep], cache, rows=None if full else next_rows)
-    return out
+            progress(len(live))
+        live = [s for s in live if not s.done]
+        if live:
+            decoder.step(live)
+    return [s.out for s in seqs]

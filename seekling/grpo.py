@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
 from seekling.evalsets import grade
-from seekling.generate import SamplingParams, generate
+from seekling.generate import SamplingParams, generate, pad_right
+from seekling.model import LatentCache
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, register_reward
 from seekling.tasks import Problem, to_chat
 
@@ -403,21 +404,13 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     Rows run in buckets of `bucket_rows`, sorted by length. Returns (logp_BT, mask_BT, entropy_BT or
     None), aligned with the completion tokens.
     """
-    from seekling.model import LatentCache
-
     G, P, B = group_size, len(prompts), len(completions)
     if B != P * G:
         raise ConfigError(f"{B} completions for {P} prompts is not {G} per prompt")
     device = next(model.parameters()).device
-    Tp, Tc = max(len(p) for p in prompts), max(1, max(len(c) for c in completions))  # empty ones: masked
-    prompt_PT = torch.full((P, Tp), pad_id, dtype=torch.long, device=device)
-    completion_BT = torch.full((B, Tc), pad_id, dtype=torch.long, device=device)
-    for i, ids in enumerate(prompts):
-        prompt_PT[i, : len(ids)] = torch.tensor(ids)
-    for i, ids in enumerate(completions):
-        completion_BT[i, : len(ids)] = torch.tensor(ids)
-    prompt_len_P = torch.tensor([len(p) for p in prompts], device=device)
-    completion_len_B = torch.tensor([len(c) for c in completions], device=device)
+    prompt_PT, prompt_len_P = pad_right(prompts, pad_id, device)
+    Tp, Tc = prompt_PT.shape[1], max(1, max(len(c) for c in completions))  # empty ones: masked
+    completion_BT, completion_len_B = pad_right(completions, pad_id, device, width=Tc)
     cache = LatentCache(model.config, P, Tp + Tc, device=device)
     # explicit rows make the cache reads copies, so autograd never sees a buffer change under it
     last_PV = model.forward_cached(prompt_PT, cache, rows=torch.arange(P, device=device), num_new=prompt_len_P)

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from seekling.checkpoint import load_pretrained
-from seekling.decode import DecodeEngine
 from seekling.errors import CheckpointError, SeeklingError
-from seekling.generate import SamplingParams, make_generator, sample_tokens
-from seekling.model import LatentCache, Transformer
+from seekling.generate import Decoder, SamplingParams
+from seekling.model import Transformer
 from seekling.tokenizer import Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -238,22 +237,18 @@ class Event:
 
 
 class Request:
-    """A job inside the engine; `cancel()` frees its slot before the next decode step."""
+    """A job inside the engine: its `Sequence` in the decoding core, its text stream and its sink.
+
+    `cancel()` frees its slot before the next decode step.
+    """
 
     def __init__(self, job: Job, index: int, sink: Callable[[int, Event], None], tokenizer: Tokenizer,
-                 max_len: int):
+                 decoder: Decoder):
         self.id = secrets.token_hex(6)
         self.job, self.index, self.sink = job, index, sink
-        self.prompt_ids = list(job.prompt_ids)
-        p = job.params
-        self.stop_ids = set(p.stop_token_ids)
-        self.budget = max(0, min(p.max_new_tokens, max_len - len(self.prompt_ids)))
-        seed = p.seed if p.seed is not None else secrets.randbits(63)  # never the shared global RNG
-        self.generator = make_generator(seed)
+        seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)  # never the global RNG
+        self.seq = decoder.sequence(job.prompt_ids, job.params, seed)
         self.text = TextStream(tokenizer, job.stop)
-        self.slot: int | None = None
-        self.last_token = -1
-        self.completion_tokens = 0
         self.finished = False
         self._cancelled = threading.Event()
 
@@ -281,10 +276,7 @@ class Engine:
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.max_len = max_len or model.config.max_position_embeddings
         self.prefill_tokens = prefill_tokens
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = LatentCache(model.config, max_concurrent, self.max_len, device=param.device, dtype=param.dtype)
-        self.decoder = DecodeEngine(model)  # folded copies of the weights: a served model does not change
+        self.decoder = Decoder(model, max_concurrent, self.max_len)  # folded weights: a served model does not change
         self._slots: list[Request | None] = [None] * max_concurrent
         self._pending: collections.deque[Request] = collections.deque()
         self._n_active = 0
@@ -311,17 +303,10 @@ class Engine:
             self._thread = None
 
     def submit(self, jobs: Sequence[Job], sink: Callable[[int, Event], None]) -> list[Request]:
-        vocab = self.model.config.vocab_size
         for i, job in enumerate(jobs):
             job.params.validate()
-            if not job.prompt_ids:
-                raise SeeklingError(f"job {i}: the prompt is empty")
-            if len(job.prompt_ids) >= self.max_len:
-                raise SeeklingError(f"job {i}: the prompt has {len(job.prompt_ids)} tokens; the context "
-                                    f"holds {self.max_len}, leaving no room to generate")
-            if min(job.prompt_ids) < 0 or max(job.prompt_ids) >= vocab:
-                raise SeeklingError(f"job {i}: a prompt token id is outside the vocabulary [0, {vocab})")
-        requests = [Request(job, i, sink, self.tokenizer, self.max_len) for i, job in enumerate(jobs)]
+            self.decoder.check_prompt(job.prompt_ids, f"job {i}: the prompt")
+        requests = [Request(job, i, sink, self.tokenizer, self.decoder) for i, job in enumerate(jobs)]
         with self._cond:
             waiting = len(self._pending) + self._n_active - self.max_concurrent
             if waiting + len(requests) > self.max_queue:
@@ -390,85 +375,59 @@ class Engine:
         batch: list[Request] = []
         with self._cond:
             while self._pending and len(batch) < len(free):
-                longest = max([len(r.prompt_ids) for r in batch] + [len(self._pending[0].prompt_ids)])
+                longest = max(len(r.seq.prompt_ids) for r in batch + [self._pending[0]])
                 if batch and longest * (len(batch) + 1) > self.prefill_tokens:
                     break
                 r = self._pending.popleft()
-                r.slot = free[len(batch)]
-                self._slots[r.slot] = r
+                r.seq.slot = free[len(batch)]
+                self._slots[r.seq.slot] = r
                 self._n_active += 1
                 batch.append(r)
-        for r in [r for r in batch if r.budget == 0]:
+        for r in [r for r in batch if r.seq.budget == 0]:
             self._finish(r, "length")
         batch = [r for r in batch if not r.finished]
-        if not batch:
-            return
-        lengths = [len(r.prompt_ids) for r in batch]
-        padded = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-        for b, r in enumerate(batch):
-            padded[b, : lengths[b]] = torch.tensor(r.prompt_ids)
-        rows = torch.tensor([r.slot for r in batch], device=self.device)
-        try:
-            self.cache.reset(rows)
-            logits = self.model.forward_cached(padded.to(self.device), self.cache, rows=rows,
-                                               num_new=torch.tensor(lengths, device=self.device))
-        except Exception as e:  # noqa: BLE001 - reported to the requests concerned, the engine goes on
-            for r in batch:
-                self._finish(r, "error", f"prefill failed: {e}")
-            return
-        self.counters["prefills"] += len(batch)
-        self._sample_and_emit(batch, logits)
+        if batch:
+            self._call("prefill", batch, self.decoder.prefill)
+            self.counters["prefills"] += len(batch)
 
     def _decode_step(self) -> None:
-        active = [r for r in self._slots if r is not None]
-        rows = torch.tensor([r.slot for r in active], device=self.device)
-        tokens = torch.tensor([r.last_token for r in active], device=self.device)
-        try:
-            logits = self.decoder.step(tokens, self.cache, rows=rows)
-        except Exception as e:  # noqa: BLE001
-            for r in active:
-                self._finish(r, "error", f"decode step failed: {e}")
-            return
+        self._call("decode step", [r for r in self._slots if r is not None], self.decoder.step)
         self.counters["steps"] += 1
-        self._sample_and_emit(active, logits)
 
-    def _sample_and_emit(self, batch: list[Request], logits_BV: torch.Tensor) -> None:
+    def _call(self, what: str, batch: list[Request], fn: Callable) -> None:
+        """One call of the decoding core for `batch`, then each request's new token to its client."""
         try:
-            temperature = torch.tensor([r.job.params.temperature for r in batch], device=self.device)
-            top_p = torch.tensor([r.job.params.top_p for r in batch], device=self.device)
-            top_k = torch.tensor([r.job.params.top_k for r in batch], device=self.device)
-            tokens, _ = sample_tokens(logits_BV, temperature, top_p, top_k, [r.generator for r in batch])
-        except Exception as e:  # noqa: BLE001
+            fn([r.seq for r in batch])
+        except Exception as e:  # noqa: BLE001 - reported to the requests concerned, the engine goes on
             for r in batch:
-                self._finish(r, "error", f"sampling failed: {e}")
+                self._finish(r, "error", f"{what} failed: {e}")
             return
         self.counters["tokens"] += len(batch)
-        for r, token in zip(batch, tokens.tolist()):
+        for r in batch:
             try:
-                self._advance(r, token)
+                self._advance(r)
             except Exception as e:  # noqa: BLE001 - one request's failure never reaches the others
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
-    def _advance(self, r: Request, token: int) -> None:
-        r.last_token = token
-        r.completion_tokens += 1
-        if token in r.stop_ids:
+    def _advance(self, r: Request) -> None:
+        seq = r.seq
+        if seq.out.finish_reason == "stop":  # the stop token: never shown
             return self._finish(r, "stop")
-        text = r.text.push(token)
+        text = r.text.push(seq.token_ids[-1])
         if r.text.stopped:
             return self._finish(r, "stop", text=text)
-        if r.completion_tokens >= r.budget:
+        if seq.done:
             return self._finish(r, "length", text=text)
         if text:
-            r.sink(r.index, Event(text=text, prompt_tokens=len(r.prompt_ids), completion_tokens=r.completion_tokens))
+            r.sink(r.index, Event(text=text, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.token_ids)))
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "") -> None:
         if r.finished:
             return
         r.finished = True
         with self._cond:
-            if r.slot is not None and self._slots[r.slot] is r:
-                self._slots[r.slot] = None
+            if r.seq.slot >= 0 and self._slots[r.seq.slot] is r:
+                self._slots[r.seq.slot] = None
                 self._n_active -= 1
         self.counters[f"finished_{reason}"] += 1
         if reason in ("stop", "length"):
@@ -477,8 +436,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 reason, error = "error", f"{type(e).__name__}: {e}"
         try:
-            r.sink(r.index, Event(text=text, finish_reason=reason, error=error, prompt_tokens=len(r.prompt_ids),
-                                  completion_tokens=r.completion_tokens))
+            r.sink(r.index, Event(text=text, finish_reason=reason, error=error, prompt_tokens=len(r.seq.prompt_ids),
+                                  completion_tokens=len(r.seq.token_ids)))
         except Exception:  # noqa: BLE001 - a sink that cannot take events belongs to a gone client
             pass
 

@@ -90,17 +90,6 @@ def test_generation_stops_at_the_maximum_position(model):
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 
-@pytest.mark.slow
-def test_compiled_decoding_gives_the_same_tokens(model):
-    prompts = [[5, 6, 7], [3], [100, 200, 300, 400]]
-    params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=i) for i, n in enumerate((6, 9, 3))]
-    eager = generate(model, prompts, params)
-    compiled = generate(model, prompts, params, compile=True)
-    for a, b in zip(eager, compiled):
-        assert a.token_ids == b.token_ids
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
-
-
 def test_identical_prompts_prefill_once_and_sample_alike(model):
     p, q = [5, 6, 7, 8], [9, 10]
     batch = generate(model, [p, q, p, p], SamplingParams(max_new_tokens=6, temperature=0))

@@ -50,7 +50,7 @@ class SlowDecoder:
 def server(tmp_path_factory):
     model, tok, _ = load_for_serving(build_model_dir(str(tmp_path_factory.mktemp("web") / "tiny")))
     engine = Engine(model, tok, max_concurrent=2)
-    engine.decoder = SlowDecoder(engine.decoder, 0.1)
+    engine.decoder.step_fn = SlowDecoder(engine.decoder.step_fn, 0.1)
     with live_server(create_app(engine, tok, "tiny-scripted")) as url:
         yield url, engine
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,10 +30,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seekling.errors import SeeklingError
-from seekling.generate import SamplingParams
+from seekling.generate import MAX_TOP_K, SamplingParams
 from seekling.serving import Engine, Event, Job, QueueFullError, ReasoningSplitter
 from seekling.tokenizer import Tokenizer
 
+log = logging.getLogger("seekling.server")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -71,6 +74,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"'{name}' must be a number, got {type(value).__name__}", name, "invalid_type")
+    if not math.isfinite(value):
+        raise APIError(400, f"'{name}' must be a finite number, got {value}", name, "invalid_value")
     if value < low or (low_open and value == low) or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise APIError(400, f"'{name}' must be in {interval}, got {value}", name, "invalid_value")
@@ -139,7 +144,7 @@ def parse_sampling(body: dict, limits: Limits, max_tokens_field: str = "max_toke
     return Sampling(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0, 0),
+        top_k=_integer(body, "top_k", 0, 0, MAX_TOP_K),
         max_tokens=max_tokens,
         n=_integer(body, "n", 1, 1, limits.max_n),
         seed=_integer(body, "seed", None, -(2**63), 2**64 - 1),
@@ -180,9 +185,9 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
-    """/v1/completions `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
-    Strings get the bos token in front; token ids are taken as they are."""
+def parse_prompts(body: dict, vocab_size: int) -> list[str | list[int]]:
+    """/v1/completions `prompt`: a string, a list of strings, token ids, or a list of token-id lists,
+    checked; strings are tokenized later (`encode_prompts`), off the event loop."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list = [prompt]
@@ -193,20 +198,20 @@ def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
     else:
         raise APIError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids",
                        "prompt", "invalid_type" if prompt is not None else "missing_required_parameter")
-    out = []
     for p in prompts:
-        if isinstance(p, str):  # a document starts with bos, as in pre-training
-            out.append([tokenizer.bos_id] + tokenizer.encode(p))
-        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            if any(t < 0 or t >= tokenizer.vocab_size for t in p):
-                raise APIError(400, f"'prompt' token ids must be in [0, {tokenizer.vocab_size})", "prompt",
-                               "invalid_value")
-            out.append(list(p))
-        else:
+        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if any(t < 0 or t >= vocab_size for t in p):
+                raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size})", "prompt", "invalid_value")
+        elif not isinstance(p, str):
             raise APIError(400, "each prompt must be a string or a list of token ids", "prompt", "invalid_type")
-        if not out[-1]:
+        if not p:
             raise APIError(400, "a prompt is empty", "prompt", "invalid_value")
-    return out
+    return prompts
+
+
+def encode_prompts(prompts: list[str | list[int]], tokenizer: Tokenizer) -> list[list[int]]:
+    """Strings get the bos token in front (a document starts with bos, as in pre-training); ids stay."""
+    return [[tokenizer.bos_id] + tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
 
 async def read_json(request: Request, max_bytes: int) -> dict:
@@ -227,6 +232,11 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", None, "invalid_json")
+    try:  # JSON may spell lone UTF-16 surrogates ("\ud800"), which no text can hold
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text",
+                       None, "invalid_json") from None
     return body
 
 
@@ -238,6 +248,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
     context = engine.max_len
     max_prompt = min(limits.max_prompt_tokens or context - 1, context - 1)
     created = int(time.time())
+    # No token is longer than this many bytes, so a text of more bytes than max_prompt times it is too
+    # long for certain: refused before any tokenizing, which for a big prompt would take seconds.
+    max_token_bytes = max(1, tokenizer.max_token_bytes())
+    names = (model_name, "seekling")
+
+    def check_model(body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name not in names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
+                           "model_not_found", type="not_found_error")
+
+    def check_text_size(texts: list[str], param: str) -> None:
+        n_bytes = max((len(t.encode("utf-8")) for t in texts), default=0) if param == "prompt" else \
+            sum(len(t.encode("utf-8")) for t in texts)
+        if n_bytes > max_prompt * max_token_bytes:
+            raise APIError(400, f"the prompt has {n_bytes} bytes, at least {n_bytes // max_token_bytes} tokens; "
+                           f"this server takes at most {max_prompt}", param, "context_length_exceeded")
 
     async def lifespan(app):
         engine.start()
@@ -257,8 +284,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception):
-        return JSONResponse(status_code=500, content=error_body(f"internal error: {type(exc).__name__}: {exc}",
-                                                                "server_error"))
+        log.exception("internal error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(status_code=500, content=error_body("internal server error (logged)", "server_error"))
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -400,9 +427,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
     async def chat_completions(request: Request):
         check_key(request)
         body = await read_json(request, limits.max_body_bytes)
+        check_model(body)
         messages = parse_messages(body)
         s = parse_sampling(body, limits, "max_completion_tokens")
-        prompt = tokenizer.render_prompt(messages)
+        check_text_size([m["content"] for m in messages], "messages")
+        prompt = await asyncio.to_thread(tokenizer.render_prompt, messages)
         jobs = jobs_for(prompt, s, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
@@ -445,8 +474,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
     async def completions(request: Request):
         check_key(request)
         body = await read_json(request, limits.max_body_bytes)
-        prompts = parse_prompts(body, tokenizer)
+        check_model(body)
+        raw = parse_prompts(body, tokenizer.vocab_size)
         s = parse_sampling(body, limits)
+        check_text_size([p for p in raw if isinstance(p, str)], "prompt")
+        prompts = await asyncio.to_thread(encode_prompts, raw, tokenizer)
         if len(prompts) * s.n > limits.max_n:
             raise APIError(400, f"{len(prompts)} prompts x n={s.n} is more than {limits.max_n} completions", "n",
                            "invalid_value")

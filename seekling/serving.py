@@ -395,12 +395,20 @@ class Engine:
         self.counters["steps"] += 1
 
     def _call(self, what: str, batch: list[Request], fn: Callable) -> None:
-        """One call of the decoding core for `batch`, then each request's new token to its client."""
+        """One call of the decoding core for `batch`, then each request's new token to its client.
+
+        When the call fails, each request is retried alone from the same cache state, so only a
+        request that fails by itself is failed: one request never fails its neighbours.
+        """
+        lengths = self.decoder.cache.lengths.clone()
         try:
             fn([r.seq for r in batch])
         except Exception as e:  # noqa: BLE001 - reported to the requests concerned, the engine goes on
+            self.decoder.cache.lengths.copy_(lengths)
+            if len(batch) == 1:
+                return self._finish(batch[0], "error", f"{what} failed: {e}")
             for r in batch:
-                self._finish(r, "error", f"{what} failed: {e}")
+                self._call(what, [r], fn)
             return
         self.counters["tokens"] += len(batch)
         for r in batch:

@@ -162,6 +162,10 @@ class Tokenizer:
         literal "<|end_of_text|>") become their single ids, as in transformers."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    def max_token_bytes(self) -> int:
+        """The most bytes any one token stands for (special-token strings included)."""
+        return max(len(t) for t in self._backend.get_vocab(with_added_tokens=True))
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` over many texts, in parallel inside the Rust library."""
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]

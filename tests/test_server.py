@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -158,6 +159,12 @@ def error_of(response: httpx.Response) -> dict:
     ({"messages": ask(), "stop": 7}, 400, "stop", "invalid_type"),
     ({"messages": ask("two " * 250)}, 400, "messages", "context_length_exceeded"),
     ({"messages": ask("x" * 70_000)}, 413, None, "request_too_large"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature", "invalid_value"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400, "top_p", "invalid_value"),
+    ({"messages": ask(), "top_k": 10 ** 30}, 400, "top_k", "invalid_value"),
+    ({"messages": ask(), "top_k": 1e30}, 400, "top_k", "invalid_type"),
+    ({"messages": ask(), "seed": 2 ** 70}, 400, "seed", "invalid_value"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None, "invalid_json"),
 ])
 def test_bad_chat_requests_get_openai_errors(server, body, status, param, code):
     url = server[0]
@@ -182,6 +189,75 @@ def test_more_errors_and_the_client_exceptions(server, client):
         client.chat.completions.create(model="tiny", messages=[])
     # a refused request leaves the server working
     assert client.chat.completions.create(model="tiny", messages=ask()).choices[0].message.content == ANSWER
+
+
+def test_unknown_model_is_404_and_the_connection_survives_bad_requests(server):
+    url = server[0]
+    with httpx.Client(base_url=url) as c:  # one keep-alive connection for every request below
+        r = c.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": ask()})
+        assert r.status_code == 404 and error_of(r)["code"] == "model_not_found" and error_of(r)["param"] == "model"
+        r = c.post("/v1/completions", json={"model": "nope", "prompt": "The"})
+        assert r.status_code == 404
+        surrogate = '{"messages": [{"role": "user", "content": "\\ud800"}]}'
+        r = c.post("/v1/chat/completions", content=surrogate, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400
+        for name in ("tiny", "seekling"):  # the served name and the generic one
+            r = c.post("/v1/chat/completions", json={"model": name, "messages": ask()})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_never_stalls_the_server(loaded):
+    """A ~1 MB prompt under the body limit: refused at once; /health and a running stream carry on."""
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_concurrent=2)
+    with live_server(create_app(engine, tok, "tiny")) as url:
+        huge = {"messages": [{"role": "user", "content": "1234567 " * 125_000}]}
+        start = time.perf_counter()
+        r = httpx.post(url + "/v1/chat/completions", json=huge, timeout=30)
+        assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+        assert time.perf_counter() - start < 1.0  # tokenizing it would take seconds
+        r = httpx.post(url + "/v1/completions", json={"prompt": ["The", "x" * 900_000]}, timeout=30)
+        assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+
+        async def health_during_huge_requests():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                posts = [asyncio.ensure_future(c.post("/v1/chat/completions", json=huge)) for _ in range(4)]
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    assert (await c.get("/health")).status_code == 200
+                    times.append(time.perf_counter() - t0)
+                await asyncio.gather(*posts)
+                return max(times)
+
+        assert asyncio.run(health_during_huge_requests()) < 0.1
+
+
+def test_one_failing_row_fails_alone(loaded):
+    """A row whose sampling raises (settings that slipped past validation) fails; its batch-mates finish
+    with the same tokens they get alone."""
+    model, tok, _ = loaded
+    prompt = tok.encode("The quick")
+    good = [Job(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=s, stop_token_ids=())) for s in (1, 2)]
+    engine = Engine(model, tok, max_concurrent=3).start()
+    try:
+        alone = [engine.run_to_completion(job.prompt_ids, job.params)[0] for job in good]
+    finally:
+        engine.close()
+    engine = Engine(model, tok, max_concurrent=3)  # started once the bad row is in place
+    bad = Job(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3))
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    requests = engine.submit([good[0], bad, good[1]], lambda i, ev: events[i].append(ev))
+    requests[1].seq.params.top_k = 2 ** 70  # past validate(): sampling a batch with it raises
+    engine.start()
+    try:
+        assert wait_for(lambda: all(evs and evs[-1].finish_reason for evs in events.values()))
+    finally:
+        engine.close()
+    assert events[1][-1].finish_reason == "error"
+    for i, text in ((0, alone[0]), (2, alone[1])):
+        assert events[i][-1].finish_reason == "length"
+        assert "".join(ev.text for ev in events[i]) == text
 
 
 def test_api_key(loaded):

@@ -20,7 +20,8 @@ bigger kernels win. `DecodeEngine` folds, once, from the model's current weights
 
 The folded matrices are copies taken at build time (the embedding and the routed experts are read
 from the model), so build an engine after the last weight update: `generate` builds one per call, a
-server once. Results equal `forward_cached`'s to float rounding (tested).
+server once. The routed experts run through the model's own dispatch (`Experts.forward`) and the
+mask is the model's `causal_bias`. Results equal `forward_cached`'s to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from seekling.model import MLA, LatentCache, Transformer, _grouped_linear_impl
+from seekling.model import MLA, LatentCache, Transformer, causal_bias
 
 
 @dataclass
@@ -117,7 +118,7 @@ class DecodeEngine:
         b_in = None
         if attn.kv_a_proj_with_mqa.bias is not None:  # attention_bias: the query's bias (q_a_proj's, or none)
             b_kv = f32(attn.kv_a_proj_with_mqa.bias)
-            q_bias = f32(attn.q_a_proj.bias) if c.q_lora_rank is not None else w_in.new_zeros(w_in.shape[0] - C - 2 * self.config.qk_rope_head_dim)
+            q_bias = f32(attn.q_a_proj.bias) if c.q_lora_rank is not None else w_in.new_zeros(w_in.shape[0] - C - 2 * r)
             b_in = torch.cat([q_bias, b_kv[:C], *self._rope_rows(b_kv[C:])]).to(like.dtype)
         w_o = f32(attn.o_proj.weight).view(D, H, attn.v_dim)
         w_out = torch.einsum("dhv,hvc->dhc", w_o, w_uv).reshape(D, H * C)
@@ -177,8 +178,7 @@ class DecodeEngine:
         cos, sin = model.rope(pos_B)
         dtype = self.head.dtype
         rope = (torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([sin, sin], -1)[:, None].to(dtype))
-        bias_B1S = torch.zeros(B, 1, S, dtype=dtype, device=cos.device).masked_fill_(
-            torch.arange(S, device=cos.device) > pos_B[:, None, None], float("-inf"))
+        bias_B1S = causal_bias(pos_B[:, None], S, dtype)
         slot_B = row_idx * cache.max_len + pos_B  # where each row's new latent goes in the flattened cache
         x = F.embedding(tokens_B, model.embed_tokens.weight)
         for layer_idx, (attn, ff) in enumerate(self.layers):
@@ -220,21 +220,7 @@ class DecodeEngine:
             shared = self._normed_matmul(x, f.w_in, f.eps)[0] if f.w_in is not None else None
             denom = denom.to(x.dtype)
         weights_TK, topk_idx_TK = mlp.gate.route(logits.sigmoid())
-        x = self._routed(mlp.experts, x, x * f.norm / denom, weights_TK, topk_idx_TK)
+        x, _ = mlp.experts(x * f.norm / denom, weights_TK, topk_idx_TK, out_TD=x)  # x += routed experts, in place
         if f.w_down_t is not None:
             x = torch.addmm(x, F.silu(shared[:, : f.inter]) * shared[:, f.inter:], f.w_down_t)
         return x
-
-    @staticmethod
-    def _routed(experts, x_TD, h_TD, weights_TK, topk_idx_TK):
-        """x + the routed experts on h (tokens grouped by expert, as `Experts.forward`)."""
-        K = topk_idx_TK.shape[1]
-        flat_N = topk_idx_TK.reshape(-1)
-        order_N = flat_N.argsort(stable=True)
-        token_N = order_N // K
-        counts_E = torch.bincount(flat_N, minlength=experts.n_experts)
-        gate_up = _grouped_linear_impl(h_TD[token_N], experts.gate_up_proj.transpose(1, 2), counts_E)
-        F_ = experts.inter_dim
-        y = _grouped_linear_impl(F.silu(gate_up[:, :F_]) * gate_up[:, F_:], experts.down_proj.transpose(1, 2), counts_E)
-        y = y * weights_TK.reshape(-1)[order_N, None].to(y.dtype)
-        return x_TD.index_add(0, token_N, y)

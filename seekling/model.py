@@ -1,7 +1,8 @@
 """The DeepSeek-V3 model: multi-head latent attention, DeepSeekMoE, multi-token prediction.
 
-Read top to bottom in the order of DeepSeek's own file: RMSNorm -> RoPE/YaRN -> MLA -> MLP -> Gate ->
-MoE -> Block -> MTP -> Transformer. It computes exactly what transformers' `DeepseekV3ForCausalLM`
+Read top to bottom in the order of DeepSeek's own file: RMSNorm -> RoPE/YaRN -> MLA (with its latent
+cache) -> MLP -> Gate -> Experts/MoE -> Block -> Transformer -> MTP, then the auxiliary-loss-free
+expert balancing; the experts' grouped matmul is a custom op in `seekling.ops`. It computes exactly what transformers' `DeepseekV3ForCausalLM`
 computes (tests/test_parity.py), with a training path (expanded keys, fused attention) and a
 generation path that caches only the compressed latent and attends in absorbed form.
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from seekling.config import ModelConfig
 from seekling.errors import SeeklingError
+from seekling.ops import grouped_linear
 
 IGNORE_INDEX = -100
 FP32_CPU_ATTENTION = True  # under CPU bf16 autocast, run the fused attention kernel in fp32
@@ -90,7 +92,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-# ----------------------------------------------------------------------------- the latent KV cache
+# ----------------------------------------------------------------------------- MLA and its latent KV cache
 class LatentCache:
     """What generation keeps per layer: normalised c_KV and the RoPE'd k_pe, side by side.
 
@@ -122,14 +124,45 @@ class LatentCache:
             self.lengths[rows] = 0
 
 
-# ----------------------------------------------------------------------------- MLA
+def causal_bias(pos_BT: torch.Tensor, S: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The additive attention mask [B, T, S] over the cache: 0 up to each new token's position, -inf after.
+
+    Shared by `forward_cached` and the decode step, so both attend to exactly the same positions.
+    """
+    return torch.zeros(*pos_BT.shape, S, dtype=dtype, device=pos_BT.device).masked_fill_(
+        torch.arange(S, device=pos_BT.device) > pos_BT[..., None], float("-inf"))
+
+
+@dataclass
+class CacheStep:
+    """What every layer of one `forward_cached` call shares: rows, positions, the visibility mask."""
+
+    cache: LatentCache
+    rows: torch.Tensor | None  # cache rows of the batch (None: all rows, in order)
+    row_idx: torch.Tensor  # [B]
+    pos_BT: torch.Tensor  # absolute positions of the new tokens
+    S: int  # length of the cache prefix attended
+    naive: bool = False
+    fresh: bool = False  # every row starts at position 0 (and, right-padded, attends causally to itself)
+
+    def __post_init__(self):
+        self.bias_BTS = causal_bias(self.pos_BT, self.S)
+        self._bias: dict[int, torch.Tensor] = {}
+
+    def bias_BXS(self, n_heads: int) -> torch.Tensor:
+        """The additive mask laid out as [B, T * heads, S] (built once, reused by every layer)."""
+        if n_heads not in self._bias:
+            B, T, S = self.bias_BTS.shape
+            self._bias[n_heads] = self.bias_BTS[:, :, None].expand(B, T, n_heads, S).reshape(B, T * n_heads, S)
+        return self._bias[n_heads]
+
+
 class MLA(nn.Module):
     """Multi-head latent attention: low-rank queries, a shared compressed KV latent, a decoupled RoPE key."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        c = config
-        self.config = c
+        self.config = c = config
         self.n_heads = c.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.qk_dim = c.qk_head_dim
@@ -159,14 +192,11 @@ class MLA(nn.Module):
                         sin.unsqueeze(-2).to(x.dtype), self.config.rope_interleave)
         return q_nope, pe[:, :, :-1], c_kv, pe[:, :, -1]  # [B,T,H,nope], [B,T,H,rope], [B,T,C], [B,T,rope]
 
-    def forward(self, x, cos, sin, step: "CacheStep | None" = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, step: CacheStep | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """Without a step (training, scoring): expand the latent into per-head keys and values, fused causal attention."""
         if step is None:
-            return self._forward_expanded(x, cos, sin)
+            return self._expanded_attention(x, *self._project(x, cos, sin))
         return self._forward_cached(x, cos, sin, step, layer_idx)
-
-    def _forward_expanded(self, x, cos, sin):
-        """Training / full-sequence path: expand the latent into per-head keys and values, fused causal attention."""
-        return self._expanded_attention(x, *self._project(x, cos, sin))
 
     def _expanded_attention(self, x, q_nope, q_pe, c_kv, k_pe):
         B, T, _ = x.shape
@@ -187,7 +217,7 @@ class MLA(nn.Module):
         out = out[..., : self.v_dim].to(q.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def _forward_cached(self, x, cos, sin, step: "CacheStep", layer_idx: int):
+    def _forward_cached(self, x, cos, sin, step: CacheStep, layer_idx: int):
         """Generation path: write the new latents into the cache, attend over it in absorbed form.
 
         Absorption folds the key half of kv_b_proj into the query (q_latent = q_nope @ W_UK) and
@@ -208,7 +238,7 @@ class MLA(nn.Module):
             c_all, k_pe_all = kv_BSD.split([C, self.rope_dim], dim=-1)
             k_nope, v = self.kv_b_proj(c_all).view(B, S, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
             scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe_all)
-            probs = (scores * self.scale + step.bias_BHTS(H)).softmax(-1)
+            probs = (scores * self.scale + step.bias_BTS[:, None]).softmax(-1)
             out = torch.einsum("bhts,bshv->bthv", probs, v)
         else:
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
@@ -216,34 +246,6 @@ class MLA(nn.Module):
             probs = torch.baddbmm(step.bias_BXS(H).to(x.dtype), q_cat, kv_BSD.transpose(1, 2)).softmax(-1)  # [B, T*H, S]
             out = torch.einsum("bthc,hvc->bthv", torch.bmm(probs, kv_BSD[..., :C]).view(B, T, H, C), w_uv)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
-
-
-@dataclass
-class CacheStep:
-    """What every layer of one `forward_cached` call shares: rows, positions, the visibility mask."""
-
-    cache: LatentCache
-    rows: torch.Tensor | None  # cache rows of the batch (None: all rows, in order)
-    row_idx: torch.Tensor  # [B]
-    pos_BT: torch.Tensor  # absolute positions of the new tokens
-    S: int  # length of the cache prefix attended
-    naive: bool = False
-    fresh: bool = False  # every row starts at position 0 (and, right-padded, attends causally to itself)
-
-    def __post_init__(self):
-        visible_BTS = torch.arange(self.S, device=self.pos_BT.device) <= self.pos_BT[:, :, None]
-        self.bias_BTS = torch.zeros(visible_BTS.shape, device=visible_BTS.device).masked_fill(~visible_BTS, float("-inf"))
-        self._bias: dict[int, torch.Tensor] = {}
-
-    def bias_BXS(self, n_heads: int) -> torch.Tensor:
-        """The additive mask laid out as [B, T * heads, S] (built once, reused by every layer)."""
-        if n_heads not in self._bias:
-            B, T, S = self.bias_BTS.shape
-            self._bias[n_heads] = self.bias_BTS[:, :, None].expand(B, T, n_heads, S).reshape(B, T * n_heads, S)
-        return self._bias[n_heads]
-
-    def bias_BHTS(self, n_heads: int) -> torch.Tensor:
-        return self.bias_BTS[:, None]
 
 
 # ----------------------------------------------------------------------------- MLP and MoE
@@ -295,73 +297,6 @@ class Gate(nn.Module):
         return weights_TK * self.scaling if self.scaling != 1.0 else weights_TK, topk_idx_TK
 
 
-_GROUPED_MM_OK: dict[str, bool] = {}
-
-
-def _grouped_linear_impl(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    key = f"{x_ND.device.type}:{x_ND.dtype}"
-    few_rows = x_ND.shape[0] < 4 * w_EDF.shape[0]  # decoding: most experts idle, skip them outright
-    if not few_rows and _GROUPED_MM_OK.get(key, True) and hasattr(torch, "_grouped_mm"):
-        try:
-            return torch._grouped_mm(x_ND, w_EDF, offs=counts_E.cumsum(0).to(torch.int32))
-        except (RuntimeError, NotImplementedError):
-            _GROUPED_MM_OK[key] = False
-    chunks = torch.split(x_ND, counts_E.tolist())
-    return torch.cat([chunk @ w_EDF[e] for e, chunk in enumerate(chunks) if chunk.shape[0]])
-
-
-@torch.library.custom_op("seekling::grouped_linear", mutates_args=())
-def _grouped_linear_op(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """The same product as one opaque op, so torch.compile can trace a decode step around it (inference)."""
-    return _grouped_linear_impl(x_ND, w_EDF.contiguous(), counts_E)
-
-
-@_grouped_linear_op.register_fake
-def _(x_ND, w_EDF, counts_E):
-    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
-
-
-def _grouped_weight_grad(x_ND: torch.Tensor, grad_NF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """d loss / d w[e] = x_e^T @ grad_e for every expert e (zero for idle experts)."""
-    try:
-        return torch._grouped_mm(x_ND.t(), grad_NF, offs=counts_E.cumsum(0).to(torch.int32))
-    except (RuntimeError, NotImplementedError, AttributeError):
-        grads = [xe.t() @ ge for xe, ge in zip(torch.split(x_ND, counts_E.tolist()), torch.split(grad_NF, counts_E.tolist()))]
-        return torch.stack(grads)
-
-
-@torch.library.custom_op("seekling::grouped_weight_grad", mutates_args=())
-def _grouped_weight_grad_op(x_ND: torch.Tensor, grad_NF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    return _grouped_weight_grad(x_ND, grad_NF.contiguous(), counts_E)
-
-
-@_grouped_weight_grad_op.register_fake
-def _(x_ND, grad_NF, counts_E):
-    return x_ND.new_empty(counts_E.shape[0], x_ND.shape[1], grad_NF.shape[1])
-
-
-def _grouped_linear_setup(ctx, inputs, output):
-    x_ND, w_EDF, counts_E = inputs
-    ctx.save_for_backward(x_ND, w_EDF, counts_E)
-
-
-def _grouped_linear_backward(ctx, grad_NF):
-    x_ND, w_EDF, counts_E = ctx.saved_tensors
-    grad_x = _grouped_linear_op(grad_NF.contiguous(), w_EDF.transpose(1, 2), counts_E)
-    grad_w = _grouped_weight_grad_op(x_ND, grad_NF, counts_E)
-    return grad_x, grad_w, None
-
-
-_grouped_linear_op.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
-
-
-def _grouped_linear(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """x rows grouped by expert (counts_E rows each) times that expert's w [D, F]; one kernel where torch has it."""
-    if torch.compiler.is_compiling():
-        return _grouped_linear_op(x_ND, w_EDF, counts_E)
-    return _grouped_linear_impl(x_ND, w_EDF, counts_E)
-
-
 class Experts(nn.Module):
     """All routed experts' weights stacked ([E, 2F, D] gate+up, [E, D, F] down), as transformers keeps them."""
 
@@ -372,24 +307,34 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
-        """Sort the (token, expert) pairs by expert, run each expert on its contiguous rows, scatter back."""
+    def count_tokens(self, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """Tokens routed to each expert, [E] (long)."""
+        flat_N = topk_idx_TK.reshape(-1)
+        return torch.zeros(self.n_experts, dtype=torch.long, device=flat_N.device).scatter_add_(0, flat_N, torch.ones_like(flat_N))
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, topk_idx_TK: torch.Tensor,
+                out_TD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert dispatch of the model and of the decode step: returns (out_TD + experts(x_TD), load_E).
+
+        The (token, expert) pairs are sorted by expert so each expert's rows are contiguous; one grouped
+        matmul runs every expert's gate+up, SwiGLU, one more every down projection, and the weighted
+        rows are added back to their tokens, into out_TD in place (fresh zeros when None; the decode
+        step passes its residual stream). load_E [E] is how many tokens each expert got.
+        """
         T, K = topk_idx_TK.shape
-        flat_expert_N = topk_idx_TK.reshape(-1)
-        order_N = flat_expert_N.argsort(stable=True)
+        order_N = topk_idx_TK.reshape(-1).argsort(stable=True)
         token_N = order_N // K
-        counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=x_TD.device).scatter_add_(
-            0, flat_expert_N, torch.ones_like(flat_expert_N))
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        x = x_TD
+        load_E = self.count_tokens(topk_idx_TK)
+        w_gate_up, w_down, x = self.gate_up_proj, self.down_proj, x_TD
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-        h_NF2 = _grouped_linear(x[token_N], w_gate_up.transpose(1, 2), counts_E)
-        gate_NF, up_NF = h_NF2.chunk(2, dim=-1)
-        y_ND = _grouped_linear(F.silu(gate_NF) * up_NF, w_down.transpose(1, 2), counts_E)
+        gate_NF, up_NF = grouped_linear(x[token_N], w_gate_up.transpose(1, 2), load_E).chunk(2, dim=-1)
+        y_ND = grouped_linear(F.silu(gate_NF) * up_NF, w_down.transpose(1, 2), load_E)
         y_ND = y_ND * weights_TK.reshape(-1)[order_N, None].to(y_ND.dtype)
-        return torch.zeros(T, x_TD.shape[1], dtype=y_ND.dtype, device=x.device).index_add_(0, token_N, y_ND)
+        if out_TD is None:
+            out_TD = torch.zeros(T, x_TD.shape[1], dtype=y_ND.dtype, device=x.device)
+        return out_TD.index_add_(0, token_N, y_ND), load_E
 
     def forward_naive(self, x_TD, weights_TK, topk_idx_TK):
         """Reference: every expert on the tokens that chose it, one expert at a time."""
@@ -401,13 +346,29 @@ class Experts(nn.Module):
             gate, up = F.linear(x_TD[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights_TK[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        return out, self.count_tokens(topk_idx_TK)
 
 
 @dataclass
 class RouterStats:
     load_E: torch.Tensor  # tokens routed to each expert in this forward (no grad)
     balance_loss: torch.Tensor  # the sequence-wise balance loss of this layer (without alpha)
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
+
+    f_i = N_r / (K_r * T) * (tokens of the sequence that chose i); P_i = mean over the sequence of the
+    scores normalised to sum to one per token. The caller multiplies by alpha.
+    """
+    B, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    chosen_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+        1, topk_idx_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
+    )
+    f_BE = chosen_BE * E / (K * T)
+    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()
 
 
 class MoE(nn.Module):
@@ -428,32 +389,14 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         weights_TK, topk_idx_TK, scores_TE = self.gate(x_TD)
         experts = self.experts.forward_naive if self.naive else self.experts
-        y = experts(x_TD, weights_TK, topk_idx_TK).view(B, T, D)
+        y, load_E = experts(x_TD, weights_TK, topk_idx_TK)
+        y = y.view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if not with_stats:
             return y.to(x.dtype), None
-        flat = topk_idx_TK.reshape(-1)
-        load_E = torch.zeros(self.experts.n_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
         stats = RouterStats(load_E.detach(), sequence_balance_loss(scores_TE.view(B, T, -1), topk_idx_TK.view(B, T, -1)))
         return y.to(x.dtype), stats
-
-
-def sequence_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor) -> torch.Tensor:
-    """DeepSeek-V3's complementary sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
-
-    f_i = N_r / (K_r * T) * (tokens of the sequence that chose i); P_i = mean over the sequence of the
-    scores normalised to sum to one per token. The caller multiplies by alpha.
-    """
-    B, T, E = scores_BTE.shape
-    K = topk_idx_BTK.shape[-1]
-    chosen_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
-        1, topk_idx_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
-    )
-    f_BE = chosen_BE * E / (K * T)
-    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
-    return (f_BE * p_BE).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -476,31 +419,6 @@ class Block(nn.Module):
         return x + self.mlp(h), None
 
 
-class SharedHead(nn.Module):
-    """The MTP module's own final norm; the output projection is the main model's lm_head."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class MTPModule(nn.Module):
-    """Depth-k multi-token prediction: h' = Block(eh_proj([enorm(emb(t+k)); hnorm(h_{k-1})]))."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.block = Block(config, layer_idx)
-        self.shared_head = SharedHead(config)
-
-    def forward(self, emb, h, cos, sin):
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        x, stats = self.block(x, cos, sin)
-        return x, stats
-
-
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, T, vocab] (only the last position when `last_only`)
@@ -511,14 +429,17 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # final normalised hidden states
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 # ----------------------------------------------------------------------------- the model
 class Transformer(nn.Module):
     """DeepSeek-V3: embeddings, `num_hidden_layers` blocks, final norm, output head, MTP modules."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList([Block(c, i) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -568,8 +489,7 @@ class Transformer(nn.Module):
         """Full-sequence forward (training, scoring). targets [B, T] with -100 where no loss is taken."""
         B, T = input_ids.shape
         cos, sin = self.rope(torch.arange(T, device=input_ids.device))
-        emb = self.embed_tokens(input_ids)
-        x, stats = emb, []
+        x, stats = self.embed_tokens(input_ids), []
         for layer in self.layers:
             x, s = layer(x, cos, sin)
             if s is not None:
@@ -630,8 +550,29 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(last))
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+# ----------------------------------------------------------------------------- multi-token prediction
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output projection is the main model's lm_head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """Depth-k multi-token prediction: h' = Block(eh_proj([enorm(emb(t+k)); hnorm(h_{k-1})]))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, emb, h, cos, sin):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, cos, sin)
 
 
 # ----------------------------------------------------------------------------- auxiliary-loss-free balancing

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from seekling.config import PRESETS, ModelConfig, count_parameters
 from seekling.errors import ConfigError, SeeklingError
 from seekling.model import (
-    Gate, LatentCache, Transformer, expert_imbalance, sequence_balance_loss, update_expert_bias,
+    Gate, LatentCache, Transformer, causal_bias, expert_imbalance, sequence_balance_loss, update_expert_bias,
 )
+from seekling.ops import grouped_linear_op
 
 
 def tiny(**kw):
@@ -85,6 +86,19 @@ def test_moe_dispatch_equals_naive_path():
     g_slow = torch.autograd.grad(slow.square().sum(), moe.experts.gate_up_proj)[0]
     assert torch.allclose(g_fast, g_slow, atol=1e-5)
 
+
+def test_expert_dispatch_adds_into_a_given_output_and_counts_the_load():
+    cfg = tiny()
+    experts = Transformer(cfg).layers[1].mlp.experts
+    T, K, E = 9, cfg.num_experts_per_tok, cfg.n_routed_experts
+    x, weights = torch.randn(T, cfg.hidden_size), torch.rand(T, K)
+    topk_idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    y, load = experts(x, weights, topk_idx)
+    residual = torch.randn(T, cfg.hidden_size)
+    into_residual, _ = experts(x, weights, topk_idx, out_TD=residual.clone())  # as the decode step calls it
+    torch.testing.assert_close(into_residual, residual + y)
+    torch.testing.assert_close(y, experts.forward_naive(x, weights, topk_idx)[0])
+    assert torch.equal(load, torch.bincount(topk_idx.flatten(), minlength=E)) and int(load.sum()) == T * K
 
 def test_gate_by_hand():
     cfg = tiny(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.0)
@@ -192,6 +206,11 @@ def test_absorbed_attention_equals_expanded():
     assert torch.allclose(chunks[False], full[:, 4:], atol=1e-5)
 
 
+def test_causal_bias_by_hand():
+    inf = float("-inf")
+    bias = causal_bias(torch.tensor([[0, 2], [1, 1]]), 3)
+    assert torch.equal(bias, torch.tensor([[[0, inf, inf], [0, 0, 0]], [[0, 0, inf], [0, 0, inf]]]))
+
 def test_latent_cache_is_small():
     cfg = ModelConfig.from_name("deepseek-v3")
     per_token_cached = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -207,12 +226,10 @@ def test_position_past_the_maximum_is_refused():
 
 
 def test_grouped_linear_op_gradients_match_a_loop():
-    from seekling.model import _grouped_linear_op
-
     counts = torch.tensor([3, 0, 5, 4])
     x = torch.randn(12, 8, requires_grad=True)
     w = torch.randn(4, 8, 12, requires_grad=True)
-    y = _grouped_linear_op(x, w, counts)
+    y = grouped_linear_op(x, w, counts)
     chunks = torch.split(x, counts.tolist())
     ref = torch.cat([c @ w[e] for e, c in enumerate(chunks) if c.shape[0]])
     assert torch.allclose(y, ref, atol=1e-5)

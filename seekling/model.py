@@ -111,7 +111,6 @@ class LatentCache:
         self.kv = [torch.zeros(batch_size, max_len, width, device=device, dtype=dtype) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self.static = False  # attend over the whole buffer (fixed shapes, for torch.compile)
 
     @property
     def batch_size(self) -> int:
@@ -536,8 +535,8 @@ class Transformer(nn.Module):
         start = cache.lengths[row_idx]
         pos_BT = start[:, None] + torch.arange(T, device=input_ids.device)
         cos, sin = self.rope(pos_BT)
-        S = cache.max_len if cache.static else int(pos_BT.max()) + 1
-        fresh = T > 1 and not naive and not cache.static and not bool(start.any())
+        S = int(pos_BT.max()) + 1
+        fresh = T > 1 and not naive and not bool(start.any())
         step = CacheStep(cache, rows, row_idx, pos_BT, S, naive, fresh)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:

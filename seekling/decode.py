@@ -60,8 +60,22 @@ class _FeedForward:
     gate_w: torch.Tensor | None = None  # a separate fp32 gate (models not in fp32)
 
 
+@dataclass
+class _MTP:
+    w_emb: torch.Tensor  # eh_proj's embedding half, enorm folded in
+    eps_emb: torch.Tensor
+    w_h: torch.Tensor  # eh_proj's state half, hnorm folded in
+    eps_h: torch.Tensor
+    layer: tuple  # (_Attention, _FeedForward) of the module's block
+    head: torch.Tensor  # lm_head with the module's own final norm folded in
+    norm: torch.Tensor  # that norm's weight * sqrt(D), for the states handed to the next depth
+    eps: torch.Tensor
+
+
 class DecodeEngine:
-    """`step(tokens_B, cache, rows)` = `model.forward_cached(tokens_B[:, None], cache, rows)`, one token per row."""
+    """`step(tokens, cache, rows)` = `model.forward_cached(tokens, cache, rows)` for a few new tokens per
+    row ([B] or [B, T], T small: a decode step, or the tokens a speculative step verifies), and
+    `mtp_step` = `model.mtp_forward_cached` for the first MTP module (the draft of speculative decoding)."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -70,8 +84,25 @@ class DecodeEngine:
         with torch.no_grad():
             self.layers = [(self._fold_attention(layer), self._fold_feed_forward(layer)) for layer in model.layers]
             head = model.lm_head.weight
-            self.head = (head.float() * model.norm.weight.float() * math.sqrt(D)).to(head.dtype)
+            self.head, self.head_norm = self._fold_norm(head, model.norm.weight)
             self.head_eps = self._eps(model.norm.eps, D, head)
+            self.mtp = [self._fold_mtp(m) for m in model.mtp]
+
+    def _fold_norm(self, w: torch.Tensor, norm_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w with an RMSNorm weight and sqrt(dim) folded into its columns, that norm's weight * sqrt(dim))."""
+        dim = norm_w.shape[0]
+        folded = w.detach().float() * norm_w.detach().float() * math.sqrt(dim)
+        return folded.to(w.dtype), (norm_w.detach().float() * math.sqrt(dim)).to(w.dtype)
+
+    def _fold_mtp(self, m) -> _MTP:
+        D = self.config.hidden_size
+        w = m.eh_proj.weight
+        w_emb, _ = self._fold_norm(w[:, :D], m.enorm.weight)
+        w_h, _ = self._fold_norm(w[:, D:], m.hnorm.weight)
+        head, norm = self._fold_norm(self.model.lm_head.weight, m.shared_head.norm.weight)
+        return _MTP(w_emb, self._eps(m.enorm.eps, D, w), w_h, self._eps(m.hnorm.eps, D, w),
+                    (self._fold_attention(m.block), self._fold_feed_forward(m.block)), head, norm,
+                    self._eps(m.shared_head.norm.eps, D, w))
 
     # -------------------------------------------------------------------------------- folding
     @staticmethod
@@ -168,44 +199,76 @@ class DecodeEngine:
         return (out if bias is None else out.add_(bias)), denom
 
     @torch.no_grad()
-    def step(self, tokens_B: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, V] of the next token after appending tokens_B[b] to cache row rows[b] (all rows when None)."""
+    def step(self, tokens: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None,
+             hidden: bool = False):
+        """Logits of the next token after appending `tokens` ([B], or [B, T]: logits [B, T, V]) to cache
+        rows `rows` (all rows when None); with `hidden`, also the final normalised states."""
+        x = self._run(tokens, cache, rows, self.layers, F.embedding(tokens.reshape(-1), self.model.embed_tokens.weight))
+        logits, denom = self._normed_matmul(x, self.head, self.head_eps)
+        if tokens.dim() == 2:
+            logits = logits.view(*tokens.shape, -1)
+        return (logits, (x * self.head_norm / denom).view(*tokens.shape, -1)) if hidden else logits
+
+    @torch.no_grad()
+    def mtp_step(self, tokens_BT: torch.Tensor, h_BTD: torch.Tensor, cache: LatentCache, num_new: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The first MTP module over right-padded tokens [B, T] (`num_new[b]` real) and the main model's states
+        [B, T, D]; the logits [B, V] of each row's last real position, its cache advanced by `num_new`."""
+        m = self.mtp[0]
+        emb = F.embedding(tokens_BT.reshape(-1), self.model.embed_tokens.weight)
+        h = h_BTD.reshape(emb.shape)
+        x = self._normed_matmul(emb, m.w_emb, m.eps_emb)[0].add_(self._normed_matmul(h, m.w_h, m.eps_h)[0])
+        x = self._run(tokens_BT, cache, rows, [m.layer], x, first=self.config.num_hidden_layers,
+                         blocks=[self.model.mtp[0].block])
+        B, T = tokens_BT.shape
+        last = torch.arange(B, device=x.device) * T + num_new - 1
+        cache.lengths[torch.arange(B, device=x.device) if rows is None else rows] += num_new - T
+        return self._normed_matmul(x[last], m.head, m.eps)[0]
+
+    def _run(self, tokens, cache, rows, layers, x, first: int = 0, blocks=None):
+        """x [N = B*T, D] through `layers` (cache layers first, first+1, ...); advances the rows' lengths by T."""
         model = self.model
-        B = tokens_B.shape[0]
-        row_idx = torch.arange(B, device=tokens_B.device) if rows is None else rows
+        B, T = tokens.shape[0], (tokens.shape[1] if tokens.dim() == 2 else 1)
+        row_idx = torch.arange(B, device=tokens.device) if rows is None else rows
         pos_B = cache.lengths[row_idx]
-        S = int(pos_B.max()) + 1
-        cos, sin = model.rope(pos_B)
+        pos_BT = pos_B[:, None] + torch.arange(T, device=tokens.device)
+        S = int(pos_BT[:, -1].max()) + 1
+        cos, sin = model.rope(pos_BT.reshape(-1))
         dtype = self.head.dtype
         rope = (torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([sin, sin], -1)[:, None].to(dtype))
-        bias_B1S = causal_bias(pos_B[:, None], S, dtype)
-        slot_B = row_idx * cache.max_len + pos_B  # where each row's new latent goes in the flattened cache
-        x = F.embedding(tokens_B, model.embed_tokens.weight)
-        for layer_idx, (attn, ff) in enumerate(self.layers):
-            x = self._attention(x, attn, cache.kv[layer_idx], rows, slot_B, S, bias_B1S, rope)
-            x = self._feed_forward(x, ff, model.layers[layer_idx].mlp)
-        cache.lengths[row_idx] = pos_B + 1
-        return self._normed_matmul(x, self.head, self.head_eps)[0]
+        bias = causal_bias(pos_BT, S, dtype)  # [B, T, S]
+        if T > 1:  # one row of the mask per (token, head), as the queries are laid out
+            H = self.config.num_attention_heads
+            bias = bias[:, :, None].expand(B, T, H, S).reshape(B, T * H, S)
+        slot = (row_idx[:, None] * cache.max_len + pos_BT).reshape(-1)  # where each new latent goes, flattened
+        blocks = blocks if blocks is not None else model.layers
+        for i, (attn, ff) in enumerate(layers):
+            x = self._attention(x, attn, cache.kv[first + i], rows, slot, S, bias, rope)
+            x = self._feed_forward(x, ff, blocks[i].mlp)
+        cache.lengths[row_idx] = pos_B + T
+        return x
 
-    def _attention(self, x, a: _Attention, store, rows, slot_B, S, bias_B1S, rope):
+    def _attention(self, x, a: _Attention, store, rows, slot_N, S, bias, rope):
         c = self.config
-        B, H, C, r = x.shape[0], c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
-        cos_B1R, sin_B1R = rope
+        N, H, C, r = x.shape[0], c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        cos_N1R, sin_N1R = rope
         h, _ = self._normed_matmul(x, a.w_in, a.eps_in, a.b_in)
         if a.w_q is None:
             q_full, c_kv, k_pe, k_rot = h.split([H * (C + 2 * r), C, r, r], dim=-1)
         else:
             c_q, c_kv, k_pe, k_rot = h.split([h.shape[1] - C - 2 * r, C, r, r], dim=-1)
             q_full, _ = self._normed_matmul(c_q, a.w_q, a.eps_q)
-        q_BHX = q_full[:, : H * (C + r)].view(B, H, C + r)  # per head [q_latent | q_pe]
-        q_BHX[..., C:].mul_(cos_B1R).addcmul_(q_full[:, H * (C + r):].view(B, H, r), sin_B1R)
-        k_pe = torch.addcmul(k_pe * cos_B1R[:, 0], k_rot, sin_B1R[:, 0])
+        q_NHX = q_full[:, : H * (C + r)].view(N, H, C + r)  # per head [q_latent | q_pe]
+        q_NHX[..., C:].mul_(cos_N1R).addcmul_(q_full[:, H * (C + r):].view(N, H, r), sin_N1R)
+        k_pe = torch.addcmul(k_pe * cos_N1R[:, 0], k_rot, sin_N1R[:, 0])
         entry = torch.cat([c_kv * a.kv_norm / self._rms_divisor(c_kv, a.eps_kv), k_pe], dim=-1)
-        store.view(-1, store.shape[-1]).index_copy_(0, slot_B, entry.to(store.dtype))
+        store.view(-1, store.shape[-1]).index_copy_(0, slot_N, entry.to(store.dtype))
         kv_BSX = store[:, :S] if rows is None else store[:, :S].index_select(0, rows)
         kv_BSX = kv_BSX.to(x.dtype)
-        probs = torch.baddbmm(bias_B1S, q_BHX, kv_BSX.transpose(1, 2)).softmax(-1)
-        x = torch.addmm(x, torch.bmm(probs, kv_BSX[..., :C]).view(B, H * C), a.w_out_t)
+        B = kv_BSX.shape[0]
+        q_BQX = q_NHX.reshape(B, N // B * H, C + r)  # the T tokens' heads of a row side by side (a view when T = 1)
+        probs = torch.baddbmm(bias, q_BQX, kv_BSX.transpose(1, 2)).softmax(-1)
+        x = torch.addmm(x, torch.bmm(probs, kv_BSX[..., :C]).view(N, H * C), a.w_out_t)
         return x if a.b_out is None else x.add_(a.b_out)
 
     def _feed_forward(self, x, f: _FeedForward, mlp):

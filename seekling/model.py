@@ -101,14 +101,16 @@ class LatentCache:
     or the slots of a continuous-batching server.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 layers: range | None = None):
         if max_len > config.max_position_embeddings:
             raise SeeklingError(
                 f"cache length {max_len} exceeds max_position_embeddings={config.max_position_embeddings}"
             )
         width = config.kv_lora_rank + config.qk_rope_head_dim
-        n_layers = config.num_hidden_layers
-        self.kv = [torch.zeros(batch_size, max_len, width, device=device, dtype=dtype) for _ in range(n_layers)]
+        layers = range(config.num_hidden_layers) if layers is None else layers  # an MTP module's: its block's index
+        self.kv = [torch.zeros(batch_size, max_len, width, device=device, dtype=dtype) if i in layers else None
+                   for i in range(layers.stop)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -522,31 +524,52 @@ class Transformer(nn.Module):
 
     def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None,
                        num_new: torch.Tensor | None = None, naive: bool = False,
-                       all_logits: bool = False) -> torch.Tensor:
+                       all_logits: bool = False, hidden: bool = False):
         """Run new tokens [B, T] through the model against the latent cache; return next-token logits.
 
         Row b of the batch is cache row `rows[b]` (all rows when None), at positions
         `lengths[row] .. lengths[row] + T - 1`. With right-padded prompts, `num_new[b]` is how many of
         the T tokens are real: the cache length advances by that much and the returned logits [B, V]
-        are those of each row's last real token (or [B, T, V] with `all_logits`).
+        are those of each row's last real token (or [B, T, V] with `all_logits`). With `hidden`, also
+        the final normalised hidden states [B, T, D] (what the first MTP module reads).
         """
+        step, cos, sin = self._cache_step(input_ids, cache, rows, naive)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x, _ = layer(x, cos, sin, step)
+        return self._cached_output(x, self.norm, step, num_new, all_logits, hidden)
+
+    def mtp_forward_cached(self, k: int, input_ids: torch.Tensor, h: torch.Tensor, cache: LatentCache,
+                           rows: torch.Tensor | None = None, num_new: torch.Tensor | None = None):
+        """MTP module k (1-based) against its own cache: at position t it reads the depth k-1 state h[t]
+        [B, T, D] and token t+k (input_ids [B, T]) and predicts token t+k+1, as in training.
+        Returns (logits of each row's last real position [B, V], its states [B, T, D] for depth k+1)."""
+        module = self.mtp[k - 1]
+        step, cos, sin = self._cache_step(input_ids, cache, rows)
+        x = module.eh_proj(torch.cat([module.enorm(self.embed_tokens(input_ids)), module.hnorm(h)], dim=-1))
+        x, _ = module.block(x, cos, sin, step)
+        return self._cached_output(x, module.shared_head.norm, step, num_new, False, True)
+
+    def _cache_step(self, input_ids, cache, rows, naive=False):
         B, T = input_ids.shape
         row_idx = torch.arange(B, device=input_ids.device) if rows is None else rows
         start = cache.lengths[row_idx]
         pos_BT = start[:, None] + torch.arange(T, device=input_ids.device)
         cos, sin = self.rope(pos_BT)
-        S = int(pos_BT.max()) + 1
         fresh = T > 1 and not naive and not bool(start.any())
-        step = CacheStep(cache, rows, row_idx, pos_BT, S, naive, fresh)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, step)
-        num_new = torch.full((B,), T, device=input_ids.device) if num_new is None else num_new
-        cache.lengths[row_idx] = start + num_new
+        return CacheStep(cache, rows, row_idx, pos_BT, int(pos_BT.max()) + 1, naive, fresh), cos, sin
+
+    def _cached_output(self, x, norm, step: CacheStep, num_new, all_logits: bool, hidden: bool):
+        B, T, _ = x.shape
+        num_new = torch.full((B,), T, device=x.device) if num_new is None else num_new
+        step.cache.lengths[step.row_idx] = step.pos_BT[:, 0] + num_new
+        if hidden:
+            h = norm(x)
+            logits = self.lm_head(h if all_logits else h[torch.arange(B, device=x.device), num_new - 1])
+            return logits, h
         if all_logits:
-            return self.lm_head(self.norm(x))
-        last = x[torch.arange(B, device=x.device), num_new - 1]
-        return self.lm_head(self.norm(last))
+            return self.lm_head(norm(x))
+        return self.lm_head(norm(x[torch.arange(B, device=x.device), num_new - 1]))
 
 
 # ----------------------------------------------------------------------------- multi-token prediction

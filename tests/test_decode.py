@@ -83,3 +83,37 @@ def test_engine_reads_the_weights_at_build_time():
         assert torch.equal(engine.step(torch.tensor([1]), cache), before)  # a copy: rebuild after updates
         cache.reset()
         torch.testing.assert_close(DecodeEngine(model).step(torch.tensor([1]), cache), 2 * before)
+
+
+@pytest.mark.parametrize("name", ["q_lora, groups", "no q_lora, attention bias", "rotate-half rope, no shared expert"])
+def test_multi_token_step_and_the_mtp_draft_equal_the_reference(name):
+    """What speculative decoding runs: two new tokens per row with the final states, then the first MTP
+    module over 1 or 2 positions per row, against `forward_cached` / `mtp_forward_cached`."""
+    config = ModelConfig.from_name("tiny", num_nextn_predict_layers=1, **CONFIGS[name])
+    model = randomised(config)
+    engine = DecodeEngine(model)
+    B, L = 3, config.num_hidden_layers
+    prompts = torch.randint(0, config.vocab_size, (B, 6))
+    lengths = torch.tensor([6, 2, 4])
+    ref, fast = LatentCache(config, B, 32), LatentCache(config, B, 32)
+    mtp_ref, mtp_fast = (LatentCache(config, B, 32, layers=range(L, L + 1)) for _ in range(2))
+    with torch.inference_mode():
+        for cache in (ref, fast):
+            model.forward_cached(prompts, cache, num_new=lengths)
+        h0 = torch.randn(B, 6, config.hidden_size)
+        for cache in (mtp_ref, mtp_fast):
+            model.mtp_forward_cached(1, prompts, h0, cache, num_new=lengths)
+        for rows in [None, torch.tensor([2, 0])]:
+            n = B if rows is None else len(rows)
+            tokens = torch.randint(0, config.vocab_size, (n, 2))
+            expected, h_ref = model.forward_cached(tokens, ref, rows=rows, all_logits=True, hidden=True)
+            got, h_fast = engine.step(tokens, fast, rows=rows, hidden=True)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(h_fast, h_ref, atol=2e-5, rtol=1e-5)
+            assert torch.equal(fast.lengths, ref.lengths)
+            num_new = torch.tensor([2, 1, 2][:n])
+            expected, _ = model.mtp_forward_cached(1, tokens, h_ref, mtp_ref, rows=rows, num_new=num_new)
+            got = engine.mtp_step(tokens, h_fast, mtp_fast, num_new, rows=rows)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+            assert torch.equal(mtp_fast.lengths, mtp_ref.lengths)
+            torch.testing.assert_close(mtp_fast.kv[L], mtp_ref.kv[L], atol=2e-5, rtol=1e-5)

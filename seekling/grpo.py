@@ -39,7 +39,7 @@ from seekling.evalsets import grade
 from seekling.generate import SamplingParams, generate
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, register_reward
 from seekling.tasks import Problem, to_chat
-from seekling.training import build_optimizer, lr_at, resume_point, set_lr, set_seed, start_run
+from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -498,12 +498,12 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
             if entropy_BT is not None:
                 entropy_mean += float((entropy_BT * mask_BT).sum()) / max(totals.num_tokens, 1)
         sums["entropy"] = entropy_mean
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            return {**sums, "grad_norm": float(grad_norm), "nan": 1.0}
+            return {**sums, "grad_norm": grad_norm, "nan": 1.0}
         optimizer.step()
-        stats = {**sums, "grad_norm": float(grad_norm), "nan": 0.0}
+        stats = {**sums, "grad_norm": grad_norm, "nan": 0.0}
     return stats
 
 

@@ -102,6 +102,11 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     return model
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 DTensor gathered from every rank (a collective), any other as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def reshard(model: nn.Module) -> None:
     """FSDP2 keeps the root's parameters gathered after a forward without backward (an evaluation);
     shard them again so the registered parameters are the ones the optimiser holds. No-op otherwise."""

@@ -32,7 +32,7 @@ from seekling.config import ModelConfig
 from seekling.errors import CheckpointError, ConfigError
 from seekling.files import write_json_atomic
 from seekling.model import Transformer
-from seekling.parallel import barrier, is_distributed, reshard, unwrap_model
+from seekling.parallel import barrier, full_tensor, is_distributed, reshard, unwrap_model
 
 CHECKPOINT_FORMAT = "seekling-training-v1"
 STATE_JSON = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -69,9 +69,7 @@ def _to_json_and_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]
     """Replace every tensor in a nested dict/list by {"tensor": key}, collecting it in `tensors`.
     DTensors (FSDP2) are gathered whole first, so every rank must call this in the same order."""
     if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "full_tensor"):
-            obj = obj.full_tensor()
-        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()
+        tensors[prefix] = full_tensor(obj).detach().to("cpu", copy=True).contiguous()
         return {"tensor": prefix}
     if isinstance(obj, dict):
         return {str(k): _to_json_and_tensors(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
@@ -129,11 +127,8 @@ def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sa
 
                 values[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
         state[index[name]] = values
-    groups = []
-    for g in saved["param_groups"]:
-        group = {k: tuple(v) if k == "betas" else v for k, v in g.items()}
-        group["params"] = [index[n] for n in g["params"]]
-        groups.append(group)
+    groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items()}, "params": [index[n] for n in g["params"]]}
+              for g in saved["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -153,12 +148,7 @@ def _gather_rng_states() -> list[dict[str, Any]]:
 
 def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every tensor whole and on the CPU (gathers FSDP2 shards)."""
-    out = {}
-    for name, t in unwrap_model(model).state_dict().items():
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        out[name] = t.detach().to("cpu")
-    return out
+    return {name: full_tensor(t).detach().to("cpu") for name, t in unwrap_model(model).state_dict().items()}
 
 
 def export_model(model: nn.Module) -> nn.Module:

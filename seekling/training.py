@@ -35,6 +35,7 @@ from seekling.cost import PEAK_FLOPS, cpu_peak
 from seekling.errors import CheckpointError, ConfigError
 from seekling.files import write_text_atomic
 from seekling.model import cross_entropy
+from seekling.parallel import full_tensor
 from seekling.train_state import (export_model, latest_checkpoint, load_training_checkpoint,
                                   save_training_checkpoint, tokenizer_files)
 
@@ -128,9 +129,7 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     if not grads:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
-    return float(norm)
+    return float(full_tensor(norm))  # FSDP2: a DTensor
 
 
 def autocast_for(device: str | torch.device, dtype: str | torch.dtype) -> contextlib.AbstractContextManager:

@@ -31,15 +31,25 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from seekling.checkpoint import load_pretrained, save_pretrained
+from seekling.config import PRESETS, ModelConfig
+from seekling.data import SFTLoader
 from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
 from seekling.evalsets import EVALSETS, GRADERS, grade, load_evalset, read_jsonl
-from seekling.files import write_text_atomic
+from seekling.evaluate import MATH_INSTRUCTION, EvalSettings, evaluate
+from seekling.files import write_json_atomic, write_text_atomic
+from seekling.flops import flops_per_token, forward_flops_per_token
 from seekling.generate import SamplingParams, generate
+from seekling.model import Transformer
 from seekling.rewards import format_reward, known_rewards, load_reward
+from seekling.sft import SFTConfig, train_sft
 from seekling.tasks import R1_ZERO_PROMPT, TASKS, Problem, make_problems, stable_hash
+from seekling.teachers import Teacher, load_teacher, resolve_teacher
+from seekling.tokenizer import Tokenizer
+from seekling.train_state import first_tokenizer_dir, tokenizer_files
+from seekling.training import resume_point
 
 SAMPLES_FORMAT = "seekling-samples-v1"
-from seekling.teachers import Teacher, load_teacher, resolve_teacher  # noqa: E402  (the teacher side)
 
 
 # ----------------------------------------------------------------------------- problems and verifiers
@@ -100,8 +110,6 @@ def verifier_for(task: str, reward: str | None = None) -> Callable[[str, Problem
 
 def user_content(problem: Problem) -> str:
     """The question as the teacher sees it (published math sets get R1's step-by-step instruction)."""
-    from seekling.evaluate import MATH_INSTRUCTION
-
     return f"{problem.prompt}\n{MATH_INSTRUCTION}" if problem.task in EVALSETS else problem.prompt
 
 
@@ -389,10 +397,6 @@ def format_keep_stats(summary: dict[str, Any], one_line: bool = False) -> str:
 def build_student(tokenizer, preset: str | None = None, init: str | Path | None = None, seed: int = 0,
                   device: str | torch.device = "cpu"):
     """A student: the model in `init`, or a fresh `preset` sized to the tokenizer's vocabulary."""
-    from seekling.checkpoint import load_pretrained
-    from seekling.config import ModelConfig
-    from seekling.model import Transformer
-
     _check_student(preset, init)
     if init is not None:
         model = load_pretrained(str(init), device=device)
@@ -406,8 +410,6 @@ def build_student(tokenizer, preset: str | None = None, init: str | Path | None 
 
 
 def _check_student(preset: str | None, init: str | Path | None) -> None:
-    from seekling.config import PRESETS
-
     if (preset is None) == (init is None):
         raise ConfigError("give exactly one student: a preset (--student-preset cpu-small) or a model "
                           "directory (--student-init DIR)")
@@ -415,13 +417,6 @@ def _check_student(preset: str | None, init: str | Path | None) -> None:
         raise ConfigError(f"unknown student preset {preset!r}; known: {', '.join(PRESETS)}")
     if init is not None and not (Path(init) / "config.json").is_file():
         raise CheckpointError(f"student {init}: no config.json there")
-
-
-def _student_tokenizer_dir(tokenizer_dir, student_init, teacher_dir: str) -> Path:
-    for candidate in (tokenizer_dir, student_init, teacher_dir):
-        if candidate and (Path(candidate) / "tokenizer.json").is_file():
-            return Path(candidate)
-    raise ConfigError("the student needs a seekling tokenizer (tokenizer.json): pass --tokenizer DIR")
 
 
 def _on_device(device) -> contextlib.AbstractContextManager:
@@ -439,22 +434,15 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
     (OUT/checkpoints, OUT/metrics.jsonl, OUT/final), then evaluate teacher, student before and
     student after on `eval_problems` (OUT/eval.json; skipped when None). Returns a summary.
     `fit_batch` lowers the SFT batch size when the kept samples fill fewer rows than one batch."""
-    from seekling.checkpoint import save_pretrained
-    from seekling.evaluate import EvalSettings
-    from seekling.sft import SFTConfig, train_sft
-    from seekling.tokenizer import Tokenizer
-    from seekling.training import latest_checkpoint, tokenizer_files
-
     out = Path(out_dir)
     sample = sample or SampleSettings()
     sft = sft or SFTConfig()
     sft.validate()
-    found = latest_checkpoint(out)
-    if found and not resume:
-        raise CheckpointError(f"{out} already holds a distillation run ({Path(found).name}); pass --resume to "
-                              "continue it, or choose another --out")
+    resume_point(out, resume)  # a run directory that holds a run needs --resume, before any sampling
     _check_student(student_preset, student_init)  # every check that can fail before the sampling
-    tok_dir = _student_tokenizer_dir(tokenizer_dir, student_init, resolve_teacher(teacher_path)[0])
+    tok_dir = first_tokenizer_dir([tokenizer_dir, student_init, resolve_teacher(teacher_path)[0]])
+    if tok_dir is None:
+        raise ConfigError("the student needs a seekling tokenizer (tokenizer.json): pass --tokenizer DIR")
     tokenizer = Tokenizer.load(tok_dir)
     teacher = load_teacher(teacher_path, teacher_tokenizer, device)
     log(f"teacher: {teacher.kind} model, {teacher.num_params / 1e6:.2f}M parameters, {teacher.path}")
@@ -468,8 +456,6 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
         student = build_student(tokenizer, student_preset, student_init, sft.seed, device)
         save_pretrained(student, str(init_dir), extra_files=tokenizer_files(tok_dir))
     if fit_batch:
-        from seekling.data import SFTLoader
-
         rows = SFTLoader(out / "samples.jsonl", tokenizer, 1, sft.seq_len, seed=sft.seed, pack=sft.pack).batches_in_epoch(0)
         if rows < sft.batch_size:
             log(f"the kept samples fill {rows} rows: SFT batch size lowered from {sft.batch_size} to {rows}")
@@ -478,25 +464,22 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
         f"({student_preset or student_init}), SFT for {sft.steps} steps on {samples['total']['kept']} samples")
     with _on_device(device):
         sft_summary = train_sft(student, tokenizer, out / "samples.jsonl", sft, out, tokenizer_dir=tok_dir,
-                                resume=bool(found), log=log)
+                                resume=resume, log=log)
     result = {"samples": samples, "sft": sft_summary, "sft_config": asdict(sft),
               "student": str(student_preset or student_init), "tokenizer": str(tok_dir)}
     if eval_problems:
         settings = eval_settings or EvalSettings()
         result["eval"] = evaluate_three(teacher_path, teacher_tokenizer, init_dir, out / "final", tokenizer,
                                         eval_problems, settings, device, log)
-        write_text_atomic(out / "eval.json", json.dumps(result["eval"], indent=2) + "\n")
+        write_json_atomic(out / "eval.json", result["eval"])
         log(format_comparison(result["eval"]))
-    write_text_atomic(out / "distill.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_json_atomic(out / "distill.json", result, default=str)
     return result
 
 
 def evaluate_three(teacher_path, teacher_tokenizer, before_dir, after_dir, tokenizer, problems, settings,
                    device="cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Teacher, student before and student after SFT on the same problems with the same sampling."""
-    from seekling.checkpoint import load_pretrained
-    from seekling.evaluate import evaluate
-
     out = {}
     for name in ("teacher", "student_before", "student_after"):
         if name == "teacher":
@@ -542,10 +525,6 @@ def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out
     fine-tunes its base model on the rejection samples. Returns `tokens` and `flops` for the cost
     ledger, the keep statistics and a one-line `summary`. The speedrun evaluates OUT/final itself.
     """
-    from seekling.config import ModelConfig
-    from seekling.flops import flops_per_token, forward_flops_per_token
-    from seekling.sft import SFTConfig
-
     if student_init is None and student_preset is None:
         student_init = str(Path(out_dir).parent / "pretrain" / "final")
         if not (Path(student_init) / "config.json").is_file():

@@ -33,12 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
+from seekling.checkpoint import load_pretrained, save_pretrained
+from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.evalsets import grade
 from seekling.generate import SamplingParams, generate, pad_right
 from seekling.model import LatentCache
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, register_reward
 from seekling.tasks import Problem, to_chat
+from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -489,12 +491,12 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
             if entropy_BT is not None:
                 entropy_mean += float((entropy_BT * mask_BT).sum()) / max(totals.num_tokens, 1)
         sums["entropy"] = entropy_mean
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            return {**sums, "grad_norm": float(grad_norm), "nan": 1.0}
+            return {**sums, "grad_norm": grad_norm, "nan": 1.0}
         optimizer.step()
-        stats = {**sums, "grad_norm": float(grad_norm), "nan": 0.0}
+        stats = {**sums, "grad_norm": grad_norm, "nan": 0.0}
     return stats
 
 
@@ -533,8 +535,6 @@ def rollout_metrics(rollouts: Rollouts, reward: CombinedReward) -> dict[str, flo
 def build_reference(model, run_dir: Path, resume: bool):
     """The frozen reference policy: the starting weights, kept in `run_dir/reference` so a resumed
     run compares against the same model whatever became of the --init-from directory."""
-    from seekling.checkpoint import load_pretrained, save_pretrained
-
     path = run_dir / "reference"
     if resume and (path / "config.json").is_file():
         ref = load_pretrained(str(path))
@@ -559,11 +559,6 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
     with `TrainingStopped`, leaving the last good checkpoint as it was. `on_step(step, record)` is
     called after each step; a true return value ends the run there (saved like a finished one).
     """
-    from seekling.checkpoint import save_pretrained
-    from seekling.training import (MetricsLogger, build_optimizer, latest_checkpoint, load_training_checkpoint,
-                                   lr_at, progress_bar, save_training_checkpoint, set_lr, set_seed,
-                                   tokenizer_files)
-
     cfg.validate()
     run_dir = Path(run_dir)
     if not problems:
@@ -573,32 +568,16 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             raise DataError(f"problem {i} ({p.id}) has no answer; GRPO needs a verifiable answer per prompt")
     reward = combine_rewards(cfg.rewards)  # unknown names raise here, listing the known ones
     set_seed(cfg.seed)
-    found = latest_checkpoint(run_dir)
-    if found and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints ({Path(found).name}); pass resume "
-                              "(--resume) to continue it, or choose another output directory")
-    ref_model = build_reference(model, run_dir, resume and bool(found)) if cfg.beta > 0 else None
+    checkpoint = resume_point(run_dir, resume)
+    ref_model = build_reference(model, run_dir, checkpoint is not None) if cfg.beta > 0 else None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step, bad_steps, last_good, elapsed, elapsed_cpu = 0, 0, found, 0.0, 0.0
-    if resume and found:
-        state = load_training_checkpoint(found, model, optimizer)
-        step = state["step"]
-        elapsed = state["extra_state"].get("seconds", 0.0)  # the clocks carry on where the run stopped
-        elapsed_cpu = state["extra_state"].get("cpu_seconds", 0.0)
-        log(f"resumed from {found} at step {step}")
-    metrics = MetricsLogger(run_dir, resume_step=step if resume and found else None, tensorboard=False)
-    run_config = {"kind": "grpo", **asdict(cfg)}
-    bar = progress_bar(cfg.steps, initial=step, desc="grpo")
-    start, start_cpu = time.perf_counter() - elapsed, time.process_time() - elapsed_cpu
+    bad_steps, last_good = 0, checkpoint
+    run = start_run(run_dir, checkpoint, model, optimizer, steps=cfg.steps, save_every=cfg.save_every,
+                    config={"kind": "grpo", **asdict(cfg)}, extra_state=lambda: {"bad_steps": bad_steps},
+                    desc="grpo", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, log=log)
+    step = run.step
     history: list[dict[str, float]] = []
-
-    def checkpoint() -> str | None:
-        extra = {"bad_steps": bad_steps, "seconds": time.perf_counter() - start,
-                 "cpu_seconds": time.process_time() - start_cpu}
-        return save_training_checkpoint(run_dir, step, model, optimizer, extra_state=extra,
-                                        config=run_config, tokenizer_dir=tokenizer_dir)
-
-    try:
+    with run:
         while step < cfg.steps:
             lr = lr_at(step, "constant", cfg.lr, cfg.warmup_steps, cfg.steps)
             set_lr(optimizer, lr)
@@ -627,12 +606,12 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             else:
                 record.update(skipped=1)  # every group was all-right or all-wrong: nothing to learn
             # wall time, and this process's CPU time (the same on an idle machine; less on a shared one)
-            record.update(lr=lr, seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - start_cpu)
+            record.update(lr=lr, seconds=run.seconds(), cpu_seconds=run.cpu_seconds())
             step += 1
             if record.get("nan"):
                 bad_steps += 1
                 log(f"step {step}: loss or gradient not finite, update skipped ({bad_steps} in a row)")
-                metrics.log(step, **record)
+                run.metrics.log(step, **record)
                 if bad_steps >= cfg.max_bad_steps:
                     raise TrainingStopped(
                         f"the loss was not finite for {bad_steps} steps in a row (up to step {step}); stopped. "
@@ -640,24 +619,19 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                         "lower --lr or check the rewards")
                 continue
             bad_steps = 0
-            metrics.log(step, **record)
+            run.metrics.log(step, **record)
             history.append({"step": step, **record})
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
-                            len=f"{record['response_length']:.0f}")
+            run.bar.update(1)
+            run.bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
+                                len=f"{record['response_length']:.0f}")
             stop = bool(on_step(step, record)) if on_step is not None else False
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
-                last_good = checkpoint()
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                log(f"time budget of {max_seconds:.0f}s reached at step {step}")
+            if run.save_due(step) and not stop:
+                last_good = run.save(step)
+            if run.out_of_time(step):
                 break
             if stop:
                 log(f"stopped by on_step at step {step}")
                 break
-        last_good = checkpoint()
-        final = save_pretrained(model, str(run_dir / "final"), extra_files=tokenizer_files(tokenizer_dir))
-        return {"step": step, "seconds": time.perf_counter() - start, "final": final, "checkpoint": last_good,
+        last_good, final = run.finish(step)
+        return {"step": step, "seconds": run.seconds(), "final": final, "checkpoint": last_good,
                 "history": history, "reward_failures": reward.stats.total}
-    finally:
-        bar.close()
-        metrics.close()

@@ -6,7 +6,7 @@ One optimiser step, top to bottom:
     clip the gradient norm; AdamW step at lr_at(step); sum the expert load over micro-batches and
     ranks; update_expert_bias(model, load, gamma); log one JSON line to metrics.jsonl.
 Every `eval_every` steps the val loss, every `save_every` steps a lossless checkpoint
-(`seekling.training`), and at the end `RUN_DIR/final/`, an HF-format model directory with the tokenizer.
+(`seekling.train_state`), and at the end `RUN_DIR/final/`, an HF-format model directory with the tokenizer.
 
     seekling pretrain --data runs/data --tokenizer runs/tok --out runs/pt --preset tiny --steps 50 \
         --batch-size 4 --seq-len 64 --eval-every 25 --save-every 25
@@ -29,19 +29,20 @@ from typing import Any
 
 import torch
 
-from seekling.checkpoint import from_hf_state_dict, read_safetensors, save_pretrained
+from seekling.checkpoint import from_hf_state_dict, read_safetensors
 from seekling.config import ModelConfig, count_parameters
+from seekling.cost import format_seconds
 from seekling.data import TokenLoader, check_tokenizer, load_index
 from seekling.errors import ConfigError, DataError, SeeklingError
+from seekling.files import write_json_atomic
 from seekling.flops import flops_per_token
-from seekling.model import Transformer, cross_entropy, expert_imbalance, update_expert_bias
+from seekling.model import Transformer, expert_imbalance, update_expert_bias
+from seekling.parallel import (DistInfo, all_reduce_sum, destroy_distributed, grad_sync, init_distributed, reshard,
+                               unwrap_model, wrap_model)
 from seekling.tokenizer import Tokenizer
-from seekling.training import (
-    DistInfo, MetricsLogger, all_reduce_sum, autocast_for, build_optimizer, check_schedule, clip_gradients,
-    destroy_distributed, export_model, grad_sync, init_distributed, latest_checkpoint, load_training_checkpoint,
-    lr_at, peak_flops, progress_bar, reshard, save_training_checkpoint, set_lr, set_seed, tokenizer_files, unwrap_model,
-    wrap_model,
-)
+from seekling.train_state import first_tokenizer_dir, load_training_checkpoint
+from seekling.training import (autocast_for, build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at,
+                               peak_flops, resume_point, set_lr, set_seed, start_run)
 
 
 @dataclass
@@ -109,10 +110,8 @@ def check_args(a: PretrainArgs) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    for name in ("eval_every", "save_every", "keep_last"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    for name in ("mtp_lambda", "balance_alpha", "bias_gamma", "weight_decay", "grad_clip"):
+    for name in ("eval_every", "save_every", "keep_last", "mtp_lambda", "balance_alpha", "bias_gamma",
+                 "weight_decay", "grad_clip"):
         if getattr(a, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
@@ -124,10 +123,9 @@ def check_args(a: PretrainArgs) -> None:
 
 # ----------------------------------------------------------------------------- setup
 def resolve_tokenizer_dir(a: PretrainArgs, checkpoint: str | None) -> str:
-    candidates = [a.tokenizer] if a.tokenizer else [str(Path(a.data) / "tokenizer"), checkpoint, a.init_from]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "tokenizer.json").is_file():
-            return candidate
+    found = first_tokenizer_dir([a.tokenizer] if a.tokenizer else [Path(a.data) / "tokenizer", checkpoint, a.init_from])
+    if found:
+        return found
     if a.tokenizer:
         raise DataError(f"{a.tokenizer}: no tokenizer.json here")
     raise DataError(f"no tokenizer: pass --tokenizer DIR (the one {a.data} was built with)")
@@ -170,19 +168,9 @@ def val_loader_or_none(a: PretrainArgs, info: DistInfo, say) -> TokenLoader | No
         return None
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: TokenLoader, batches: int, device: torch.device, autocast) -> float:
     """Mean next-token loss over the first `batches` val batches (the same ones every time), all ranks."""
-    model.eval()
-    n = min(batches, loader.batches_in_epoch(0))
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in range(n):
-        x, y = (t.to(device) for t in loader.batch_at(0, b))
-        with autocast():
-            logits = model(x).logits
-        total[0] += cross_entropy(logits, y).double()
-        total[1] += 1
-    model.train()
+    total = loss_sums(model, loader, batches, device, autocast)
     reshard(model)
     all_reduce_sum(total)
     return float(total[0] / total[1])
@@ -209,9 +197,9 @@ def pretrain(args: PretrainArgs | argparse.Namespace | dict[str, Any]) -> dict[s
 def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     def say(message: str) -> None:
         if info.is_main and not a.quiet:
-            bar.write(message) if bar is not None else print(message, flush=True)
+            run.bar.write(message) if run is not None else print(message, flush=True)
 
-    bar = None
+    run = None
     set_seed(a.seed)
     device = info.device
     dtype = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -220,9 +208,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     run_dir = Path(a.out)
 
     # 1. Every check a user's input can fail, before anything is written into --out.
-    checkpoint = latest_checkpoint(run_dir) if a.resume else None
-    if not a.resume and (latest_checkpoint(run_dir) or (run_dir / "final").exists()):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    checkpoint = resume_point(run_dir, a.resume)
     index = load_index(a.data)
     tokenizer_dir = resolve_tokenizer_dir(a, checkpoint)
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -248,12 +234,13 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     model = wrap_model(model, a.distributed, info)
     raw_model = unwrap_model(model)
     optimizer = build_optimizer(model, a.lr, a.weight_decay, tuple(a.betas))
-    start_step = 0
+    run = start_run(run_dir, checkpoint, model, optimizer, steps=a.steps, save_every=a.save_every,
+                    config=a.to_json(), desc="train", tokenizer_dir=tokenizer_dir, keep_last=a.keep_last,
+                    extra_state=lambda: {"data": train_loader.state_dict(), "world_size": info.world_size},
+                    load_weights=False, is_main=info.is_main, progress=not a.quiet, tensorboard=True, log=say)
+    start_step = run.step
     if checkpoint:
-        state = load_training_checkpoint(checkpoint, model, optimizer, load_weights=False, restore_rng=True)
-        start_step = state["step"]
-        train_loader.load_state_dict(state["extra_state"]["data"])
-        say(f"resumed from {checkpoint} at step {start_step}")
+        train_loader.load_state_dict(run.resumed["data"])
     elif a.resume:
         say(f"note: no checkpoint in {run_dir}; starting from scratch")
 
@@ -265,85 +252,74 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     say(f"model: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active), "
         f"{info.world_size} rank(s) on {device.type} {dtype}, {tokens_per_step:,} tokens/step, "
         f"{a.steps} steps, {train_loader.tokens:,} train tokens")
-    logger = MetricsLogger(run_dir, enabled=info.is_main, resume_step=start_step if checkpoint else None)
-    bar = progress_bar(a.steps, start_step, enabled=info.is_main and not a.quiet)
     n_loads = len(raw_model.moe_gates)
-
-    def save(step: int) -> str | None:
-        extra = {"data": train_loader.state_dict(), "world_size": info.world_size}
-        return save_training_checkpoint(run_dir, step, model, optimizer, extra, a.to_json(), tokenizer_dir,
-                                        keep_last=a.keep_last)
 
     # 3. The loop.
     model.train()
     record: dict[str, Any] = {}
     timed_tokens, timed_seconds, train_seconds, val_loss = 0, 0.0, 0.0, None
     recent_step_seconds = None  # moving average for the ETA (the first steps pay for compilation)
-    for step in range(start_step, a.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
-        set_lr(optimizer, lr)
-        # [ce, mtp, balance] summed over micro-batches, then the expert load; one all-reduce for all
-        sums = torch.zeros(3 + n_loads * max(config.n_routed_experts, 1), dtype=torch.float64, device=device)
-        for micro in range(a.grad_accum):
-            x, y = (t.to(device, non_blocking=True) for t in next(train_loader))
-            with grad_sync(model, sync=micro == a.grad_accum - 1):
-                with autocast():
-                    out = model(x, y)
-                loss = out.loss
-                if out.mtp_loss is not None:
-                    loss = loss + a.mtp_lambda * out.mtp_loss
-                if out.balance_loss is not None:
-                    loss = loss + a.balance_alpha * out.balance_loss
-                (loss / a.grad_accum).backward()
-            sums[0] += out.loss.detach().double()
-            sums[1] += out.mtp_loss.detach().double() if out.mtp_loss is not None else 0.0
-            sums[2] += out.balance_loss.detach().double() if out.balance_loss is not None else 0.0
-            if out.expert_load is not None:
-                sums[3:3 + out.expert_load.numel()] += out.expert_load.flatten().double()
-        grad_norm = clip_gradients(model.parameters(), a.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        all_reduce_sum(sums)
-        load = sums[3:].view(n_loads, -1) if n_loads else None
-        if load is not None and a.bias_gamma > 0:
-            update_expert_bias(raw_model, load, a.bias_gamma)
-        losses = (sums[:3] / (a.grad_accum * info.world_size)).tolist()  # also syncs a GPU for the timing
-        if not all(math.isfinite(v) for v in losses):
-            raise SeeklingError(f"step {step + 1}: the loss is {losses[0]} (diverged); lower --lr or use --grad-clip")
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        if step > start_step or a.steps - start_step == 1:  # the first step pays for warm-up/compilation
-            timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + seconds
-            recent_step_seconds = seconds if recent_step_seconds is None else 0.9 * recent_step_seconds + 0.1 * seconds
-        done = step + 1
-        record = {
-            "loss": losses[0], "mtp_loss": losses[1], "balance_loss": losses[2],
-            "total_loss": losses[0] + a.mtp_lambda * losses[1] + a.balance_alpha * losses[2],
-            "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step,
-            "tokens_per_s": tokens_per_step / seconds,
-            "mfu": tokens_per_step * train_flops_per_token / seconds / peak if peak else None,
-            "expert_imbalance": expert_imbalance(load) if load is not None else None,
-            "step_seconds": seconds, "time": time.time(),  # wall clock: loop throughput incl. logging
-        }
-        if val_loader is not None and a.eval_every and (done % a.eval_every == 0 or done == a.steps):
-            val_loss = record["val_loss"] = evaluate(model, val_loader, a.eval_batches, device, autocast)
-        logger.log(done, **record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if done % a.log_every == 0 or done == a.steps or "val_loss" in record:
-            say(format_record(done, a.steps, record, recent_step_seconds or seconds))
-        if a.save_every and done % a.save_every == 0 and done < a.steps:
-            save(done)
+    with run:
+        for step in range(start_step, a.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
+            set_lr(optimizer, lr)
+            # [ce, mtp, balance] summed over micro-batches, then the expert load; one all-reduce for all
+            sums = torch.zeros(3 + n_loads * max(config.n_routed_experts, 1), dtype=torch.float64, device=device)
+            for micro in range(a.grad_accum):
+                x, y = (t.to(device, non_blocking=True) for t in next(train_loader))
+                with grad_sync(model, sync=micro == a.grad_accum - 1):
+                    with autocast():
+                        out = model(x, y)
+                    loss = out.loss
+                    if out.mtp_loss is not None:
+                        loss = loss + a.mtp_lambda * out.mtp_loss
+                    if out.balance_loss is not None:
+                        loss = loss + a.balance_alpha * out.balance_loss
+                    (loss / a.grad_accum).backward()
+                sums[0] += out.loss.detach().double()
+                sums[1] += out.mtp_loss.detach().double() if out.mtp_loss is not None else 0.0
+                sums[2] += out.balance_loss.detach().double() if out.balance_loss is not None else 0.0
+                if out.expert_load is not None:
+                    sums[3:3 + out.expert_load.numel()] += out.expert_load.flatten().double()
+            grad_norm = clip_gradients(model.parameters(), a.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            all_reduce_sum(sums)
+            load = sums[3:].view(n_loads, -1) if n_loads else None
+            if load is not None and a.bias_gamma > 0:
+                update_expert_bias(raw_model, load, a.bias_gamma)
+            losses = (sums[:3] / (a.grad_accum * info.world_size)).tolist()  # also syncs a GPU for the timing
+            if not all(math.isfinite(v) for v in losses):
+                raise SeeklingError(f"step {step + 1}: the loss is {losses[0]} (diverged); lower --lr or use --grad-clip")
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            if step > start_step or a.steps - start_step == 1:  # the first step pays for warm-up/compilation
+                timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + seconds
+                recent_step_seconds = seconds if recent_step_seconds is None else 0.9 * recent_step_seconds + 0.1 * seconds
+            done = step + 1
+            record = {
+                "loss": losses[0], "mtp_loss": losses[1], "balance_loss": losses[2],
+                "total_loss": losses[0] + a.mtp_lambda * losses[1] + a.balance_alpha * losses[2],
+                "lr": lr, "grad_norm": grad_norm, "tokens": done * tokens_per_step,
+                "tokens_per_s": tokens_per_step / seconds,
+                "mfu": tokens_per_step * train_flops_per_token / seconds / peak if peak else None,
+                "expert_imbalance": expert_imbalance(load) if load is not None else None,
+                "step_seconds": seconds, "time": time.time(),  # wall clock: loop throughput incl. logging
+            }
+            if val_loader is not None and a.eval_every and (done % a.eval_every == 0 or done == a.steps):
+                val_loss = record["val_loss"] = evaluate(model, val_loader, a.eval_batches, device, autocast)
+            run.metrics.log(done, **record)
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if done % a.log_every == 0 or done == a.steps or "val_loss" in record:
+                say(format_record(done, a.steps, record, recent_step_seconds or seconds))
+            if run.save_due(done):
+                run.save(done)
 
-    # 4. The final checkpoint and the HF model directory.
-    checkpoint_path = save(a.steps)
+        # 4. The final checkpoint and the HF model directory.
+        checkpoint_path, _ = run.finish(a.steps)
     final_dir = run_dir / "final"
-    exported = export_model(model)
-    if info.is_main:
-        save_pretrained(exported, str(final_dir), extra_files=tokenizer_files(tokenizer_dir))
-    logger.close()
-    bar.close()
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else None
     summary = {
         "run_dir": str(run_dir), "final_dir": str(final_dir), "checkpoint": checkpoint_path,
@@ -355,15 +331,13 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
         "device": device.type, "dtype": dtype,
     }
     if info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(run_dir / "summary.json", summary)
         say(f"done: {final_dir} (tokens/s {tokens_per_s or 0:,.0f}"
             + (f", MFU {summary['mfu']:.1%})" if summary["mfu"] else ")"))
     return summary
 
 
 def format_record(step: int, total: int, r: dict[str, Any], seconds_per_step: float) -> str:
-    from seekling.cost import format_seconds
-
     parts = [f"step {step}/{total}", f"loss {r['loss']:.4f}", f"mtp {r['mtp_loss']:.4f}", f"lr {r['lr']:.2e}",
              f"gnorm {r['grad_norm']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s"]
     if r.get("mfu"):

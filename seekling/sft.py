@@ -2,9 +2,9 @@
 
 SFT trains on `{"messages": [...]}` JSONL with the loss on the assistant's tokens only (the loss
 mask of `Tokenizer.render_chat`), conversations packed into rows of `seq_len` (`SFTLoader`). It uses
-the machinery of pre-training (`seekling.training`): AdamW param groups, warm-up + cosine lr,
-gradient clipping, atomic checkpoints with optimizer, RNG and data position, exact resume, a
-metrics.jsonl and a progress bar. The MoE keeps its auxiliary-loss-free balancing during SFT.
+the machinery and run lifecycle of pre-training (`seekling.training`): AdamW param groups, warm-up +
+cosine lr, gradient clipping, atomic checkpoints with optimizer, RNG and data position, exact resume,
+a metrics.jsonl and a progress bar. The MoE keeps its auxiliary-loss-free balancing during SFT.
 
 Cold start (R1's stage 1) is SFT on worked solutions in the R1 format
 `<think> reasoning </think> <answer> answer </answer>`; `make_cold_start` writes them from the
@@ -26,14 +26,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from seekling.data import SFTLoader
-from seekling.checkpoint import save_pretrained
-from seekling.errors import CheckpointError, ConfigError
+from seekling.errors import ConfigError
 from seekling.model import Transformer, cross_entropy, update_expert_bias
 from seekling.tasks import make_mixture, to_sft_example
 from seekling.tokenizer import Tokenizer
-from seekling.training import (MetricsLogger, build_optimizer, check_schedule, clip_gradients,
-                               latest_checkpoint, load_training_checkpoint, lr_at, progress_bar,
-                               save_training_checkpoint, set_lr, set_seed, tokenizer_files)
+from seekling.training import (build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at, resume_point,
+                               set_lr, set_seed, start_run)
 
 
 @dataclass
@@ -86,18 +84,10 @@ def sft_loss(model: Transformer, inputs_BT: torch.Tensor, targets_BT: torch.Tens
                   "expert_load": out.expert_load}
 
 
-@torch.no_grad()
 def validation_loss(model: Transformer, loader: SFTLoader, batches: int) -> float:
     """Mean assistant-token loss over the first `batches` batches of epoch 0 of `loader`."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in range(min(batches, loader.batches_in_epoch(0))):
-        inputs, targets = loader.batch_at(0, b)
-        total += float(model(inputs, targets).loss)
-        n += 1
-    model.train(was_training)
-    return total / max(n, 1)
+    total = loss_sums(model, loader, batches, next(model.parameters()).device)
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def train_sft(model: Transformer, tokenizer: Tokenizer, conversations: str | Path | Sequence, cfg: SFTConfig,
@@ -108,10 +98,10 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, conversations: str | Pat
 
     With `resume`, continue from the latest checkpoint of `run_dir` (model, optimizer, RNG, data
     position, step): the result equals an uninterrupted run. Without it, a `run_dir` that already
-    holds checkpoints is refused rather than overwritten. Returns a summary dict.
+    holds a run is refused rather than overwritten. Returns a summary dict.
     """
     cfg.validate()
-    run_dir = Path(run_dir)
+    checkpoint = resume_point(run_dir, resume)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                           f"vocab_size={model.config.vocab_size}")
@@ -120,27 +110,15 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, conversations: str | Pat
     val_loader = (SFTLoader(val_conversations, tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed, pack=cfg.pack)
                   if val_conversations is not None else None)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step = 0
-    found = latest_checkpoint(run_dir)
-    if found and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints ({Path(found).name}); pass resume "
-                              "(--resume) to continue it, or choose another output directory")
-    if resume and found:
-        state = load_training_checkpoint(found, model, optimizer)
-        step = state["step"]
-        loader.load_state_dict(state["extra_state"]["loader"])
-        log(f"resumed from {found} at step {step}")
-    metrics = MetricsLogger(run_dir, resume_step=step if resume and found else None, tensorboard=False)
-    run_config = {"kind": "sft", **asdict(cfg)}
-    bar = progress_bar(cfg.steps, initial=step, desc="sft")
+    run = start_run(run_dir, checkpoint, model, optimizer, steps=cfg.steps, save_every=cfg.save_every,
+                    config={"kind": "sft", **asdict(cfg)}, extra_state=lambda: {"loader": loader.state_dict()},
+                    desc="sft", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, log=log)
+    step = run.step
+    if checkpoint:
+        loader.load_state_dict(run.resumed["loader"])
     model.train()
-    start, tokens, last_loss = time.perf_counter(), 0, math.nan
-
-    def checkpoint() -> None:
-        save_training_checkpoint(run_dir, step, model, optimizer, extra_state={"loader": loader.state_dict()},
-                                 config=run_config, tokenizer_dir=tokenizer_dir)
-
-    try:
+    started, tokens, last_loss = time.perf_counter(), 0, math.nan  # this process's throughput
+    with run:
         while step < cfg.steps:
             lr = lr_at(step, cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
             set_lr(optimizer, lr)
@@ -155,30 +133,24 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, conversations: str | Pat
             step += 1
             tokens += int((targets != -100).sum())
             last_loss = stats["loss"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}")
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{last_loss:.3f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - start
                 record = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch,
-                          "assistant_tokens_per_s": tokens / max(elapsed, 1e-9)}
+                          "assistant_tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
                 if stats["mtp_loss"] is not None:
                     record["mtp_loss"] = stats["mtp_loss"]
-                metrics.log(step, **record)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                run.metrics.log(step, **record)
+            if run.save_due(step):
                 if val_loader is not None:
-                    metrics.log(step, val_loss=validation_loss(model, val_loader, cfg.val_batches))
-                checkpoint()
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                log(f"time budget of {max_seconds:.0f}s reached at step {step}")
+                    run.metrics.log(step, val_loss=validation_loss(model, val_loader, cfg.val_batches))
+                run.save(step)
+            if run.out_of_time(step):
                 break
-        checkpoint()
-        summary = {"step": step, "loss": last_loss, "seconds": time.perf_counter() - start,
-                   "dropped_conversations": loader.dropped}
+        _, final = run.finish(step)
+        summary = {"step": step, "loss": last_loss, "seconds": run.seconds(), "dropped_conversations": loader.dropped}
         if val_loader is not None:
             summary["val_loss"] = validation_loss(model, val_loader, cfg.val_batches)
-            metrics.log(step, val_loss=summary["val_loss"])
-        summary["final"] = save_pretrained(model, str(run_dir / "final"), extra_files=tokenizer_files(tokenizer_dir))
+            run.metrics.log(step, val_loss=summary["val_loss"])
+        summary["final"] = final
         return summary
-    finally:
-        bar.close()
-        metrics.close()

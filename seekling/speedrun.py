@@ -311,7 +311,7 @@ def _write_problems(path: Path, problems: list) -> None:
 
 
 def _latest_step(run_dir: Path) -> int:
-    from seekling.training import latest_checkpoint, read_trainer_state
+    from seekling.train_state import latest_checkpoint, read_trainer_state
 
     found = latest_checkpoint(run_dir)
     return int(read_trainer_state(found)["step"]) if found else 0
@@ -379,7 +379,7 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
         return {}
     loads = measure_expert_load(out, ctx.path("shards"), p.pretrain_batch_size, p.seq_len, ctx.device)
     write_json_atomic(out / "expert_load.json", loads)
-    from seekling.training import list_checkpoints
+    from seekling.train_state import list_checkpoints
 
     for old in list_checkpoints(out)[:-1]:  # measured; only the last is worth its disk space now
         shutil.rmtree(old, ignore_errors=True)
@@ -397,7 +397,7 @@ def measure_expert_load(run_dir: Path, data_dir: Path, batch_size: int, seq_len:
     batches: the per-expert load over training (pretrain's metrics.jsonl keeps only the imbalance)."""
     from seekling.checkpoint import load_pretrained
     from seekling.data import TokenLoader
-    from seekling.training import list_checkpoints, read_trainer_state
+    from seekling.train_state import list_checkpoints, read_trainer_state
 
     loader = TokenLoader(data_dir, batch_size, seq_len, split="val", shuffle=False)
     n = min(batches, loader.batches_in_epoch(0))
@@ -483,13 +483,9 @@ def _forward_flops(config, context_len: float) -> float:
 
 def stage_distill(ctx: Context) -> dict[str, Any]:
     """R1's stage 3: sample from the GRPO model, keep the verified-correct answers, fine-tune the
-    pre-trained base on them (`seekling.distill.speedrun_stage`; skipped when that module is absent)."""
-    try:
-        from seekling.distill import speedrun_stage
-    except ImportError as e:
-        if e.name not in ("seekling.distill", None):
-            raise
-        return {"skipped": "seekling.distill (speedrun_stage) is not installed"}
+    pre-trained base on them (`seekling.distill.speedrun_stage`)."""
+    from seekling.distill import speedrun_stage
+
     p = ctx.preset
     return dict(speedrun_stage(
         teacher_dir=str(ctx.path("grpo", "final")), tokenizer_dir=str(ctx.path("tokenizer")),
@@ -562,7 +558,7 @@ def pipeline_stages() -> list[Stage]:
 def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = None, device: str | None = None,
                  stages: list[Stage] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a whole speedrun in `out` and write its report; returns the final state."""
-    from seekling.training import barrier, destroy_distributed, init_distributed
+    from seekling.parallel import barrier, destroy_distributed, init_distributed
 
     validate_preset(preset)
     run_dir = Path(out)

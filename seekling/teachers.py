@@ -112,7 +112,7 @@ class Teacher:
 
 def resolve_teacher(path: str | Path) -> tuple[Path, str]:
     """(model directory, kind) for a teacher path; CheckpointError saying what was looked for."""
-    from seekling.training import latest_checkpoint
+    from seekling.train_state import latest_checkpoint
 
     root = Path(path)
     if not root.is_dir():

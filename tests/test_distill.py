@@ -19,7 +19,7 @@ from seekling.generate import Completion
 from seekling.model import Transformer
 from seekling.tasks import Problem, completion_text, make_problems
 from seekling.tokenizer import Tokenizer
-from seekling.training import TOKENIZER_FILES
+from seekling.train_state import TOKENIZER_FILES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

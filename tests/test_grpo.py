@@ -18,7 +18,8 @@ from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, cl
                            seq_sum_constant, token_logprobs, token_mean, train_grpo)
 from seekling.model import Transformer
 from seekling.tasks import make_problems
-from seekling.training import build_optimizer, list_checkpoints
+from seekling.train_state import list_checkpoints
+from seekling.training import build_optimizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -71,6 +71,19 @@ def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tokenizer, co
     assert [r["step"] for r in records] == [4, 8, 12] and "assistant_tokens_per_s" in records[0]
 
 
+def test_validation_loss_is_the_mean_over_the_first_batches(tmp_path, tokenizer, cold_start):
+    cfg = SFTConfig(seq_len=64, batch_size=4, steps=4, lr=1e-3, warmup_steps=1, save_every=2, log_every=4,
+                    val_batches=3)
+    model = tiny(tokenizer)
+    summary = train_sft(model, tokenizer, cold_start, cfg, tmp_path / "run", val_conversations=cold_start)
+    loader = SFTLoader(cold_start, tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    with torch.no_grad():  # by hand: the assistant-token loss of each of the first 3 batches, averaged
+        by_hand = sum(float(model(*loader.batch_at(0, b)).loss) for b in range(3)) / 3
+    assert summary["val_loss"] == pytest.approx(by_hand, rel=1e-12) and model.training
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]  # at each save and at the end
+
+
 def test_resume_equals_uninterrupted(tmp_path, tokenizer, cold_start):
     cfg = SFTConfig(seq_len=64, batch_size=4, steps=6, lr=1e-3, warmup_steps=1, save_every=3, log_every=1)
     straight = tiny(tokenizer)

@@ -1,26 +1,23 @@
-"""Training machinery: schedules by hand, AdamW groups, clipping, autocast, RNG round trip, the metrics
-log, and checkpoints that lose nothing (exact round trip, atomic under failure, keep-last, no pickle)."""
+"""Training machinery: schedules by hand, AdamW groups, clipping, autocast, the metrics log, the
+single-process distributed helpers, and the run lifecycle the trainers share (refuse or resume,
+periodic and final checkpoints, the time budget, clocks carried over a resume)."""
 
 from __future__ import annotations
 
 import json
-import math
-import random
+import shutil
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import seekling.training as training
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError, ConfigError
 from seekling.model import Transformer
-from seekling.training import (
-    MetricsLogger, autocast_for, build_optimizer, capture_rng_state, clip_gradients, init_distributed,
-    latest_checkpoint, load_training_checkpoint, lr_at, param_groups, restore_rng_state,
-    save_training_checkpoint, wrap_model,
-)
+from seekling.parallel import all_reduce_sum, init_distributed, wrap_model
+from seekling.train_state import list_checkpoints, read_trainer_state
+from seekling.training import (MetricsLogger, autocast_for, build_optimizer, clip_gradients, lr_at, param_groups,
+                               resume_point, start_run)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -91,15 +88,6 @@ def test_autocast_bf16_and_fp32():
         autocast_for("cpu", "fp16")
 
 
-def test_rng_capture_restore_round_trip():
-    state = capture_rng_state()
-    json.dumps({k: v for k, v in state.items() if k in ("python", "numpy")})  # JSON-friendly
-    first = (random.random(), np.random.rand(), torch.rand(3))
-    restore_rng_state(state)
-    second = (random.random(), np.random.rand(), torch.rand(3))
-    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
-
-
 def test_single_process_distributed_helpers_are_no_ops():
     info = init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
@@ -108,7 +96,7 @@ def test_single_process_distributed_helpers_are_no_ops():
     with pytest.raises(ConfigError, match="distributed"):
         wrap_model(model, "zero3", info)
     t = torch.tensor([1.0, 2.0])
-    assert training.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
 
 
 def test_metrics_logger_appends_and_truncates_on_resume(tmp_path):
@@ -125,84 +113,44 @@ def test_metrics_logger_appends_and_truncates_on_resume(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def train_steps(model, opt, steps: int, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
-        out = model(x, x)
-        (out.loss + 0.3 * out.mtp_loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        training_bias_update(model, out.expert_load)
-
-
-def training_bias_update(model, load):
-    from seekling.model import update_expert_bias
-
-    update_expert_bias(model, load, 1e-3)
-
-
-def test_checkpoint_round_trip_is_exact_and_keeps_last(tmp_path):
+# ----------------------------------------------------------------------------- the run lifecycle
+def test_run_refuses_saves_finishes_and_resumes_with_its_clocks(tmp_path):
     model = tiny_model()
-    opt = build_optimizer(model, 1e-3)
-    train_steps(model, opt, 2)
-    for step in (1, 2, 3):
-        path = save_training_checkpoint(tmp_path, step, model, opt, extra_state={"data": {"epoch": 0, "batch": step}},
-                                        config={"lr": 1e-3}, keep_last=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
-    assert latest_checkpoint(tmp_path) == path
-    files = {p.name for p in (tmp_path / "checkpoints" / "step_0000003").iterdir()}
-    assert not any(f.endswith((".pt", ".bin", ".pkl")) for f in files)
+    assert resume_point(tmp_path, resume=False) is None and resume_point(tmp_path, resume=True) is None
+    position, messages = {"batch": 0}, []
+    settings = dict(steps=5, save_every=2, config={"kind": "test"}, extra_state=lambda: dict(position),
+                    desc="test", progress=False, log=messages.append)
+    with start_run(tmp_path, None, model, build_optimizer(model, 1e-3), **settings) as run:
+        assert (run.step, run.resumed) == (0, {})
+        assert [s for s in range(1, 6) if run.save_due(s)] == [2, 4]  # the last step's checkpoint is finish's
+        position["batch"] = 2
+        run.metrics.log(2, loss=1.0)
+        run.save(2)
+        run.metrics.log(3, loss=0.5)
+        assert not run.out_of_time(3)
+        run.max_seconds = 0.0
+        assert run.out_of_time(3) and messages[-1] == "time budget of 0s reached at step 3"
+        checkpoint, final = run.finish(3)
+    assert (tmp_path / "final" / "model.safetensors").is_file() and final == str((tmp_path / "final").resolve())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
+    state = read_trainer_state(checkpoint)
+    assert state["step"] == 3 and state["config"] == {"kind": "test"}
+    assert state["extra_state"]["batch"] == 2 and state["extra_state"]["seconds"] > 0
 
-    restored = tiny_model()
-    restored.reset_parameters()
-    ropt = build_optimizer(restored, 1e-3)
-    state = load_training_checkpoint(path, restored, ropt)
-    assert state == {"step": 3, "extra_state": {"data": {"epoch": 0, "batch": 3}}, "config": {"lr": 1e-3}}
-    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
-        assert torch.equal(a, b), name  # includes the routing bias buffers
-    pairs = zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"],
-                ropt.param_groups[0]["params"] + ropt.param_groups[1]["params"])
-    for p, q in pairs:
-        assert all(torch.equal(opt.state[p][k], ropt.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
-    assert ropt.param_groups[0]["betas"] == (0.9, 0.95)
-    # and the next step is the same on both
-    train_steps(model, opt, 1, seed=5)
-    train_steps(restored, ropt, 1, seed=5)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
-
-
-def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="already holds a run .step_0000003.; pass --resume"):
+        resume_point(tmp_path, resume=False)
+    assert resume_point(tmp_path, resume=True) == checkpoint
+    other = tiny_model(n_routed_experts=4)
+    with pytest.raises(CheckpointError, match="n_routed_experts"):
+        start_run(tmp_path, checkpoint, other, build_optimizer(other, 1e-3), **settings)
     model = tiny_model()
-    opt = build_optimizer(model, 1e-3)
-    train_steps(model, opt, 1)
-    good = save_training_checkpoint(tmp_path, 1, model, opt)
-    before = (tmp_path / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes()
-    train_steps(model, opt, 1)
-
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(training, "save_file", disk_full)  # dies after the model, before the state
-    with pytest.raises(OSError):
-        save_training_checkpoint(tmp_path, 2, model, opt)
-    assert latest_checkpoint(tmp_path) == good
-    assert (tmp_path / "checkpoints" / "step_0000001" / "model.safetensors").read_bytes() == before
-    (tmp_path / "checkpoints" / "step_0000009").mkdir()  # a directory without trainer_state.json
-    assert latest_checkpoint(tmp_path) == good
-    monkeypatch.undo()
-    save_training_checkpoint(tmp_path, 2, model, opt, keep_last=0)
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the next save cleans up
-
-
-def test_resume_into_another_config_is_a_clear_error(tmp_path):
-    model = tiny_model()
-    opt = build_optimizer(model, 1e-3)
-    path = save_training_checkpoint(tmp_path, 1, model, opt)
-    other = Transformer(ModelConfig.from_name("tiny", n_routed_experts=4))
-    with pytest.raises(CheckpointError, match="n_routed_experts: checkpoint 8, this run 4"):
-        load_training_checkpoint(path, other, build_optimizer(other, 1e-3))
-    state = json.loads((tmp_path / "checkpoints" / "step_0000001" / "trainer_state.json").read_text())
-    assert state["format"] == "seekling-training-v1" and state["step"] == 1
-    assert math.isfinite(state["time"])
+    with start_run(tmp_path, checkpoint, model, build_optimizer(model, 1e-3), **settings) as run:
+        assert run.step == 3 and run.resumed["batch"] == 2
+        assert messages[-1] == f"resumed from {checkpoint} at step 3"
+        assert run.seconds() >= state["extra_state"]["seconds"]  # the clock carries on from the checkpoint
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    for d in list_checkpoints(tmp_path):  # a run with only final/ left is still a run
+        shutil.rmtree(d)
+    with pytest.raises(CheckpointError, match="already holds a run .final."):
+        resume_point(tmp_path, resume=False)

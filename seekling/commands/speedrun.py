@@ -1,7 +1,7 @@
 """seekling speedrun: the whole DeepSeek-R1 recipe end to end, with a report card, in one run directory.
 
 Stages: task data -> tokenizer -> pre-training -> cold-start SFT -> GRPO -> rejection-sampling
-distillation (when seekling.distill exists), a held-out evaluation after each model stage, then
+distillation, a held-out evaluation after each model stage, then
 RUN_DIR/report.md and a self-contained RUN_DIR/report.html (results, cost per stage, plots).
 Interrupted (Ctrl-C, kill), the same command resumes from the last finished stage and that stage's
 last checkpoint. Presets: cpu (default, 7-15 min on 2 cores), smoke (< 2 min), gpu, gpu-node. Examples:

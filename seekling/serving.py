@@ -249,6 +249,7 @@ class Request:
         seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)  # never the global RNG
         self.seq = decoder.sequence(job.prompt_ids, job.params, seed)
         self.text = TextStream(tokenizer, job.stop)
+        self.shown = 0  # tokens of seq.token_ids handed to the text stream
         self.finished = False
         self._cancelled = threading.Event()
 
@@ -269,14 +270,15 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrent: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, prefill_tokens: int = 4096):
+                 max_len: int | None = None, prefill_tokens: int = 4096, speculate: bool = False):
         if max_concurrent < 1 or max_queue < 0:
             raise SeeklingError(f"max_concurrent must be >= 1 and max_queue >= 0, got {max_concurrent}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.max_len = max_len or model.config.max_position_embeddings
         self.prefill_tokens = prefill_tokens
-        self.decoder = Decoder(model, max_concurrent, self.max_len)  # folded weights: a served model does not change
+        # folded weights: a served model does not change
+        self.decoder = Decoder(model, max_concurrent, self.max_len, speculate=speculate)
         self._slots: list[Request | None] = [None] * max_concurrent
         self._pending: collections.deque[Request] = collections.deque()
         self._n_active = 0
@@ -418,16 +420,19 @@ class Engine:
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
     def _advance(self, r: Request) -> None:
-        seq = r.seq
-        if seq.out.finish_reason == "stop":  # the stop token: never shown
-            return self._finish(r, "stop")
-        text = r.text.push(seq.token_ids[-1])
-        if r.text.stopped:
-            return self._finish(r, "stop", text=text)
+        """The step's new tokens (one, or two with speculative decoding) through the request's text stream."""
+        seq, text = r.seq, ""
+        for token in seq.token_ids[r.shown:]:
+            r.shown += 1
+            if token in seq.stop_ids:  # the stop token: never shown
+                return self._finish(r, "stop", text=text)
+            text += r.text.push(token)
+            if r.text.stopped:
+                return self._finish(r, "stop", text=text)
         if seq.done:
             return self._finish(r, "length", text=text)
         if text:
-            r.sink(r.index, Event(text=text, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.token_ids)))
+            r.sink(r.index, Event(text=text, prompt_tokens=len(seq.prompt_ids), completion_tokens=r.shown))
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str = "") -> None:
         if r.finished:
@@ -445,7 +450,7 @@ class Engine:
                 reason, error = "error", f"{type(e).__name__}: {e}"
         try:
             r.sink(r.index, Event(text=text, finish_reason=reason, error=error, prompt_tokens=len(r.seq.prompt_ids),
-                                  completion_tokens=len(r.seq.token_ids)))
+                                  completion_tokens=r.shown))
         except Exception:  # noqa: BLE001 - a sink that cannot take events belongs to a gone client
             pass
 

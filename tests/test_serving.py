@@ -190,15 +190,18 @@ def test_reasoning_split_streamed_at_every_cut_equals_whole():
 
 
 # ----------------------------------------------------------------------------- the engine
-def test_engine_matches_generate_alone_and_batched(served):
+@pytest.mark.parametrize("speculate", [False, True])
+def test_engine_matches_generate_alone_and_batched(served, speculate):
+    """Requests joining and leaving one batch sample what `generate` samples for each alone (with
+    speculative decoding: what speculative `generate` samples, one or two tokens a step)."""
     model, tok, _ = served
     prompts = [tok.encode(t) for t in ("The quick", "lazy dog 1", "What is", "brown fox jumps over the")]
     jobs = [Job(prompts[i % 4], SamplingParams(max_new_tokens=8 + i, temperature=[0, 0.7, 1.0, 1.3][i % 4],
                                                 top_p=[1.0, 0.9][i % 2], top_k=[0, 0, 50][i % 3],
                                                 stop_token_ids=(tok.eos_id,), seed=100 + i))
             for i in range(16)]
-    reference = [generate(model, [j.prompt_ids], [j.params])[0] for j in jobs]
-    engine = Engine(model, tok, max_concurrent=16).start()
+    reference = [generate(model, [j.prompt_ids], [j.params], speculate=speculate)[0] for j in jobs]
+    engine = Engine(model, tok, max_concurrent=16, speculate=speculate).start()
     try:
         texts, finals, _ = run_together(engine, jobs)
         for job, ref, text, final in zip(jobs, reference, texts, finals):

@@ -1,11 +1,11 @@
 """The distillation effect on a CPU: does SFT on a GRPO teacher's verified samples beat SFT on cold-start data?
 
-The teacher is the GRPO-trained `cpu` model of benchmarks/bench_grpo.py (GRPO_WORK/grpo/final; run
-that benchmark first, or pass --make-teacher to run it). The student is the smaller `cpu-small`
+The teacher is the GRPO-trained `cpu-large` model of benchmarks/bench_grpo.py (GRPO_WORK/grpo/final; run
+that benchmark first, or pass --make-teacher to run it). The student is the smaller `cpu`
 preset, pre-trained on the teacher's pre-training corpus. Each stage is cached in --work:
 
     0. inputs       GRPO_WORK/{grpo/final,tok,data,cold.jsonl} copied into WORK/inputs (frozen for reruns)
-    1. student      pre-train `cpu-small` with the teacher's tokenizer, as many steps as the teacher, on the
+    1. student      pre-train `cpu` with the teacher's tokenizer, as many steps as the teacher, on the
                     general corpus (arithmetic, linear, wordproblem: not the RL task, as R1's students never
                     saw R1's RL data) or, with --student-corpus teacher, on the teacher's own shards
     2. sample       rejection sampling from the teacher on --num-problems train problems, --k each
@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seekling.checkpoint import load_pretrained  # noqa: E402
 from seekling.data import build_token_shards  # noqa: E402
-from seekling.distill import (NothingKept, SampleSettings, format_keep_stats, load_teacher,  # noqa: E402
-                              rejection_sample, weights_fingerprint)
+from seekling.distill import NothingKept, SampleSettings, format_keep_stats, load_teacher, rejection_sample  # noqa: E402
 from seekling.evaluate import evaluate  # noqa: E402
 from seekling.pretrain import PretrainArgs, pretrain  # noqa: E402
 from seekling.sft import SFTConfig, make_cold_start, train_sft  # noqa: E402
+from seekling.teachers import weights_fingerprint  # noqa: E402
 from seekling.tasks import make_problems, parse_difficulty  # noqa: E402
 from seekling.tokenizer import Tokenizer  # noqa: E402
 
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--difficulty", nargs="*", default=["countdown.count=3", "countdown.max_number=15",
                                                        "countdown.max_target=50"],
                    metavar="TASK.SETTING=VALUE", help="difficulty (the same as bench_grpo's)")
-    p.add_argument("--student-preset", default="cpu-small", help="the student's model preset")
+    p.add_argument("--student-preset", default="cpu", help="the student's model preset")
     p.add_argument("--student-corpus", default="general", choices=["general", "teacher"],
                    help="pre-train the student on --student-pretrain-tasks (general) or on the teacher's own shards")
     p.add_argument("--student-pretrain-tasks", default="arithmetic,linear,wordproblem",

@@ -3,7 +3,7 @@
 The pipeline, each stage cached in --work so a rerun only redoes what changed:
 
     1. tokenizer   byte-level BPE on the reasoning tasks' text
-    2. pretrain    the `cpu` preset (DeepSeek-V3 architecture, ~7M parameters) on the reasoning tasks
+    2. pretrain    the `cpu-large` preset (DeepSeek-V3 architecture, ~7M parameters) on the reasoning tasks
                    rendered as chats (seekling.data + seekling.pretrain), a few minutes
     3. cold start  a little SFT on R1-format worked solutions of the RL task (seekling.sft): the
                    model writes the format but mostly gets the answer wrong
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     if stages.needed("pretrain", pt_dir / "final" / "model.safetensors"):
         shutil.rmtree(pt_dir, ignore_errors=True)
         timed("pretrain", lambda: pretrain(PretrainArgs(
-            data=str(data_dir), out=str(pt_dir), tokenizer=str(tok_dir), preset="cpu",
+            data=str(data_dir), out=str(pt_dir), tokenizer=str(tok_dir), preset="cpu-large",
             vocab_size=tokenizer.vocab_size, steps=args.pretrain_steps, batch_size=16, seq_len=args.seq_len, lr=2e-3,
             warmup=30, eval_every=100, save_every=10_000, quiet=True)))
 

@@ -110,7 +110,7 @@ def decode_bytes(engine: DecodeEngine, batch: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu", help="model preset to benchmark")
+    ap.add_argument("--preset", default="cpu-large", help="model preset to benchmark")
     ap.add_argument("--batch", type=int, default=8, help="training batch size (sequences)")
     ap.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps per measurement")

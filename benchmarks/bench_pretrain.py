@@ -124,7 +124,7 @@ def median(xs: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu", help="model preset")
+    ap.add_argument("--preset", default="cpu-large", help="model preset")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per measurement")

@@ -3,12 +3,12 @@ with 1, 4 and 16 concurrent streaming clients.
 
 The server runs as its own process (`python -m seekling.cli serve`), as it would in use; the clients
 are asyncio + httpx streaming /v1/completions with `ignore_eos`, so every request generates exactly
---max-tokens tokens. Without --model it serves the CPU main-job preset ("cpu") with random weights
+--max-tokens tokens. Without --model it serves the larger CPU model preset ("cpu-large") with random weights
 and a tokenizer trained on the built-in tasks. With continuous batching, 16 clients should get at
 least 4x the aggregate throughput of one (the script exits 1 when they do not). The load average is
 printed before and after, since other jobs may share the cores.
 
-    python benchmarks/bench_serve.py                                  # preset "cpu", random weights
+    python benchmarks/bench_serve.py                                  # preset "cpu-large", random weights
     python benchmarks/bench_serve.py --model runs/main/final --max-tokens 256
     python benchmarks/bench_serve.py --concurrency 1 2 4 8 16 --requests 64 --threads 1
 """
@@ -109,7 +109,7 @@ async def load(url: str, clients: int, rounds: int, prompt: str, max_tokens: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model or run directory (default: random weights of --preset)")
-    parser.add_argument("--preset", default="cpu", help="preset for the random-weight model")
+    parser.add_argument("--preset", default="cpu-large", help="preset for the random-weight model")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts to measure")
     parser.add_argument("--requests", type=int, default=32,
                         help="requests per measurement, shared by the clients (each sends its share in turn)")

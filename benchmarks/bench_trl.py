@@ -55,14 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/bench_grpo/sft/final",
                    help="seekling model directory with tokenizer files (default: bench_grpo's cold-started "
-                        "model; a fresh `cpu`-preset model when it does not exist)")
+                        "model; a fresh `cpu-large`-preset model when it does not exist)")
     p.add_argument("--task", default="arithmetic", help="the reasoning task the prompts come from")
     p.add_argument("--difficulty", nargs="*", default=["arithmetic.ops=+-"], metavar="TASK.SETTING=VALUE",
                    help="task difficulty (bench_grpo's RL task by default)")
     p.add_argument("--templates", nargs="+", default=["r1zero", "chat"], choices=["chat", "r1zero"],
                    help="the configurations to run, by prompt format: R1-Zero's plain-text prompt (the R1-Zero "
                         "recipe, ~90 prompt tokens) and the chat template of the cold-started model (~20)")
-    p.add_argument("--preset", default="cpu", help="preset of the fresh model used when --model does not exist")
+    p.add_argument("--preset", default="cpu-large", help="preset of the fresh model used when --model does not exist")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps per side (the first is warm-up)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="P")
     p.add_argument("--group-size", type=int, default=8, help="G")

@@ -227,3 +227,77 @@ def load_pretrained(directory: str, device: str | torch.device = "cpu", dtype: t
     for gate in model.moe_gates:  # the routing bias stays fp32
         gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- finding the model in a directory
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """A Hugging Face-format model directory: config.json and safetensors weights (one file or shards)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and (
+        os.path.isfile(os.path.join(path, WEIGHTS_NAME)) or os.path.isfile(os.path.join(path, INDEX_NAME)))
+
+
+def _step_number(name: str) -> int:
+    numbers = re.findall(r"\d+", name)
+    return int(numbers[-1]) if numbers else -1
+
+
+def resolve_model_dir(path: str | os.PathLike) -> str:
+    """The model directory in `path`, by the same rules for every command: `path` itself when it is a
+    model directory (an HF directory, a final/ or a checkpoint), else `path/final`, else the checkpoint
+    directory up to two levels down (e.g. `RUN/checkpoints/step_0000500`) with the highest step number
+    in its name, the most recently written one on a tie. Hidden directories (`.tmp-*`, saves in
+    progress) and `*.old` ones are skipped. A CheckpointError says what was looked for."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory")
+    if is_model_dir(path):
+        return path
+    final = os.path.join(path, "final")
+    if is_model_dir(final):
+        return final
+    candidates = []
+    for root, dirs, _ in os.walk(path):
+        depth = os.path.relpath(root, path).count(os.sep) + (root != path)
+        if depth >= 2:
+            dirs.clear()
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith(".old")]  # half-written saves
+        candidates += [os.path.join(root, d) for d in dirs if is_model_dir(os.path.join(root, d))]
+    if not candidates:
+        pickled = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+        raise CheckpointError(
+            f"{path}: not a model directory: looked for a seekling run directory (final/ or checkpoints/step_*/), "
+            f"a seekling / DeepSeek-V3 Hugging Face directory and a transformers causal LM directory (each: "
+            f"config.json + {WEIGHTS_NAME} or {INDEX_NAME})"
+            + (f"; found {', '.join(pickled)}, but pickled weights are never loaded" if pickled else ""))
+    return max(candidates, key=lambda d: (_step_number(os.path.basename(d)), os.path.getmtime(d)))
+
+
+def model_kind(model_dir: str | os.PathLike) -> str:
+    """"seekling" for a DeepSeek-V3-format config.json (ours or released), else "transformers"."""
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a JSON object ({e})") from None
+    if not model_type:
+        raise CheckpointError(f"{path} has no model_type; not a model config")
+    return "seekling" if model_type == "deepseek_v3" else "transformers"
+
+
+def find_tokenizer_dir(model_dir: str, given_path: str) -> str:
+    """The model directory when it holds tokenizer.json, else the run directory, RUN/tokenizer or the
+    model directory's parent (a checkpoint's run)."""
+    candidates = list(dict.fromkeys([model_dir, given_path, os.path.join(given_path, "tokenizer"),
+                                     os.path.dirname(model_dir)]))
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return d
+    raise CheckpointError(f"{model_dir}: no tokenizer.json in {', '.join(candidates)}; pass --tokenizer DIR "
+                          "(or save the tokenizer into the model directory)")
+
+
+def resolve_model_and_tokenizer(path: str, tokenizer: str | None = None) -> tuple[str, str]:
+    """(model directory, tokenizer directory) of a model, run or checkpoint directory; `tokenizer` wins."""
+    model_dir = resolve_model_dir(path)
+    return model_dir, tokenizer or find_tokenizer_dir(model_dir, path)

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from seekling import __version__
+from seekling.commands import HelpFormatter
 from seekling.errors import SeeklingError
 
 # name -> (module, one-line help). Keep the help here so `seekling --help` imports nothing heavy.
@@ -40,19 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `seekling COMMAND --help` for the flags of one command.",
     )
-    parser.add_argument("--version", action="version", version=f"seekling {_version()}")
+    parser.add_argument("--version", action="version", version=f"seekling {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
     return parser
-
-
-def _version() -> str:
-    from seekling import __version__
-
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = parser._subparsers._group_actions[0].choices[known.command]  # type: ignore[union-attr]
     if module.__doc__:
         sub_parser.description = module.__doc__.strip()
-        sub_parser.formatter_class = argparse.RawDescriptionHelpFormatter
     module.add_arguments(sub_parser)
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,12 @@ ROPE_SCALING_TYPES = ("yarn",)
 
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field of a trainer's settings dataclass with its help text: the one declaration that the
+    `seekling` command's flag takes its default and help from (`seekling.commands.add_setting`)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     # vocabulary and trunk
@@ -286,21 +292,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=512,
         rope_scaling=_SMALL_ROPE, initializer_range=0.02,
     ),
-    # the main job on a laptop CPU: a few million parameters
+    # the main job (`seekling speedrun`, preset cpu) on a 2-core CPU, and the distillation student
     "cpu": dict(
-        vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768,
-        num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128, n_group=4, topk_group=2,
-        routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=1024,
-        rope_scaling=_SMALL_ROPE, initializer_range=0.02,
-    ),
-    # a smaller student for distillation experiments on CPU
-    "cpu-small": dict(
         vocab_size=2048, hidden_size=128, num_hidden_layers=3, intermediate_size=384,
         num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
         qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8,
         n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=96, n_group=2, topk_group=1,
+        routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=1024,
+        rope_scaling=_SMALL_ROPE, initializer_range=0.02,
+    ),
+    # the larger CPU model (benchmarks, longer CPU runs): a few million parameters
+    "cpu-large": dict(
+        vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768,
+        num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128, n_group=4, topk_group=2,
         routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=1024,
         rope_scaling=_SMALL_ROPE, initializer_range=0.02,
     ),

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from seekling.errors import DataError
-from seekling.tasks import make_mixture, stable_hash, to_sft_example
+from seekling.tasks import Problem, make_mixture, stable_hash, to_sft_example
 from seekling.tokenizer import Tokenizer
 
 INDEX_FILE = "index.json"
@@ -58,22 +58,32 @@ def read_text_file(path: str | Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; malformed lines raise 'path:LINE: ...'."""
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file, the one reader of the package.
+    A line that is not JSON, not an object or lacks a `required` field raises a DataError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
     for number, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        missing = [key for key in required if key not in row]
+        if missing:
+            raise DataError(f"{path}:{number}: missing field {', '.join(map(repr, missing))}")
+        rows.append((number, row))
+    return rows
 
 
 def read_jsonl_texts(path: str | Path, field: str = "text") -> Iterator[str]:
     """The string `field` of each record of a JSONL file."""
-    for number, record in read_jsonl(path):
-        if not isinstance(record, dict) or field not in record:
-            raise DataError(f"{path}:{number}: expected an object with a {field!r} field")
+    for number, record in read_jsonl(path, (field,)):
         if not isinstance(record[field], str):
             raise DataError(f"{path}:{number}: field {field!r} is {type(record[field]).__name__}, not a string")
         yield record[field]
@@ -83,7 +93,7 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     """The conversations of a chat JSONL file, one `{"messages": [{"role", "content"}, ...]}` a line."""
     conversations = []
     for number, record in read_jsonl(path):
-        messages = record.get("messages") if isinstance(record, dict) else None
+        messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{path}:{number}: expected {{\"messages\": [...]}} with at least one message")
         for i, m in enumerate(messages):
@@ -93,6 +103,32 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
                                 f"and a string content, got {json.dumps(m)[:80]}")
         conversations.append(messages)
     return conversations
+
+
+def read_problems(path: str | Path, unique: bool = False) -> list[Problem]:
+    """Problems from JSONL, one `{"prompt", "answer", ["id", "task", "meta"]}` a line (a `messages` list
+    may stand in for `prompt`: its last user turn is the question). A row without an id gets one from
+    its prompt and answer, stable across runs. `unique` keeps the first row of each id (task files
+    repeat problems; rejection sampling samples each once); GRPO keeps every row of its pool."""
+    problems: dict[str, Problem] = {}
+    for number, row in read_jsonl(path):
+        prompt = row.get("prompt")
+        if prompt is None and isinstance(row.get("messages"), list):
+            users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            prompt = users[-1] if users else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{path}:{number}: row has no 'prompt' (a non-empty string, or a user message)")
+        if row.get("answer") is None or str(row["answer"]).strip() == "":
+            raise DataError(f"{path}:{number}: row has no 'answer'; each problem needs a verifiable answer")
+        meta = row.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}:{number}: 'meta' must be an object")
+        pid = str(row.get("id") or f"p-{stable_hash(prompt + '|' + str(row['answer'])):016x}")
+        problem = Problem(pid, str(row.get("task") or ""), prompt, str(row["answer"]), "", meta)
+        problems.setdefault(pid if unique else str(number), problem)
+    if not problems:
+        raise DataError(f"{path}: no problems")
+    return list(problems.values())
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

@@ -8,7 +8,7 @@ and fine-tunes on them; its distilled models are small students fine-tuned on th
     rejection_sample   k completions per problem (batched), each judged in order: well-formed, correct
                        by the task's verifier, not too long, not a duplicate; kept ones appended to chat
                        JSONL with provenance, `.stats.json` beside it listing the prompts done (resume)
-    distill            sample, SFT a student (a preset such as `cpu-small`, or a model directory) with
+    distill            sample, SFT a student (a preset such as `cpu`, or a model directory) with
                        `seekling.sft`, evaluate teacher, student before and student after
     speedrun_stage     what `seekling.speedrun.stage_distill` calls
 
@@ -16,7 +16,7 @@ Each completion is seeded by (seed, problem id, sample index), so a resumed run 
 uninterrupted one would (seekling teachers; transformers' `generate` is seeded per batch).
 
     seekling sample --teacher runs/grpo --tasks countdown --num-problems 2000 --k 4 --out runs/kept.jsonl
-    seekling distill --teacher runs/grpo --tasks countdown --student-preset cpu-small --out runs/distill
+    seekling distill --teacher runs/grpo --tasks countdown --student-preset cpu --out runs/distill
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from typing import Any, Callable, Sequence
 import torch
 
 from seekling.checkpoint import load_pretrained, save_pretrained
-from seekling.config import PRESETS, ModelConfig
-from seekling.data import SFTLoader
+from seekling.config import PRESETS, ModelConfig, setting
+from seekling.data import SFTLoader, read_problems
 from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
-from seekling.evalsets import EVALSETS, GRADERS, grade, load_evalset, read_jsonl
-from seekling.evaluate import MATH_INSTRUCTION, EvalSettings, evaluate
+from seekling.evalsets import EVALSETS, GRADERS, grade, load_evalset, question_text
+from seekling.evaluate import EvalSettings, evaluate
 from seekling.files import write_json_atomic, write_text_atomic
 from seekling.flops import flops_per_token, forward_flops_per_token
 from seekling.generate import SamplingParams, generate
 from seekling.model import Transformer
 from seekling.rewards import format_reward, known_rewards, load_reward
 from seekling.sft import SFTConfig, train_sft
-from seekling.tasks import R1_ZERO_PROMPT, TASKS, Problem, make_problems, stable_hash
+from seekling.tasks import TASKS, Problem, check_template, make_problems, render_prompt_ids, stable_hash
 from seekling.teachers import Teacher, load_teacher, resolve_teacher
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import first_tokenizer_dir, tokenizer_files
@@ -53,31 +53,11 @@ SAMPLES_FORMAT = "seekling-samples-v1"
 
 
 # ----------------------------------------------------------------------------- problems and verifiers
-def read_problem_file(path: str | Path) -> list[Problem]:
-    """Problems from JSONL, one `{"prompt", "answer", ["id", "task", "meta"]}` a line, each id once. A row
-    without an id gets one from its prompt and answer (stable across runs, so resume finds it)."""
-    problems: dict[str, Problem] = {}
-    for line, row in read_jsonl(path, ("prompt", "answer")):
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise DataError(f"{path}:{line}: 'prompt' must be a non-empty string")
-        if row["answer"] is None or str(row["answer"]).strip() == "":
-            raise DataError(f"{path}:{line}: empty 'answer'; rejection sampling needs a verifiable answer")
-        meta = row.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise DataError(f"{path}:{line}: 'meta' must be an object")
-        pid = str(row.get("id") or f"p-{stable_hash(row['prompt'] + '|' + str(row['answer'])):016x}")
-        # A repeated id is the same problem (task files repeat problems, numbers in another order): once.
-        problems.setdefault(pid, Problem(pid, str(row.get("task") or ""), row["prompt"], str(row["answer"]), "", meta))
-    if not problems:
-        raise DataError(f"{path}: no problems")
-    return list(problems.values())
-
-
 def load_problems(tasks: Sequence[str] = (), n: int = 100, split: str = "train", seed: int = 0,
                   difficulty: dict[str, dict[str, Any]] | None = None, path: str | Path | None = None) -> list[Problem]:
     """`n` problems of each task (synthetic tasks: the `split`; published sets: the set), or a file."""
     if path is not None:
-        problems = read_problem_file(path)
+        problems = read_problems(path, unique=True)
         return problems[:n] if n else problems
     if not tasks:
         raise ConfigError("give tasks (e.g. --tasks countdown) or a problems file (--problems FILE.jsonl)")
@@ -108,40 +88,31 @@ def verifier_for(task: str, reward: str | None = None) -> Callable[[str, Problem
     return lambda text, p: 1.0 if grade(task, text, p) else 0.0
 
 
-def user_content(problem: Problem) -> str:
-    """The question as the teacher sees it (published math sets get R1's step-by-step instruction)."""
-    return f"{problem.prompt}\n{MATH_INSTRUCTION}" if problem.task in EVALSETS else problem.prompt
-
-
-def teacher_prompt_ids(tokenizer, problem: Problem, template: str) -> list[int]:
-    content = user_content(problem)
-    if template == "chat":
-        return tokenizer.render_prompt([{"role": "user", "content": content}])
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + tokenizer.encode(R1_ZERO_PROMPT.format(prompt=content))
-
-
 # ----------------------------------------------------------------------------- rejection sampling
 @dataclass
 class SampleSettings:
-    k: int = 4  # completions per problem
-    temperature: float = 0.6  # R1's evaluation protocol: readable, still varied
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    template: str = "chat"  # 'chat' or 'r1zero' (the teacher's prompt; the samples are always chats)
-    seed: int = 0
-    max_tokens_kept: int | None = None  # drop kept candidates longer than this (teacher tokens, stop excluded)
-    dedupe: bool = True  # drop a completion identical (up to whitespace) to one kept for the same prompt text
-    reward: str | None = None  # overrides the task's verifier
-    min_reward: float = 1.0  # a completion is correct when its verifier score reaches this
-    batch_size: int = 256  # completions per sampler call (not part of what a samples file records)
+    """Rejection sampling's settings; each field's help is the `seekling sample` flag's help."""
+
+    k: int = setting(4, "completions sampled per problem")
+    temperature: float = setting(0.6, "sampling temperature (R1's evaluation protocol: readable, still varied)")
+    top_p: float = setting(0.95, "nucleus sampling threshold")
+    max_new_tokens: int = setting(256, "completion length limit in tokens")
+    template: str = setting("chat", "the teacher's prompt template (the samples are always chats)")
+    seed: int = setting(0, "seed for problems and sampling")
+    max_tokens_kept: int | None = setting(None, "drop correct completions longer than this many teacher tokens "
+                                                "(stop excluded; default: no limit)")
+    dedupe: bool = setting(True, "drop a completion identical (up to whitespace) to one kept for the same "
+                                 "prompt text; the flag keeps them")
+    reward: str | None = setting(None, "grade with this reward (name or module:function) instead of the task's "
+                                       "verifier (default: the verifier)")
+    min_reward: float = setting(1.0, "verifier score that counts as correct")
+    batch_size: int = setting(256, "completions per sampler call (not part of what a samples file records)")
 
     def validate(self) -> None:
         for name in ("k", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.template not in ("chat", "r1zero"):
-            raise ConfigError(f"unknown prompt template {self.template!r}; choose 'chat' or 'r1zero'")
+        check_template(self.template)
         if self.max_tokens_kept is not None and self.max_tokens_kept < 1:
             raise ConfigError(f"max_tokens_kept must be >= 1, got {self.max_tokens_kept}")
         SamplingParams(self.max_new_tokens, self.temperature, self.top_p).validate()
@@ -194,7 +165,7 @@ def stats_path_for(out: str | Path) -> Path:
 
 
 def dedupe_key(problem: Problem, text: str) -> str:
-    return user_content(problem) + "\x00" + " ".join(text.split())
+    return question_text(problem) + "\x00" + " ".join(text.split())
 
 
 def judge(text: str, n_tokens: int, problem: Problem, verifier: Callable[[str, Problem], float],
@@ -316,7 +287,7 @@ def rejection_sample(teacher: Teacher, problems: Sequence[Problem], out: str | P
             for start in range(0, len(pending), per_call):
                 chunk = pending[start: start + per_call]
                 rows = [(p, j) for p in chunk for j in range(settings.k)]
-                prompts = {p.id: teacher_prompt_ids(tok, p, settings.template) for p in chunk}
+                prompts = {p.id: render_prompt_ids(tok, question_text(p), settings.template) for p in chunk}
                 params = [SamplingParams(settings.max_new_tokens, settings.temperature, settings.top_p,
                                          stop_token_ids=(tok.eos_id,), seed=row_seed(settings.seed, p.id, j))
                           for p, j in rows]
@@ -338,7 +309,7 @@ def rejection_sample(teacher: Teacher, problems: Sequence[Problem], out: str | P
                     if verdict == "kept":
                         s.kept += 1
                         lines.append({"id": f"{p.id}/{j}", "messages": [
-                            {"role": "user", "content": user_content(p)},
+                            {"role": "user", "content": question_text(p)},
                             {"role": "assistant", "content": text.strip()}],
                             "provenance": {"teacher": teacher.identity, "prompt_id": p.id, "task": p.task,
                                            "sample": j, "reward": score, "format": fmt,
@@ -411,7 +382,7 @@ def build_student(tokenizer, preset: str | None = None, init: str | Path | None 
 
 def _check_student(preset: str | None, init: str | Path | None) -> None:
     if (preset is None) == (init is None):
-        raise ConfigError("give exactly one student: a preset (--student-preset cpu-small) or a model "
+        raise ConfigError("give exactly one student: a preset (--student-preset cpu) or a model "
                           "directory (--student-init DIR)")
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown student preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -512,14 +483,12 @@ def format_comparison(evals: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the speedrun's stage
-def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out_dir: str, samples: int,
-                   problems: int, device: str | torch.device = "cpu", resume: bool = True, *,
-                   student_init: str | None = None, student_preset: str | None = None, sft_steps: int = 60,
-                   sft_batch_size: int = 16, sft_seq_len: int = 256, sft_lr: float = 3e-4,
-                   max_new_tokens: int = 64, temperature: float = 0.6, seed: int = 0,
+def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out_dir: str, problems: int,
+                   sample: SampleSettings, sft: SFTConfig, device: str | torch.device = "cpu", resume: bool = True, *,
+                   student_init: str | None = None, student_preset: str | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """R1's stage 3 inside `seekling speedrun`: `samples` completions of the first `problems` problems of
-    `problems_path` from the GRPO model, verified, then SFT of the student, leaving OUT/final.
+    """R1's stage 3 inside `seekling speedrun`: `sample.k` completions of the first `problems` problems of
+    `problems_path` from the GRPO model, verified, then SFT of the student (`sft`), leaving OUT/final.
 
     The student defaults to the speedrun's pre-trained base (`out_dir/../pretrain/final`), as R1
     fine-tunes its base model on the rejection samples. Returns `tokens` and `flops` for the cost
@@ -529,31 +498,26 @@ def speedrun_stage(teacher_dir: str, tokenizer_dir: str, problems_path: str, out
         student_init = str(Path(out_dir).parent / "pretrain" / "final")
         if not (Path(student_init) / "config.json").is_file():
             raise ConfigError(f"no student: {student_init} does not exist; pass student_init or student_preset")
-    cfg = SFTConfig(seq_len=sft_seq_len, batch_size=sft_batch_size, steps=sft_steps, lr=sft_lr,
-                    warmup_steps=max(1, sft_steps // 10), save_every=max(1, sft_steps // 3),
-                    log_every=max(1, sft_steps // 10), seed=seed)
-    settings = SampleSettings(k=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                              batch_size=512)
     try:
-        result = distill(teacher_dir, out_dir, read_problem_file(problems_path)[:problems], student_init=student_init,
-                         student_preset=student_preset, tokenizer_dir=tokenizer_dir, sample=settings, sft=cfg,
+        result = distill(teacher_dir, out_dir, read_problems(problems_path, unique=True)[:problems], student_init=student_init,
+                         student_preset=student_preset, tokenizer_dir=tokenizer_dir, sample=sample, sft=sft,
                          resume=resume, device=str(device), fit_batch=True, log=log)
     except NothingKept as e:  # a weak teacher: the run goes on, the report says why this stage is empty
         return {"skipped": f"no verified sample to train on ({format_keep_stats(e.summary, one_line=True)})",
                 "keep_stats": e.summary["tasks"]}
     # FLOPs: a forward over prompt + completion of every sampled row, then 3x forward per SFT token
-    total, sft = result["samples"]["total"], result["sft"]
+    total, trained = result["samples"]["total"], result["sft"]
     sample_tokens = total["prompt_tokens"] + total["completion_tokens"]
     teacher_dir, kind = resolve_teacher(teacher_dir)
     per_token = (forward_flops_per_token(ModelConfig.from_file(str(teacher_dir)), max(1, round(
         sample_tokens / max(total["sampled"], 1))), include_mtp=False)["total"]
                  if kind == "seekling" else 2.0 * result["samples"]["teacher_params"])
-    sft_tokens = sft["step"] * result["sft_config"]["batch_size"] * cfg.seq_len
+    sft_tokens = trained["step"] * result["sft_config"]["batch_size"] * sft.seq_len
     student = ModelConfig.from_file(str(Path(out_dir) / "final"))
-    flops = sample_tokens * per_token + sft_tokens * flops_per_token(student, cfg.seq_len, training=True)["total"]
+    flops = sample_tokens * per_token + sft_tokens * flops_per_token(student, sft.seq_len, training=True)["total"]
     return {"tokens": sample_tokens + sft_tokens, "flops": flops, "kept": total["kept"], "sampled": total["sampled"],
-            "keep_rate": total["keep_rate"], "keep_stats": result["samples"]["tasks"], "final_loss": sft["loss"],
+            "keep_rate": total["keep_rate"], "keep_stats": result["samples"]["tasks"], "final_loss": trained["loss"],
             "sft_batch_size": result["sft_config"]["batch_size"],
             "student": student_init or student_preset,
             "summary": f"kept {total['kept']}/{total['sampled']} samples ({100 * total['keep_rate']:.1f}%), "
-                       f"SFT loss {sft['loss']:.3f} after {sft['step']} steps"}
+                       f"SFT loss {trained['loss']:.3f} after {trained['step']} steps"}

@@ -3,7 +3,7 @@
 The sets are the JSON Lines files in the shared data folder (`../shared/data` beside the repository;
 `SEEKLING_DATA` overrides it), read as published and never copied. Each loader returns the same
 `Problem` shape the synthetic tasks use: `id, task, prompt, answer (str), solution (str), meta`.
-The prompt is the bare question; the evaluator adds its chat template and instruction.
+The prompt is the bare question; `question_text` adds the instruction a model is asked it with.
 
 `grade(task, completion, problem)` picks the verifier: math_verify for MATH-500 and AIME, numbers
 for GSM8K and the synthetic arithmetic tasks, the exact expression check for countdown.
@@ -15,16 +15,19 @@ p = load_evalset('gsm8k', limit=1)[0]; print(p.answer, grade('gsm8k', p.solution
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+from seekling.data import read_jsonl
 from seekling.errors import DataError
 from seekling.rewards import accuracy_reward, countdown_reward, math_reward, parse_number
 from seekling.tasks import Problem  # one record for synthetic and published problems
 
 DATA_ENV = "SEEKLING_DATA"
+# R1's evaluation prompt for math ("Please reason step by step, ..."), adapted to our answer tags:
+# the graders read `<answer>` first and `\boxed{}` second, so either way of answering is scored.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within <answer> </answer>."
 
 
 def data_dir() -> Path:
@@ -39,29 +42,6 @@ def data_dir() -> Path:
         if candidate.is_dir():
             return candidate
     raise DataError(f"no shared/data folder found above {Path(__file__).parent}; set {DATA_ENV}")
-
-
-def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, row) for each non-blank line; a bad line raises DataError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (set {DATA_ENV} or pass a path)")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            missing = [key for key in required if key not in row]
-            if missing:
-                raise DataError(f"{path}:{line_no}: missing field {', '.join(map(repr, missing))}")
-            rows.append((line_no, row))
-    return rows
 
 
 def gsm8k_gold(solution: str, where: str = "") -> str:
@@ -127,6 +107,11 @@ EVALSETS: dict[str, Callable[..., list[Problem]]] = {
     "math500": load_math500,
     "aime2024": load_aime2024,
 }
+
+
+def question_text(problem: Problem) -> str:
+    """The question as a model is asked it: published math sets get R1's step-by-step instruction."""
+    return f"{problem.prompt}\n{MATH_INSTRUCTION}" if problem.task in EVALSETS else problem.prompt
 
 
 def load_evalset(name: str, path: str | Path | None = None, limit: int | None = None) -> list[Problem]:

@@ -23,36 +23,35 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from seekling.config import setting
 from seekling.errors import ConfigError
-from seekling.evalsets import EVALSETS, grade, load_evalset
+from seekling.evalsets import EVALSETS, grade, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
 from seekling.metrics import majority_answer, pass_at_1_mean, pass_at_k_mean
 from seekling.rewards import extract_answer, format_reward
-from seekling.tasks import TASKS, Problem, make_problems, to_chat
+from seekling.tasks import TASKS, Problem, check_template, make_problems, render_prompt_ids
 
-# R1's evaluation prompt for math ("Please reason step by step, ..."), adapted to our answer tags:
-# the graders read `<answer>` first and `\boxed{}` second, so either way of answering is scored.
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within <answer> </answer>."
 GenerateFn = Callable[[Any, list[list[int]], SamplingParams], list[Completion]]
 
 
 @dataclass
 class EvalSettings:
-    k: int = 4  # samples per problem
-    temperature: float = 0.6  # R1's evaluation protocol
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    template: str = "chat"  # 'chat' or 'r1zero' (see seekling.tasks.to_chat)
-    batch_size: int = 256  # completions per `generate` call
-    seed: int = 0
+    """Evaluation's settings; each field's help is the `seekling eval` flag's help."""
+
+    k: int = setting(4, "samples per problem")
+    temperature: float = setting(0.6, "sampling temperature, R1's evaluation protocol (0: greedy)")
+    top_p: float = setting(0.95, "nucleus sampling threshold")
+    max_new_tokens: int = setting(256, "completion length limit in tokens")
+    template: str = setting("chat", "prompt template (see seekling.tasks.render_prompt_ids)")
+    batch_size: int = setting(256, "completions sampled per batch")
+    seed: int = setting(0, "seed for problems and sampling")
 
     def validate(self) -> None:
         if self.k < 1:
             raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.template not in ("chat", "r1zero"):
-            raise ConfigError(f"unknown prompt template {self.template!r}; choose 'chat' or 'r1zero'")
+        check_template(self.template)
 
 
 def known_tasks() -> list[str]:
@@ -71,17 +70,6 @@ def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None
             raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks")
         return load_evalset(task, path=path, limit=n)
     raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}")
-
-
-def prompt_ids(tokenizer, problem: Problem, template: str = "chat") -> list[int]:
-    """Token ids of a problem's prompt. Published math sets get R1's step-by-step instruction."""
-    if problem.task in EVALSETS:
-        problem = Problem(problem.id, problem.task, f"{problem.prompt}\n{MATH_INSTRUCTION}", problem.answer,
-                          problem.solution, problem.meta)
-    prompt = to_chat(problem, template)
-    if template == "chat":
-        return tokenizer.render_prompt(prompt)
-    return [tokenizer.bos_id] + tokenizer.encode(prompt)
 
 
 def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[Sequence[str]],
@@ -119,7 +107,7 @@ def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[
 def sample_completions(model, tokenizer, problems: Sequence[Problem], settings: EvalSettings,
                        generate_fn: GenerateFn = generate) -> tuple[list[list[str]], list[list[int]]]:
     """k completions per problem: (texts [P][k], token lengths [P][k]), `batch_size` rows per call."""
-    rows = [(i, prompt_ids(tokenizer, p, settings.template)) for i, p in enumerate(problems)
+    rows = [(i, render_prompt_ids(tokenizer, question_text(p), settings.template)) for i, p in enumerate(problems)
             for _ in range(settings.k)]
     texts: list[str] = []
     lengths: list[int] = []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from seekling.checkpoint import load_pretrained, save_pretrained
+from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.evalsets import grade
 from seekling.generate import SamplingParams, generate, pad_right
 from seekling.model import LatentCache
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, register_reward
-from seekling.tasks import Problem, to_chat
+from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
 
 
@@ -49,34 +50,40 @@ SEEDS_PER_STEP = 65_536  # sampling seeds reserved per step: row b of round r dr
 
 @dataclass
 class GRPOConfig:
+    """GRPO's settings; each field's help is the `seekling grpo` flag's help."""
+
     # rollouts
-    prompts_per_step: int = 16  # P questions per step
-    group_size: int = 8  # G completions per question
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # R1-Zero samples at temperature 1
-    top_p: float = 1.0
-    template: str = "chat"  # 'chat' (tokenizer chat format) or 'r1zero' (the paper's plain-text prompt)
-    rewards: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.2})
-    dynamic_sampling: bool = True  # drop groups whose rewards are all equal (DAPO)
-    refill_rounds: int = 0  # with dynamic sampling: extra batches of P prompts to refill the dropped groups
+    prompts_per_step: int = setting(16, "questions per step (P)")
+    group_size: int = setting(8, "completions per question (G, >= 2)")
+    max_new_tokens: int = setting(128, "completion length limit")
+    temperature: float = setting(1.0, "sampling temperature (R1-Zero samples at 1)")
+    top_p: float = setting(1.0, "nucleus sampling threshold")
+    template: str = setting("chat", "prompt format: the chat template, or R1-Zero's plain-text prompt")
+    rewards: dict[str, float] = setting(help="rewards and weights; names from seekling.rewards or module:function",
+                                        factory=lambda: {"correct": 1.0, "format": 0.2})
+    dynamic_sampling: bool = setting(True, "drop groups whose rewards are all equal (DAPO); the flag keeps them")
+    refill_rounds: int = setting(0, "dynamic sampling: up to this many extra batches of P prompts per step to "
+                                    "refill the dropped groups, as DAPO over-samples until the batch is full "
+                                    "(0: train on what is left)")
     # loss
-    loss_aggregation: str = "seq_mean_token_mean"  # see LOSS_AGGREGATIONS
-    scale_std: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
-    eps_low: float = 0.2
-    eps_high: float = 0.28  # DAPO clip-higher; set equal to eps_low for the symmetric GRPO clip
-    beta: float = 0.0  # KL coefficient (R1-Zero: 0.001); 0 does not build the reference model
-    mu: int = 1  # optimiser steps per rollout batch
-    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
+    loss_aggregation: str = setting("seq_mean_token_mean", "aggregation: R1/GRPO per-sequence mean, DAPO token "
+                                                           "mean, Dr. GRPO constant normaliser")
+    scale_std: bool = setting(True, "divide advantages by the group std; the flag turns it off (Dr. GRPO)")
+    eps_low: float = setting(0.2, "lower clip range of the ratio")
+    eps_high: float = setting(0.28, "upper clip range (DAPO clip-higher; equal to eps_low: GRPO's symmetric clip)")
+    beta: float = setting(0.0, "KL coefficient to the reference (R1-Zero: 0.001; 0: no reference model)")
+    mu: int = setting(1, "optimiser steps per rollout batch")
+    micro_batch_size: int = setting(64, "sequences per forward/backward (gradient accumulation)")
     # optimisation
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = setting(1e-5, "learning rate (constant after warm-up)")
+    warmup_steps: int = setting(0, "linear warm-up steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = setting(1.0, "global gradient-norm clip (0: none)")
     # run
-    steps: int = 100
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
+    steps: int = setting(100, "GRPO steps")
+    seed: int = setting(0, "seed for problems and sampling")
+    save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
+    max_bad_steps: int = setting(3, "stop after this many non-finite losses in a row")
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -92,8 +99,7 @@ class GRPOConfig:
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ConfigError(f"unknown loss aggregation {self.loss_aggregation!r}; "
                               f"known: {', '.join(LOSS_AGGREGATIONS)}")
-        if self.template not in ("chat", "r1zero"):
-            raise ConfigError(f"unknown prompt template {self.template!r}; choose 'chat' or 'r1zero'")
+        check_template(self.template)
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ConfigError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.beta < 0:
@@ -217,47 +223,12 @@ def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: to
     return loss, stats
 
 
-# ----------------------------------------------------------------------------- rewards and prompts
+# ----------------------------------------------------------------------------- the correctness reward
 @register_reward("correct")
 def correct_reward(completion: str, answer: str, **meta) -> float:
     """1.0 iff the task's own verifier accepts the answer (`seekling.evalsets.grade` with meta
     `task`): countdown checks the expression, math sets use math_verify, the rest compare numbers."""
     return 1.0 if grade(meta.get("task", ""), completion, {"answer": answer, "meta": meta}) else 0.0
-
-
-def prompt_ids(tokenizer, problem: Problem, template: str) -> list[int]:
-    """Prompt token ids: the chat format ending in `<|assistant|>`, or `bos` + the R1-Zero text."""
-    prompt = to_chat(problem, template)
-    if template == "chat":
-        return tokenizer.render_prompt(prompt)
-    return [tokenizer.bos_id] + tokenizer.encode(prompt)
-
-
-def read_problems(path: str) -> list[Problem]:
-    """Problems from a JSONL file, one `{"prompt", "answer", ["task", "id", "meta"]}` a line (a
-    `messages` list may stand in for `prompt`: its last user turn is the question)."""
-    from seekling.data import read_jsonl
-
-    problems = []
-    for line, row in read_jsonl(path):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{line}: expected a JSON object")
-        prompt = row.get("prompt")
-        if prompt is None and isinstance(row.get("messages"), list):
-            users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-            prompt = users[-1] if users else None
-        if not isinstance(prompt, str) or not prompt:
-            raise DataError(f"{path}:{line}: row has no 'prompt' (or user message)")
-        if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
-            raise DataError(f"{path}:{line}: row has no 'answer'; GRPO needs a verifiable answer per prompt")
-        meta = row.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise DataError(f"{path}:{line}: 'meta' must be an object")
-        problems.append(Problem(id=str(row.get("id", f"{path}:{line}")), task=str(row.get("task", "")),
-                                prompt=prompt, answer=str(row["answer"]), solution="", meta=meta))
-    if not problems:
-        raise DataError(f"{path}: no rows")
-    return problems
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -329,7 +300,7 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
     format reward gives it 0); only the tokens sampled are trained on.
     """
     G = cfg.group_size
-    prompts = [prompt_ids(tokenizer, p, cfg.template) for p in problems]
+    prompts = [render_prompt_ids(tokenizer, p, cfg.template) for p in problems]
     rows = [ids for ids in prompts for _ in range(G)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop_token_ids=(tokenizer.eos_id,), seed=seed)

@@ -23,14 +23,14 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seekling.checkpoint import from_hf_state_dict, read_safetensors
-from seekling.config import ModelConfig, count_parameters
+from seekling.config import ModelConfig, count_parameters, setting
 from seekling.cost import format_seconds
 from seekling.data import TokenLoader, check_tokenizer, load_index
 from seekling.errors import ConfigError, DataError, SeeklingError
@@ -45,50 +45,78 @@ from seekling.training import (autocast_for, build_optimizer, check_schedule, cl
                                peak_flops, resume_point, set_lr, set_seed, start_run)
 
 
+DTYPES = ("fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
+
+
 @dataclass
 class PretrainArgs:
-    """Everything a pre-training run needs; `seekling pretrain --help` documents each field."""
+    """Everything a pre-training run needs; each field's help is the `seekling pretrain` flag's help."""
 
-    data: str
-    out: str
-    tokenizer: str | None = None  # default: DATA/tokenizer, the checkpoint's or --init-from's tokenizer
-    preset: str = "cpu"
-    config: str | None = None  # a config.json instead of the preset
-    vocab_size: int | None = None  # override the preset's vocab_size (must equal the tokenizer's)
-    init_from: str | None = None
-    resume: bool = False
+    data: str = setting(help="token-shard directory from `seekling data build`")
+    out: str = setting(help="run directory: metrics.jsonl, checkpoints/, final/")
+    tokenizer: str | None = setting(None, "tokenizer directory the data was built with (default: DATA/tokenizer, "
+                                          "or the checkpoint's / --init-from's tokenizer)")
+    preset: str = setting("cpu-large", "model size (a model preset of seekling.config)")
+    config: str | None = setting(None, "a config.json instead of --preset")
+    vocab_size: int | None = setting(None, "override the preset's vocab_size; it must equal the tokenizer's "
+                                           "vocabulary (default: the preset's)")
+    init_from: str | None = setting(None, "start from the weights (and config) of an HF-format model directory "
+                                          "(with --resume: only when --out has no checkpoint yet)")
+    resume: bool = setting(False, "continue from the newest checkpoint in --out")
     # batch: global batch = batch_size * grad_accum * world_size sequences of seq_len tokens
-    steps: int = 1000
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
+    steps: int = setting(1000, "optimizer steps in the whole run")
+    batch_size: int = setting(8, "sequences per micro-batch per rank")
+    seq_len: int = setting(256, "tokens per sequence")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
     # optimiser and schedule
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    schedule: str = "wsd"
-    decay_fraction: float = 0.3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    lr: float = setting(1e-3, "peak learning rate (DeepSeek-V3: 2.2e-4 at 671B; small models take ~10x more)")
+    min_lr_ratio: float = setting(0.1, "final lr / peak lr (DeepSeek-V3: 2.2e-5 / 2.2e-4 = 0.1)")
+    warmup: int = setting(100, "linear warm-up steps (DeepSeek-V3: 2000 of ~3.5M steps; short runs want ~5%)")
+    schedule: str = setting("wsd", "cosine decay after warm-up, or warm-up-stable-decay (DeepSeek-V3's shape)")
+    decay_fraction: float = setting(0.3, "wsd: share of the steps spent decaying (DeepSeek-V3: 4.3T of 14.8T tokens)")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices (DeepSeek-V3: 0.1); none on norms and "
+                                       "embeddings")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas (DeepSeek-V3: 0.9,0.95)")
+    grad_clip: float = setting(1.0, "max gradient norm, 0 = off (DeepSeek-V3: 1.0)")
     # DeepSeek-V3 losses and balancing
-    mtp_lambda: float = 0.3
-    balance_alpha: float = 1e-4
-    bias_gamma: float = 1e-3
+    mtp_lambda: float = setting(0.3, "weight of the multi-token-prediction loss (DeepSeek-V3: 0.3, then 0.1 late)")
+    balance_alpha: float = setting(1e-4, "weight of the sequence-wise balance loss (DeepSeek-V3: 1e-4)")
+    bias_gamma: float = setting(1e-3, "expert-bias update speed of aux-loss-free balancing (DeepSeek-V3: 1e-3; "
+                                      "0 = off)")
     # evaluation, checkpoints, logging
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 200
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    quiet: bool = False
+    eval_every: int = setting(100, "val loss every N steps (0 = never)")
+    eval_batches: int = setting(8, "val batches per evaluation")
+    save_every: int = setting(200, "checkpoint every N steps (0 = only at the end)")
+    keep_last: int = setting(2, "checkpoints to keep (0 = all)")
+    log_every: int = setting(10, "print a line every N steps")
+    seed: int = setting(0, "seed for the weights and the data order")
+    quiet: bool = setting(False, "print nothing but errors")
     # hardware
-    device: str | None = None
-    dtype: str | None = None  # default bf16 on GPU, fp32 on CPU
-    compile: bool = False
-    distributed: str = "ddp"
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the checkpoints
+    device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
+    dtype: str | None = setting(None, "fp32, or bf16 autocast (default: bf16 on GPU, fp32 on CPU)")
+    compile: bool = setting(False, "torch.compile each decoder block")
+    distributed: str = setting("ddp", "under torchrun: DDP, or FSDP2 (fully_shard per block, then the root)")
+    extra: dict[str, Any] = setting(help="free-form, saved with the checkpoints", factory=dict)
+
+    def validate(self) -> None:
+        """ConfigError for settings that cannot run, before anything is read or written."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                    "grad_accum": self.grad_accum, "eval_batches": self.eval_batches, "log_every": self.log_every}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "save_every", "keep_last", "mtp_lambda", "balance_alpha", "bias_gamma",
+                     "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        if self.dtype not in (None, *DTYPES):
+            raise ConfigError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ConfigError(f"--distributed must be ddp or fsdp, got {self.distributed!r}")
+        check_schedule(self.schedule, self.lr, self.warmup, self.steps, self.min_lr_ratio, self.decay_fraction)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -101,24 +129,6 @@ def as_args(args: PretrainArgs | argparse.Namespace | dict[str, Any]) -> Pretrai
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     known = {f.name for f in dataclasses.fields(PretrainArgs)}
     return PretrainArgs(**{k: v for k, v in values.items() if k in known and not k.startswith("_")})
-
-
-def check_args(a: PretrainArgs) -> None:
-    """ConfigError for settings that cannot run, before anything is read or written."""
-    positive = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "grad_accum": a.grad_accum,
-                "eval_batches": a.eval_batches, "log_every": a.log_every}
-    for name, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    for name in ("eval_every", "save_every", "keep_last", "mtp_lambda", "balance_alpha", "bias_gamma",
-                 "weight_decay", "grad_clip"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
-        raise ConfigError(f"--betas must be two numbers in [0, 1), got {a.betas}")
-    if a.dtype not in (None, "fp32", "bf16"):
-        raise ConfigError(f"--dtype must be fp32 or bf16, got {a.dtype!r}")
-    check_schedule(a.schedule, a.lr, a.warmup, a.steps, a.min_lr_ratio, a.decay_fraction)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -186,7 +196,7 @@ def compile_blocks(model: Transformer) -> None:
 def pretrain(args: PretrainArgs | argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
     """Train; returns a summary dict (steps, tokens, tokens_per_s, mfu, losses, final_dir, ...)."""
     a = as_args(args)
-    check_args(a)
+    a.validate()
     info = init_distributed(a.device)
     try:
         return _pretrain(a, info)

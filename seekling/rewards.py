@@ -32,6 +32,7 @@ from functools import lru_cache
 from typing import Callable, NamedTuple
 
 from seekling.errors import ConfigError, SeeklingError
+from seekling.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, TAG_TOKENS, THINK_CLOSE, THINK_OPEN
 
 RewardFn = Callable[..., float]
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 EXTRACT_MODES = ("answer", "boxed", "gsm8k", "last_number")
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_RE = re.compile(rf"{ANSWER_OPEN}(.*?){ANSWER_CLOSE}", re.DOTALL)
 _GSM8K_RE = re.compile(r"####\s*([^\n]*)")
 # A number as people write it: "-1,234.5", "$5", "3/4", ".5". Thousands commas only in groups of 3
 # so that a list "1,-2" is not read as one number.
@@ -294,8 +295,7 @@ def combine_rewards(weights: dict[str, float], stats: RewardStats | None = None)
 # ----------------------------------------------------------------------------- the rewards
 
 DEFAULT_END_TOKENS = ("<|end▁of▁sentence|>", "<|endoftext|>", "<|im_end|>", "</s>", "<eos>")
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_FORMAT_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*(.*)", re.DOTALL)
+_FORMAT_RE = re.compile(rf"\s*{THINK_OPEN}(.*?){THINK_CLOSE}\s*{ANSWER_OPEN}(.*?){ANSWER_CLOSE}\s*(.*)", re.DOTALL)
 
 
 @register_reward("format")
@@ -306,7 +306,7 @@ def format_reward(completion: str, answer: str = "", **meta) -> float:
     optional end token (meta `end_token`, default the common ones). A tag inside a block (nesting,
     a second block, a missing closing tag) fails, as in R1's format reward.
     """
-    if any(completion.count(tag) != 1 for tag in _TAGS):
+    if any(completion.count(tag) != 1 for tag in TAG_TOKENS):
         return 0.0
     match = _FORMAT_RE.fullmatch(completion)
     if match is None:

@@ -8,21 +8,19 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from seekling.config import ModelConfig, count_parameters
 from seekling.errors import ConfigError, SeeklingError
-
-if TYPE_CHECKING:
-    from seekling.speedrun import SpeedrunPreset
+from seekling.presets import SpeedrunPreset
+from seekling.report import environment
 
 STATE_FILE = "state.json"
 STATE_FORMAT = "seekling-speedrun-v1"
 
 
 # ----------------------------------------------------------------------------- state.json
-def new_state(preset: "SpeedrunPreset") -> dict[str, Any]:
-    from seekling.report import environment
-
+def new_state(preset: SpeedrunPreset) -> dict[str, Any]:
     return {"format": STATE_FORMAT, "preset": preset.name, "config": preset.to_json(), "finished": [],
             "stages": {}, "created": time.time(), "environment": environment()}
 
@@ -47,7 +45,7 @@ def suggest_out(run_dir: Path) -> str:
     return f"{run_dir}-{n}"
 
 
-def check_same_run(state: dict[str, Any], preset: "SpeedrunPreset", run_dir: Path) -> None:
+def check_same_run(state: dict[str, Any], preset: SpeedrunPreset, run_dir: Path) -> None:
     """ConfigError when `run_dir` holds a run of another preset or other settings: never mix two runs."""
     ours = preset.to_json()
     if state["preset"] != preset.name:
@@ -68,12 +66,10 @@ def check_same_run(state: dict[str, Any], preset: "SpeedrunPreset", run_dir: Pat
 
 
 # ----------------------------------------------------------------------------- up-front checks
-def required_bytes(preset: "SpeedrunPreset") -> int:
+def required_bytes(preset: SpeedrunPreset) -> int:
     """A generous estimate of the disk a run needs at its peak: checkpoints (weights + two AdamW
     moments) of pre-training (all kept until the expert loads are measured), SFT and GRPO (two each),
     four final models, the token shards and the JSONL files; then 50% on top."""
-    from seekling.config import ModelConfig, count_parameters
-
     params = count_parameters(ModelConfig.from_name(preset.model))
     weights = 4 * (params["total"] + params.get("mtp", 0))
     checkpoint = 3 * weights
@@ -82,7 +78,7 @@ def required_bytes(preset: "SpeedrunPreset") -> int:
     return int(1.5 * (checkpoints + shards) + 50e6)
 
 
-def check_run_dir(run_dir: Path, preset: "SpeedrunPreset") -> dict[str, Any] | None:
+def check_run_dir(run_dir: Path, preset: SpeedrunPreset) -> dict[str, Any] | None:
     """Everything about `--out` that can fail, before any work: writability, free space and whether it
     holds this run, another run or something else. Returns the saved state when resuming."""
     state = read_state(run_dir) if run_dir.is_dir() else None

@@ -18,8 +18,6 @@ queue. The engine speaks token ids in and text deltas out: `TextStream` turns to
 from __future__ import annotations
 
 import collections
-import os
-import re
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -27,69 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
-from seekling.checkpoint import load_pretrained
+from seekling.checkpoint import find_tokenizer_dir, load_pretrained, resolve_model_dir
 from seekling.errors import CheckpointError, SeeklingError
 from seekling.generate import Decoder, SamplingParams
 from seekling.model import Transformer
-from seekling.tokenizer import Tokenizer
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-
+from seekling.tokenizer import TAG_TOKENS as TAGS, THINK_CLOSE, THINK_OPEN, Tokenizer
 
 class QueueFullError(SeeklingError):
     """Every slot is busy and the waiting queue is at its bound."""
 
 
 # ----------------------------------------------------------------------------- finding and loading a model
-def _is_model_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and (
-        os.path.isfile(os.path.join(path, "model.safetensors"))
-        or os.path.isfile(os.path.join(path, "model.safetensors.index.json")))
-
-
-def _step_number(name: str) -> int:
-    numbers = re.findall(r"\d+", name)
-    return int(numbers[-1]) if numbers else -1
-
-
-def resolve_model_dir(path: str) -> str:
-    """A Hugging Face-format model directory from a model directory or a seekling run directory.
-
-    A run directory gives `RUN/final` when it exists, else the checkpoint directory (up to two
-    levels down, e.g. `RUN/checkpoints/step_0000500`) with the highest step number in its name,
-    the most recently written one on a tie. Hidden directories (`.tmp-*`, saves in progress) and
-    `*.old` ones are skipped.
-    """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such directory")
-    if _is_model_dir(path):
-        return path
-    final = os.path.join(path, "final")
-    if _is_model_dir(final):
-        return final
-    candidates = []
-    for root, dirs, _ in os.walk(path):
-        depth = os.path.relpath(root, path).count(os.sep) + (root != path)
-        if depth >= 2:
-            dirs.clear()
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith(".old")]  # half-written saves
-        candidates += [os.path.join(root, d) for d in dirs if _is_model_dir(os.path.join(root, d))]
-    if not candidates:
-        raise CheckpointError(f"{path}: not a model directory (config.json + model.safetensors) and no "
-                              "final/ or checkpoint directory inside it")
-    return max(candidates, key=lambda d: (_step_number(os.path.basename(d)), os.path.getmtime(d)))
-
-
-def find_tokenizer_dir(model_dir: str, given_path: str) -> str:
-    """The model directory when it holds tokenizer.json, else the run directory or RUN/tokenizer."""
-    for d in (model_dir, given_path, os.path.join(given_path, "tokenizer"), os.path.dirname(model_dir)):
-        if os.path.isfile(os.path.join(d, "tokenizer.json")):
-            return d
-    raise CheckpointError(f"{model_dir}: no tokenizer.json next to the model (save the tokenizer into it)")
-
-
 def load_for_serving(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32
                      ) -> tuple[Transformer, Tokenizer, str]:
     """(model in eval mode, tokenizer, model directory) from a model or run directory."""

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from seekling.config import setting
 from seekling.data import SFTLoader
 from seekling.errors import ConfigError
 from seekling.model import Transformer, cross_entropy, update_expert_bias
@@ -36,22 +37,25 @@ from seekling.training import (build_optimizer, check_schedule, clip_gradients, 
 
 @dataclass
 class SFTConfig:
-    seq_len: int = 256
-    batch_size: int = 16  # rows per optimiser step
-    pack: bool = True  # several conversations per row (they attend to each other, as in nanochat)
-    steps: int = 300
-    lr: float = 3e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mtp_weight: float = 0.1  # lambda of the multi-token-prediction loss (0 skips the MTP modules)
-    bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free balancing (0 freezes routing)
-    seed: int = 0
-    save_every: int = 100  # 0: only at the end
-    log_every: int = 10
-    val_batches: int = 4  # batches of the validation set measured at each save
+    """SFT's settings; each field's help is the `seekling sft` flag's help."""
+
+    seq_len: int = setting(256, "tokens per row")
+    batch_size: int = setting(16, "rows per optimiser step")
+    pack: bool = setting(True, "pack several conversations per row (they attend to each other, as in nanochat); "
+                               "the flag puts one conversation per row")
+    steps: int = setting(300, "optimiser steps")
+    lr: float = setting(3e-4, "peak learning rate")
+    schedule: str = setting("cosine", "lr schedule")
+    warmup_steps: int = setting(20, "linear warm-up steps")
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak lr")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = setting(1.0, "global gradient-norm clip (0: none)")
+    mtp_weight: float = setting(0.1, "weight of the multi-token-prediction loss (0 skips the MTP modules)")
+    bias_update_speed: float = setting(0.001, "gamma of the auxiliary-loss-free expert balancing (0 freezes routing)")
+    seed: int = setting(0, "seed for data order and initialisation")
+    save_every: int = setting(100, "checkpoint every N steps (0: only at the end)")
+    log_every: int = setting(10, "metrics line every N steps")
+    val_batches: int = setting(4, "batches of the validation set measured at each save")
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "steps"):

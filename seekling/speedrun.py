@@ -12,9 +12,10 @@ Every stage writes into one run directory (default `runs/speedrun-<preset>`):
 
 Stopped at any point (Ctrl-C, kill, a crash), the same command resumes: finished stages are skipped
 and the stage that was running continues from its last checkpoint (the trainers' own exact resume).
-A preset is a `SpeedrunPreset`, a flat dataclass of stage settings; `PRESETS` names them:
+A preset is a `SpeedrunPreset` (`seekling.presets`), a flat dataclass of stage settings that builds
+each trainer's config; `PRESETS` names them, and each one's description says how long it runs:
 
-    seekling speedrun                         # the `cpu` preset: 7-15 minutes on a 2-core machine
+    seekling speedrun                         # the `cpu` preset, the main job (`seekling speedrun --list`)
     seekling speedrun --preset smoke --out /tmp/smoke     # under 2 minutes, the end-to-end test
     torchrun --nproc_per_node=8 -m seekling.cli speedrun --preset gpu-node   # pre-training on 8 GPUs
 
@@ -36,127 +37,25 @@ from typing import Any, Callable
 
 import torch
 
-from seekling.errors import ConfigError, SeeklingError
+from seekling.checkpoint import load_pretrained
+from seekling.cost import GPUS
+from seekling.data import TokenLoader, build_token_shards, read_problems
+from seekling.errors import SeeklingError
+from seekling.evalsets import question_text
+from seekling.evaluate import evaluate
 from seekling.files import write_json_atomic
+from seekling.flops import flops_per_token, forward_flops_per_token
+from seekling.generate import generate
+from seekling.grpo import train_grpo
+from seekling.presets import SpeedrunPreset, validate_preset
+from seekling.pretrain import pretrain
+from seekling.report import write_report
 from seekling.rundir import STATE_FILE, check_run_dir, new_state, read_state
-
-
-# ----------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class SpeedrunPreset:
-    """Settings of every stage. Changing any field makes a different run (its directory is refused)."""
-
-    name: str
-    about: str
-    # model and hardware (model presets live in seekling.config)
-    model: str = "cpu-small"
-    dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
-    distributed: str = "ddp"  # pre-training under torchrun: ddp, or fsdp (FSDP2) for models too big to replicate
-    seed: int = 0
-    # task data: pre-training sees worked solutions of several tasks (as a base model has seen math);
-    # cold start, GRPO and evaluation use one of them, `rl_task` (train split; test split held out)
-    pretrain_tasks: tuple[str, ...] = ("arithmetic", "linear", "wordproblem")
-    rl_task: str = "arithmetic"
-    difficulty: tuple[str, ...] = ()  # e.g. ("arithmetic.digits=3",): TASK.SETTING=VALUE
-    tokenizer_examples: int = 3000  # problems per task the tokenizer learns from
-    vocab_size: int = 1024
-    # pre-training (tokens per step = batch * seq_len * ranks)
-    pretrain_examples: int = 8000  # problems per pre-training task
-    pretrain_steps: int = 800
-    pretrain_batch_size: int = 16
-    seq_len: int = 128
-    pretrain_lr: float = 2e-3
-    pretrain_warmup: int = 40
-    pretrain_checkpoints: int = 8  # saved over the run: resume points and the expert-load heatmap
-    # cold-start SFT on R1-format worked solutions of the RL task
-    sft_examples: int = 2000
-    sft_steps: int = 40
-    sft_batch_size: int = 16
-    sft_seq_len: int = 256
-    sft_lr: float = 3e-4
-    # GRPO on the RL task
-    grpo_steps: int = 200
-    prompts_per_step: int = 16
-    group_size: int = 8
-    grpo_lr: float = 1e-4  # measured on `cpu`: 2e-5 barely moves, 3e-4 collapses
-    grpo_loss: str = "token_mean"
-    max_new_tokens: int = 64
-    grpo_save_every: int = 20
-    grpo_max_minutes: float | None = 6.0  # a cap for slow or busy machines (the report notes when it hit)
-    grpo_problems: int = 20000
-    # rejection-sampling distillation: the pre-trained base fine-tuned on verified GRPO samples
-    distill_samples: int = 4  # completions per problem; only verified-correct ones are kept
-    distill_problems: int = 300
-    distill_steps: int = 40
-    # evaluation after every model stage
-    eval_n: int = 200
-    eval_k: int = 4
-    eval_batch_size: int = 512
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def replace(self, **changes: Any) -> "SpeedrunPreset":
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS: dict[str, SpeedrunPreset] = {
-    "cpu": SpeedrunPreset(
-        name="cpu", about="the main job: ~10-15 minutes on 2 CPU cores, a ~1M-parameter DeepSeek-V3 "
-                         "(MLA, MoE, MTP) that GRPO makes better at held-out arithmetic"),
-    "smoke": SpeedrunPreset(
-        name="smoke", about="every stage at toy size in under 2 minutes (the end-to-end test)",
-        model="tiny", tokenizer_examples=300, vocab_size=400, pretrain_examples=300, pretrain_steps=24,
-        pretrain_batch_size=8, seq_len=64, pretrain_warmup=2, pretrain_checkpoints=4, sft_examples=64,
-        sft_steps=6, sft_batch_size=8, sft_seq_len=96, grpo_steps=3, prompts_per_step=4, group_size=4,
-        max_new_tokens=24, grpo_save_every=1, grpo_max_minutes=None, grpo_problems=200, distill_problems=16, distill_samples=2, distill_steps=6,
-        eval_n=12, eval_k=2, eval_batch_size=64),
-    "gpu": SpeedrunPreset(
-        name="gpu", about="one GPU: the `gpu` model (~1.2B total, ~0.24B active), longer stages",
-        model="gpu", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=100000,
-        pretrain_steps=3000, pretrain_batch_size=64, seq_len=256, pretrain_lr=6e-4, pretrain_warmup=200,
-        pretrain_checkpoints=4, sft_examples=4000, sft_steps=300, sft_batch_size=64, sft_lr=1e-4,
-        grpo_steps=200, prompts_per_step=64, group_size=16, grpo_lr=3e-6, max_new_tokens=128,
-        grpo_save_every=20, grpo_max_minutes=None, grpo_problems=50000, distill_problems=4000, distill_samples=8, distill_steps=300,
-        eval_n=500, eval_k=8, eval_batch_size=2048),
-    "gpu-node": SpeedrunPreset(
-        name="gpu-node", about="8 GPUs under torchrun: the `gpu-node` model (~6.6B total, ~1.2B active)",
-        model="gpu-node", distributed="fsdp", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=200000,
-        pretrain_steps=5000, pretrain_batch_size=32, seq_len=512, pretrain_lr=4e-4, pretrain_warmup=300,
-        pretrain_checkpoints=4, sft_examples=8000, sft_steps=400, sft_batch_size=64, sft_lr=5e-5,
-        grpo_steps=300, prompts_per_step=64, group_size=16, grpo_lr=2e-6, max_new_tokens=192,
-        grpo_save_every=20, grpo_max_minutes=None, grpo_problems=100000, distill_problems=8000, distill_samples=8, distill_steps=400,
-        eval_n=1000, eval_k=8, eval_batch_size=4096),
-}
-
-
-def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
-    """A named preset with `FIELD=VALUE` overrides (parsed as the field's type)."""
-    if name not in PRESETS:
-        known = "; ".join(f"{n} ({p.about})" for n, p in PRESETS.items())
-        raise ConfigError(f"unknown speedrun preset {name!r}; known presets: {known}")
-    preset = PRESETS[name]
-    types = {f.name: f.type for f in dataclasses.fields(SpeedrunPreset)}
-    changes: dict[str, Any] = {}
-    for spec in overrides or []:
-        key, sep, text = spec.partition("=")
-        if not sep or key not in types or key in ("name", "about"):
-            settable = ", ".join(k for k in types if k not in ("name", "about"))
-            raise ConfigError(f"--set {spec!r}: expected FIELD=VALUE with FIELD one of: {settable}")
-        current = getattr(preset, key)
-        try:
-            if isinstance(current, tuple):
-                value: Any = tuple(t for t in text.split(",") if t)
-            elif isinstance(current, int):
-                value = int(text)
-            elif isinstance(current, float) or (current is None and key != "dtype"):
-                value = None if text.lower() == "none" else float(text)
-            else:
-                value = None if text.lower() == "none" else text
-        except ValueError:
-            raise ConfigError(f"--set {spec!r}: {text!r} is not a valid {type(current).__name__}") from None
-        changes[key] = value
-    return preset.replace(**changes) if changes else preset
+from seekling.sft import make_cold_start, train_sft
+from seekling.tasks import completion_text, make_mixture, make_problems, parse_difficulty, render_prompt_ids
+from seekling.tokenizer import Tokenizer
+from seekling.training import (barrier, destroy_distributed, init_distributed, latest_checkpoint, list_checkpoints,
+                               progress_bar, read_trainer_state)
 
 
 # ----------------------------------------------------------------------------- the resumable loop
@@ -202,7 +101,6 @@ def ledger_device(ctx: Context, ranks: int) -> dict[str, Any]:
     """How the cost ledger prices a stage on `ranks` processes: CPU cores (torch threads) or GPUs by name."""
     if ctx.device.type != "cuda":
         return {"device": "cpu", "devices": torch.get_num_threads() * ranks, "dtype": "fp32"}
-    from seekling.cost import GPUS
 
     name = torch.cuda.get_device_name(ctx.device).lower()
     gpu = next((g for g in GPUS if g in name), "h100")  # H200 and unknown GPUs priced as an H100
@@ -264,42 +162,7 @@ def run_stage(ctx: Context, stage: Stage, tag: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the stages
-def validate_preset(p: SpeedrunPreset) -> None:
-    """ConfigError for settings that cannot run, before any work (the trainers check again, later)."""
-    from seekling.config import PRESETS as MODEL_PRESETS, ModelConfig
-    from seekling.grpo import LOSS_AGGREGATIONS
-    from seekling.tasks import get_task, parse_difficulty
-
-    if p.model not in MODEL_PRESETS:
-        raise ConfigError(f"model {p.model!r}: known model presets are {', '.join(MODEL_PRESETS)}")
-    for task in (*p.pretrain_tasks, p.rl_task):
-        get_task(task)
-    unknown = set(parse_difficulty(list(p.difficulty))) - {*p.pretrain_tasks, p.rl_task}
-    if unknown:
-        raise ConfigError(f"difficulty is set for {sorted(unknown)}, which this run does not use")
-    counts = {k: getattr(p, k) for k in ("pretrain_steps", "pretrain_batch_size", "seq_len", "sft_steps",
-                                         "sft_batch_size", "sft_seq_len", "grpo_steps", "prompts_per_step",
-                                         "max_new_tokens", "eval_n", "eval_k", "pretrain_checkpoints",
-                                         "pretrain_examples", "sft_examples", "tokenizer_examples")}
-    for name, value in counts.items():
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    if p.group_size < 2:
-        raise ConfigError(f"group_size must be >= 2 (a group of one has no relative advantage), got {p.group_size}")
-    if p.grpo_loss not in LOSS_AGGREGATIONS:
-        raise ConfigError(f"grpo_loss {p.grpo_loss!r}: known {', '.join(LOSS_AGGREGATIONS)}")
-    if p.distributed not in ("ddp", "fsdp"):
-        raise ConfigError(f"distributed must be ddp or fsdp, got {p.distributed!r}")
-    if p.dtype not in (None, "fp32", "bf16"):
-        raise ConfigError(f"dtype must be fp32 or bf16, got {p.dtype!r}")
-    max_pos = ModelConfig.from_name(p.model).max_position_embeddings
-    if max(p.seq_len, p.sft_seq_len) > max_pos:
-        raise ConfigError(f"seq_len/sft_seq_len exceed the {p.model!r} model's {max_pos} positions")
-
-
 def _difficulty(p: SpeedrunPreset, tasks: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    from seekling.tasks import parse_difficulty
-
     return {t: d for t, d in parse_difficulty(list(p.difficulty)).items() if t in tasks}
 
 
@@ -311,8 +174,6 @@ def _write_problems(path: Path, problems: list) -> None:
 
 
 def _latest_step(run_dir: Path) -> int:
-    from seekling.train_state import latest_checkpoint, read_trainer_state
-
     found = latest_checkpoint(run_dir)
     return int(read_trainer_state(found)["step"]) if found else 0
 
@@ -324,9 +185,6 @@ def _on_device(ctx: Context):
 
 
 def stage_data(ctx: Context) -> dict[str, Any]:
-    from seekling.sft import make_cold_start
-    from seekling.tasks import make_problems
-
     p, data = ctx.preset, ctx.path("data")
     data.mkdir(exist_ok=True)
     rl = _difficulty(p, [p.rl_task]).get(p.rl_task, {})
@@ -338,10 +196,6 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def stage_tokenizer(ctx: Context) -> dict[str, Any]:
-    from seekling.data import build_token_shards
-    from seekling.tasks import completion_text, make_mixture
-    from seekling.tokenizer import Tokenizer
-
     p = ctx.preset
     tasks = list(dict.fromkeys([*p.pretrain_tasks, p.rl_task]))
     texts = [q.prompt + " " + completion_text(q)
@@ -363,24 +217,14 @@ def stage_tokenizer(ctx: Context) -> dict[str, Any]:
 
 
 def stage_pretrain(ctx: Context) -> dict[str, Any]:
-    from seekling.pretrain import PretrainArgs, pretrain
-    from seekling.tokenizer import Tokenizer
-
     p, out = ctx.preset, ctx.path("pretrain")
     vocab = Tokenizer.load(ctx.path("tokenizer")).vocab_size
-    save_every = max(1, p.pretrain_steps // p.pretrain_checkpoints)
-    summary = pretrain(PretrainArgs(
-        data=str(ctx.path("shards")), out=str(out), tokenizer=str(ctx.path("tokenizer")), preset=p.model,
-        vocab_size=vocab, resume=True, steps=p.pretrain_steps, batch_size=p.pretrain_batch_size, seq_len=p.seq_len,
-        lr=p.pretrain_lr, warmup=p.pretrain_warmup, eval_every=max(1, p.pretrain_steps // 10), eval_batches=4,
-        save_every=save_every, keep_last=0, log_every=max(1, p.pretrain_steps // 4), seed=p.seed,
-        device=ctx.device.type, dtype=p.dtype, distributed=p.distributed, quiet=not ctx.is_main))
+    summary = pretrain(p.pretrain_args(str(ctx.path("shards")), str(out), str(ctx.path("tokenizer")), vocab,
+                                       device=ctx.device.type, quiet=not ctx.is_main))
     if not ctx.is_main:
         return {}
     loads = measure_expert_load(out, ctx.path("shards"), p.pretrain_batch_size, p.seq_len, ctx.device)
     write_json_atomic(out / "expert_load.json", loads)
-    from seekling.train_state import list_checkpoints
-
     for old in list_checkpoints(out)[:-1]:  # measured; only the last is worth its disk space now
         shutil.rmtree(old, ignore_errors=True)
     return {"tokens": summary["tokens"], "flops": summary["flops"], "steps_run": summary["steps_run"],
@@ -395,10 +239,6 @@ def measure_expert_load(run_dir: Path, data_dir: Path, batch_size: int, seq_len:
                         batches: int = 4) -> dict[str, Any]:
     """Tokens routed to each expert of each MoE layer, at every saved checkpoint, on the same val
     batches: the per-expert load over training (pretrain's metrics.jsonl keeps only the imbalance)."""
-    from seekling.checkpoint import load_pretrained
-    from seekling.data import TokenLoader
-    from seekling.train_state import list_checkpoints, read_trainer_state
-
     loader = TokenLoader(data_dir, batch_size, seq_len, split="val", shuffle=False)
     n = min(batches, loader.batches_in_epoch(0))
     steps, loads = [], []
@@ -420,16 +260,9 @@ def measure_expert_load(run_dir: Path, data_dir: Path, batch_size: int, seq_len:
 
 
 def stage_sft(ctx: Context) -> dict[str, Any]:
-    from seekling.checkpoint import load_pretrained
-    from seekling.flops import flops_per_token
-    from seekling.sft import SFTConfig, train_sft
-    from seekling.tokenizer import Tokenizer
-
     p, out = ctx.preset, ctx.path("sft")
     start_step = _latest_step(out)
-    cfg = SFTConfig(seq_len=p.sft_seq_len, batch_size=p.sft_batch_size, steps=p.sft_steps, lr=p.sft_lr,
-                    warmup_steps=max(1, p.sft_steps // 10), save_every=max(1, p.sft_steps // 3),
-                    log_every=max(1, p.sft_steps // 10), seed=p.seed)
+    cfg = p.sft_config(p.sft_steps)
     model = load_pretrained(str(ctx.path("pretrain", "final")), device=ctx.device)
     with _on_device(ctx):
         summary = train_sft(model, Tokenizer.load(ctx.path("tokenizer")), ctx.path("data", "cold_start.jsonl"), cfg,
@@ -441,16 +274,10 @@ def stage_sft(ctx: Context) -> dict[str, Any]:
 
 
 def stage_grpo(ctx: Context) -> dict[str, Any]:
-    from seekling.checkpoint import load_pretrained
-    from seekling.grpo import GRPOConfig, prompt_ids, read_problems, train_grpo
-    from seekling.tokenizer import Tokenizer
-
     p, out = ctx.preset, ctx.path("grpo")
     tokenizer = Tokenizer.load(ctx.path("tokenizer"))
     problems = read_problems(str(ctx.path("data", "grpo_problems.jsonl")))
-    cfg = GRPOConfig(prompts_per_step=p.prompts_per_step, group_size=p.group_size, max_new_tokens=p.max_new_tokens,
-                     temperature=1.0, lr=p.grpo_lr, loss_aggregation=p.grpo_loss, steps=p.grpo_steps,
-                     save_every=p.grpo_save_every, seed=p.seed, rewards={"correct": 1.0, "format": 0.2})
+    cfg = p.grpo_config()
     start_step = _latest_step(out)
     model = load_pretrained(str(ctx.path("sft", "final")), device=ctx.device)
     with _on_device(ctx):
@@ -458,7 +285,7 @@ def stage_grpo(ctx: Context) -> dict[str, Any]:
                              max_seconds=p.grpo_max_minutes * 60 if p.grpo_max_minutes else None, log=ctx.say)
     # FLOPs from each step's mean lengths: sampling is a forward over prompt + completion for all P*G
     # rows, the update 3x forward (mu times) over the rows of the groups kept.
-    prompt_len = sum(len(prompt_ids(tokenizer, q, cfg.template)) for q in problems[:200]) / min(200, len(problems))
+    prompt_len = sum(len(render_prompt_ids(tokenizer, q, cfg.template)) for q in problems[:200]) / min(200, len(problems))
     tokens = flops = 0.0
     for r in summary["history"]:
         rows, length = cfg.prompts_per_step * cfg.group_size, prompt_len + r["response_length"]
@@ -476,8 +303,6 @@ def stage_grpo(ctx: Context) -> dict[str, Any]:
 
 
 def _forward_flops(config, context_len: float) -> float:
-    from seekling.flops import forward_flops_per_token
-
     return forward_flops_per_token(config, max(1, round(context_len)), include_mtp=False)["total"]
 
 
@@ -490,22 +315,14 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
     return dict(speedrun_stage(
         teacher_dir=str(ctx.path("grpo", "final")), tokenizer_dir=str(ctx.path("tokenizer")),
         problems_path=str(ctx.path("data", "grpo_problems.jsonl")), out_dir=str(ctx.path("distill")),
-        samples=p.distill_samples, problems=p.distill_problems, device=ctx.device, resume=True,
-        sft_steps=p.distill_steps, sft_batch_size=p.sft_batch_size, sft_seq_len=p.sft_seq_len, sft_lr=p.sft_lr,
-        max_new_tokens=p.max_new_tokens, seed=p.seed, log=ctx.say))
+        problems=p.distill_problems, sample=p.sample_settings(), sft=p.sft_config(p.distill_steps),
+        device=ctx.device, resume=True, log=ctx.say))
 
 
 def eval_stage(model_stage: str) -> Callable[[Context], dict[str, Any]]:
     """The held-out evaluation of `model_stage`'s final model (skipped when that stage was)."""
 
     def run(ctx: Context) -> dict[str, Any]:
-        from seekling.checkpoint import load_pretrained
-        from seekling.evaluate import evaluate, prompt_ids
-        from seekling.generate import generate
-        from seekling.grpo import read_problems
-        from seekling.tokenizer import Tokenizer
-        from seekling.training import progress_bar
-
         if "skipped" in ctx.state["stages"].get(model_stage, {}):
             return {"skipped": f"no {model_stage} model"}
         p = ctx.preset
@@ -520,16 +337,15 @@ def eval_stage(model_stage: str) -> Callable[[Context], dict[str, Any]]:
             return completions
 
         try:
-            result = evaluate(model, tokenizer, [p.rl_task], k=p.eval_k, max_new_tokens=p.max_new_tokens,
-                              batch_size=p.eval_batch_size, seed=p.seed, problems={p.rl_task: problems},
-                              keep_samples=3, generate_fn=generate_with_bar)
+            result = evaluate(model, tokenizer, [p.rl_task], **dataclasses.asdict(p.eval_settings()),
+                              problems={p.rl_task: problems}, keep_samples=3, generate_fn=generate_with_bar)
         finally:
             bar.close()
         result["model"] = model_stage
         ctx.path("eval").mkdir(exist_ok=True)
         write_json_atomic(ctx.path("eval", f"{model_stage}.json"), result)
         m = result["mean"]
-        prompt_len = sum(len(prompt_ids(tokenizer, q)) for q in problems) / len(problems)
+        prompt_len = sum(len(render_prompt_ids(tokenizer, question_text(q))) for q in problems) / len(problems)
         tokens = len(problems) * p.eval_k * (prompt_len + m["mean_length"])
         k = p.eval_k
         return {"tokens": int(tokens), "flops": tokens * _forward_flops(model.config, prompt_len + m["mean_length"]),
@@ -558,7 +374,6 @@ def pipeline_stages() -> list[Stage]:
 def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = None, device: str | None = None,
                  stages: list[Stage] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a whole speedrun in `out` and write its report; returns the final state."""
-    from seekling.parallel import barrier, destroy_distributed, init_distributed
 
     validate_preset(preset)
     run_dir = Path(out)
@@ -585,7 +400,6 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         run_stages(ctx, stages if stages is not None else pipeline_stages(), barrier,
                    leave=lambda: destroy_distributed(info))
         if info.is_main:
-            from seekling.report import write_report
 
             state.setdefault("runs", []).append({"seconds": time.perf_counter() - start, "ended": time.time()})
             ctx.save_state()

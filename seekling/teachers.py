@@ -3,22 +3,23 @@
 `load_teacher(path)` finds what `path` holds and returns a `Teacher` with a tokenizer and a batched
 `generate`; anything else is refused with what was looked for. Used by `seekling.distill`.
 
-    python -c "from seekling.teachers import resolve_teacher; print(resolve_teacher('runs/speedrun-cpu'))"
+    python -c "from seekling.teachers import resolve_teacher; print(resolve_teacher('runs/speedrun-cpu/grpo'))"
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from seekling.checkpoint import load_pretrained, model_kind, resolve_model_dir
 from seekling.errors import CheckpointError, ConfigError, DataError
 from seekling.generate import Completion, generate
+from seekling.tokenizer import Tokenizer
 
 GenerateFn = Callable[[Any, list[list[int]], Any], list[Completion]]
 
@@ -111,28 +112,9 @@ class Teacher:
 
 
 def resolve_teacher(path: str | Path) -> tuple[Path, str]:
-    """(model directory, kind) for a teacher path; CheckpointError saying what was looked for."""
-    from seekling.train_state import latest_checkpoint
-
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"teacher {path}: no such directory")
-    for directory in [root, root / "final"] + ([Path(latest_checkpoint(root))] if latest_checkpoint(root) else []):
-        weights = (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
-        if (directory / "config.json").is_file() and weights:
-            try:
-                model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise CheckpointError(f"{directory / 'config.json'}: not a JSON object ({e})") from None
-            if not model_type:
-                raise CheckpointError(f"{directory / 'config.json'} has no model_type; not a model config")
-            return directory, "seekling" if model_type == "deepseek_v3" else "transformers"
-    pickled = [f.name for f in root.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
-    raise CheckpointError(
-        f"teacher {path} is not a model: looked for a seekling run directory (final/ or checkpoints/step_*/), "
-        "a seekling / DeepSeek-V3 Hugging Face directory (config.json with model_type deepseek_v3 + "
-        "model.safetensors) and a transformers causal LM directory (config.json + model.safetensors)"
-        + (f"; found {', '.join(pickled)}, but pickled weights are never loaded" if pickled else ""))
+    """(model directory, kind) for a teacher path, by `seekling.checkpoint.resolve_model_dir`'s rules."""
+    directory = resolve_model_dir(path)
+    return Path(directory), model_kind(directory)
 
 
 def weights_fingerprint(directory: str | Path) -> str:
@@ -154,8 +136,6 @@ def load_teacher(path: str | Path, tokenizer_dir: str | Path | None = None,
     directory, kind = resolve_teacher(path)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else directory
     if kind == "seekling":
-        from seekling.checkpoint import load_pretrained
-
         model = load_pretrained(str(directory), device=device)
         tokenizer = _seekling_or_hf_tokenizer(tok_dir)
         generate_fn = generate  # the latent-cache sampler: token ids in, whatever the tokenizer
@@ -180,8 +160,6 @@ def _hf_tokenizer(directory: Path) -> HFTokenizer:
 
 
 def _seekling_or_hf_tokenizer(directory: Path):
-    from seekling.tokenizer import Tokenizer
-
     if (directory / "tokenizer.json").is_file():
         try:
             return Tokenizer.load(directory)

@@ -36,7 +36,9 @@ from seekling.errors import ConfigError, DataError
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
 SPECIAL_TOKENS = (BOS, EOS, PAD, ROLE_TOKENS["user"], ROLE_TOKENS["assistant"], ROLE_TOKENS["system"])
-TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+# The reasoning tags of the R1 format `<think> ... </think> <answer> ... </answer>`, defined here once.
+THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
+TAG_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 FIXED_TOKENS = SPECIAL_TOKENS + TAG_TOKENS  # in id order: FIXED_TOKENS[i] has id i
 MIN_VOCAB_SIZE = len(FIXED_TOKENS) + 256  # the fixed tokens plus one token per byte
 

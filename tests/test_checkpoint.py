@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from seekling.checkpoint import load_pretrained, save_pretrained
+from seekling.checkpoint import (load_pretrained, model_kind, resolve_model_and_tokenizer, resolve_model_dir,
+                                 save_pretrained)
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError
 from seekling.model import Transformer
@@ -96,3 +97,36 @@ def test_saved_directory_has_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "perm").st_mode & 0o777) == 0o755
+
+
+# ----------------------------------------------------------------------------- finding the model in a directory
+def test_resolve_model_dir(tmp_path):
+    def fake_model(d, model_type="deepseek_v3"):
+        os.makedirs(d)
+        (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+        (d / "model.safetensors").write_text("")
+        return str(d)
+
+    run = tmp_path / "run"
+    fake_model(run / "checkpoints" / "step_000900")
+    newest = fake_model(run / "checkpoints" / "step_001200")
+    fake_model(run / "checkpoints" / "step_000300")
+    fake_model(run / "checkpoints" / ".tmp-step_009999")  # a save in progress
+    assert resolve_model_dir(str(run)) == newest
+    final = fake_model(run / "final")
+    assert resolve_model_dir(run) == final
+    assert resolve_model_dir(final) == final
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert resolve_model_and_tokenizer(str(run)) == (final, str(run / "tokenizer"))
+    assert model_kind(final) == "seekling" and model_kind(fake_model(tmp_path / "qwen", "qwen2")) == "transformers"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a model directory: looked for a seekling run directory.*"
+                                              "pickled weights are never loaded"):
+        resolve_model_dir(str(empty))
+    with pytest.raises(CheckpointError, match="no such directory"):
+        resolve_model_dir(str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="no tokenizer.json in .*pass --tokenizer"):
+        resolve_model_and_tokenizer(str(tmp_path / "qwen"))

@@ -17,7 +17,8 @@ from seekling.config import ModelConfig
 from seekling.errors import CheckpointError, ConfigError
 from seekling.generate import Completion
 from seekling.model import Transformer
-from seekling.tasks import Problem, completion_text, make_problems
+from seekling.presets import PRESETS
+from seekling.tasks import Problem, completion_text, make_problems, render_prompt_ids
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import TOKENIZER_FILES
 
@@ -63,7 +64,7 @@ def scripted(teacher, problems, k, script, seed=0, calls=None):
         out = []
         for prompt, param in zip(prompts, params):
             problem, j = rows[param.seed]
-            assert prompt == D.teacher_prompt_ids(tok, problem, "chat")
+            assert prompt == render_prompt_ids(tok, problem)
             out.append(Completion(tok.encode(script(problem, j)) + [tok.eos_id], [], "stop"))
         return out
 
@@ -212,7 +213,7 @@ def test_transformers_teacher_of_another_family(tmp_path, qwen_teacher, tokenize
     teacher = D.load_teacher(directory)
     assert teacher.kind == "transformers" and type(teacher.model).__name__ == "Qwen2ForCausalLM"
     # AutoTokenizer's chat template renders what seekling's tokenizer renders
-    assert D.teacher_prompt_ids(teacher.tokenizer, problem, "chat") == tokenizer.render_prompt(
+    assert render_prompt_ids(teacher.tokenizer, problem) == tokenizer.render_prompt(
         [{"role": "user", "content": problem.prompt}])
     path = tmp_path / "problems.jsonl"
     path.write_text(json.dumps({"id": "q1", "task": "arithmetic", "prompt": problem.prompt, "answer": "5"}) + "\n")
@@ -230,7 +231,7 @@ def test_transformers_teacher_of_another_family(tmp_path, qwen_teacher, tokenize
 def test_sampled_hf_rows_stop_at_eos(qwen_teacher):
     directory, problem = qwen_teacher
     teacher = D.load_teacher(directory)
-    ids = D.teacher_prompt_ids(teacher.tokenizer, problem, "chat")
+    ids = render_prompt_ids(teacher.tokenizer, problem)
     from seekling.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=24, temperature=1.0, stop_token_ids=(teacher.tokenizer.eos_id,), seed=3)
@@ -321,16 +322,19 @@ def test_speedrun_hook(tmp_path, teacher_run, tokenizer, tok_dir, monkeypatch):
         for q in problems))
     call = dict(teacher_dir=str(teacher_run / "final"), tokenizer_dir=str(tok_dir),
                 problems_path=str(run / "data" / "grpo_problems.jsonl"), out_dir=str(run / "distill"),
-                samples=2, problems=16, device=torch.device("cpu"), resume=True)
-    inspect.signature(D.speedrun_stage).bind(**call)  # what seekling.speedrun.stage_distill passes
-    result = D.speedrun_stage(**call, sft_steps=3, sft_batch_size=64, sft_seq_len=64, max_new_tokens=12)
+                problems=16, device=torch.device("cpu"), resume=True)
+    preset = PRESETS["smoke"].replace(distill_samples=2, sft_batch_size=64, sft_seq_len=64, max_new_tokens=12)
+    call.update(sample=preset.sample_settings(), sft=preset.sft_config(3))  # as seekling.speedrun.stage_distill
+    inspect.signature(D.speedrun_stage).bind(**call)
+    result = D.speedrun_stage(**call)
     assert result["kept"] == 16 and result["sampled"] == 32 and result["keep_rate"] == 0.5
     assert result["tokens"] > 0 and result["flops"] > 0 and "kept 16/32" in result["summary"]
     assert result["sft_batch_size"] < 64  # 16 short samples fill fewer rows than a batch: it was lowered
     assert load_pretrained(str(run / "distill" / "final")).config.vocab_size == tokenizer.vocab_size
     # a teacher whose samples all fail: the stage is skipped with the statistics, the speedrun goes on
     monkeypatch.undo()
-    skipped = D.speedrun_stage(**{**call, "out_dir": str(run / "distill2")}, sft_steps=3, max_new_tokens=6)
+    skipped = D.speedrun_stage(**{**call, "out_dir": str(run / "distill2"),
+                                  "sample": D.SampleSettings(k=2, max_new_tokens=6, batch_size=512)})
     assert "no verified sample to train on" in skipped["skipped"] and "32 sampled from 16 prompts" in skipped["skipped"]
 
 
@@ -367,6 +371,6 @@ def test_bad_input_is_explained(tmp_path, teacher_run, tok_dir, capsys):
     assert "either --tasks or --problems" in capsys.readouterr().err
     problems.write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")
     assert main(["sample", "--teacher", str(teacher_run), "--problems", str(problems), "--out", out]) == 2
-    assert "missing field 'answer'" in capsys.readouterr().err
+    assert "row has no 'answer'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="exactly one student"):
         D.build_student(Tokenizer.load(tok_dir))

@@ -72,7 +72,7 @@ def test_mtp_runs_on_seq_len_minus_depth_positions():
 
 
 def test_training_is_three_forwards_and_model_flops_scales():
-    c = ModelConfig.from_name("cpu")
+    c = ModelConfig.from_name("cpu-large")
     fwd = flops_per_token(c, 256, training=False)
     train = flops_per_token(c, 256)
     assert train["total"] == pytest.approx(3 * fwd["total"])

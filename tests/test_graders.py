@@ -95,7 +95,7 @@ def test_bad_rows_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field 'answer'"):
         load_math500(path)
     path.write_text('{"problem": "p", "answer": "1"}\n{"problem": \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
         load_aime2024(path)
     path.write_text('{"question": "q", "answer": "no hashes here"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: .*####"):

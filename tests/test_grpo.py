@@ -14,10 +14,11 @@ from seekling.config import ModelConfig
 from seekling.errors import ConfigError, DataError
 from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, clipped_surrogate, fill_informative,
                            group_advantages, group_logprobs, grpo_loss, grpo_step, informative_groups,
-                           kl_to_reference, pad_rollouts, prompt_ids, read_problems, seq_mean_token_mean,
+                           kl_to_reference, pad_rollouts, seq_mean_token_mean,
                            seq_sum_constant, token_logprobs, token_mean, train_grpo)
 from seekling.model import Transformer
-from seekling.tasks import make_problems
+from seekling.data import read_problems
+from seekling.tasks import make_problems, render_prompt_ids
 from seekling.train_state import list_checkpoints
 from seekling.training import build_optimizer
 
@@ -313,10 +314,10 @@ def test_bad_input_is_explained(tmp_path, tokenizer):
 
 def test_r1zero_template(tokenizer):
     problem = make_problems("countdown", "train", 1, 0)[0]
-    ids = prompt_ids(tokenizer, problem, "r1zero")
+    ids = render_prompt_ids(tokenizer, problem, "r1zero")
     text = tokenizer.decode(ids)
     assert ids[0] == tokenizer.bos_id and text.endswith(f"User: {problem.prompt}. Assistant:")
-    assert prompt_ids(tokenizer, problem, "chat")[-1] == tokenizer.assistant_id
+    assert render_prompt_ids(tokenizer, problem, "chat")[-1] == tokenizer.assistant_id
 
 
 def test_cli_rejects_bad_flags_in_one_line(capsys):

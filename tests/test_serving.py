@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import queue
 import socket
 import threading
@@ -24,7 +23,7 @@ from seekling.checkpoint import save_pretrained
 from seekling.cli import main
 from seekling.commands.chat import DIM, RESET, ChatSession
 from seekling.config import ModelConfig
-from seekling.errors import CheckpointError, SeeklingError
+from seekling.errors import SeeklingError
 from seekling.generate import SamplingParams, generate
 from seekling.model import Transformer
 from seekling.serving import (
@@ -34,7 +33,6 @@ from seekling.serving import (
     ReasoningSplitter,
     TextStream,
     load_for_serving,
-    resolve_model_dir,
     split_reasoning,
 )
 from seekling.tokenizer import Tokenizer
@@ -302,30 +300,6 @@ def test_queue_bound_and_context_clamp(served):
     text, final = engine.run_to_completion(prompt, SamplingParams(max_new_tokens=1000, seed=3))
     engine.close()
     assert final.finish_reason == "length" and final.completion_tokens == 32 - len(prompt)
-
-
-# ----------------------------------------------------------------------------- model directories
-def test_resolve_model_dir(tmp_path):
-    def fake_model(d):
-        os.makedirs(d)
-        for name in ("config.json", "model.safetensors"):
-            open(os.path.join(d, name), "w").close()
-        return str(d)
-
-    run = tmp_path / "run"
-    fake_model(run / "checkpoints" / "step_000900")
-    newest = fake_model(run / "checkpoints" / "step_001200")
-    fake_model(run / "checkpoints" / "step_000300")
-    fake_model(run / "checkpoints" / ".tmp-step_009999")  # a save in progress
-    assert resolve_model_dir(str(run)) == newest
-    final = fake_model(run / "final")
-    assert resolve_model_dir(str(run)) == final
-    assert resolve_model_dir(final) == final
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="not a model directory"):
-        resolve_model_dir(str(tmp_path / "empty"))
-    with pytest.raises(CheckpointError, match="no such directory"):
-        resolve_model_dir(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- the commands

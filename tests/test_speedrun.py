@@ -23,7 +23,8 @@ from seekling.cli import main
 from seekling.errors import ConfigError, SeeklingError
 from seekling.files import write_json_atomic
 from seekling.rundir import check_run_dir, new_state, read_state
-from seekling.speedrun import PRESETS, Context, Stage, get_preset, run_speedrun, run_stages
+from seekling.presets import PRESETS, get_preset, validate_preset
+from seekling.speedrun import Context, Stage, run_speedrun, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "eval_sft", "grpo", "eval_grpo", "distill",
@@ -231,8 +232,21 @@ def test_bad_override_names_the_settable_fields():
     with pytest.raises(ConfigError, match="not a valid int"):
         get_preset("smoke", ["grpo_steps=many"])
     assert get_preset("smoke", ["grpo_steps=7", "pretrain_tasks=linear"]).grpo_steps == 7
-    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+    with pytest.raises(ConfigError, match=r"group_size \(G\) must be >= 2"):
         run_speedrun(get_preset("smoke", ["group_size=1"]), "/nonexistent/never-created")
+
+
+def test_presets_build_the_trainers_configs_and_check_them_there():
+    for preset in PRESETS.values():
+        validate_preset(preset)
+    p = PRESETS["smoke"]
+    assert (p.grpo_config().save_every, p.grpo_config().loss_aggregation) == (p.grpo_save_every, p.grpo_loss)
+    assert p.sft_config(p.distill_steps).steps == p.distill_steps and p.eval_settings().k == p.eval_k
+    for bad, message in [("grpo_loss=nope", "unknown loss aggregation 'nope'"), ("dtype=fp16", "--dtype must be"),
+                         ("distributed=tp", "--distributed must be ddp or fsdp"), ("eval_k=0", "k must be >= 1"),
+                         ("model=huge", "unknown model preset 'huge'"), ("sft_seq_len=4096", "exceed the 'tiny'")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_preset(get_preset("smoke", [bad]))
 
 
 def test_directory_of_another_preset_or_config_is_refused_with_a_new_out(tmp_path):

@@ -19,6 +19,7 @@ from seekling.tasks import (
     make_mixture,
     make_problems,
     parse_difficulty,
+    render_prompt_ids,
     split_of,
     to_chat,
     to_sft_example,
@@ -201,3 +202,19 @@ def test_mixture_and_difficulty_parsing():
     for bad in ["digits=3", "arithmetic.depth=2", "arithmetic.digits=three", "linear.both_sides=maybe"]:
         with pytest.raises(ConfigError):
             parse_difficulty([bad])
+
+
+def test_one_renderer_for_problems_texts_and_conversations():
+    from seekling.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["What is 2+2? <think> 4 </think>"] * 20, vocab_size=300)
+    p = make_problems("arithmetic", "test", 1, 0)[0]
+    chat = tok.render_prompt([{"role": "user", "content": p.prompt}])
+    assert render_prompt_ids(tok, p) == render_prompt_ids(tok, p.prompt) == chat and chat[-1] == tok.assistant_id
+    assert render_prompt_ids(tok, [{"role": "user", "content": p.prompt}]) == chat
+    assert render_prompt_ids(tok, p, "r1zero") == [tok.bos_id] + tok.encode(to_chat(p, "r1zero"))
+    assert render_prompt_ids(tok, "Once upon", "raw") == [tok.bos_id] + tok.encode("Once upon")
+    assert render_prompt_ids(tok, "hi", system="be brief") == tok.render_prompt(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    with pytest.raises(ConfigError, match="unknown prompt template 'alpaca'"):
+        render_prompt_ids(tok, p, "alpaca")

@@ -24,7 +24,7 @@ from dataclasses import replace
 from seekling.commands.generate import DTYPES, add_sampling_arguments
 from seekling.errors import SeeklingError
 from seekling.generate import SamplingParams
-from seekling.serving import Engine, Job, ReasoningSplitter
+from seekling.serving import Engine, Job, ReasoningSplitter, load_for_serving
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset, /temp VALUE, /max TOKENS, /quit"
@@ -126,8 +126,6 @@ class ChatSession:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seekling.serving import load_for_serving
-
     if args.max_tokens < 1:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])

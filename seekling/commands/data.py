@@ -16,12 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
+from seekling.commands import HelpFormatter
+from seekling.data import build_token_shards, load_index
 from seekling.errors import ConfigError
+from seekling.tasks import make_mixture, parse_difficulty, to_sft_example
+from seekling.tokenizer import Tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     build = actions.add_parser("build", help="tokenize sources into train/val token shards", formatter_class=fmt)
     build.add_argument("--tokenizer", required=True, help="tokenizer directory (from `seekling tokenizer train`)")
@@ -53,10 +57,6 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seekling.data import build_token_shards, load_index
-    from seekling.tasks import make_mixture, parse_difficulty, to_sft_example
-    from seekling.tokenizer import Tokenizer
-
     if args.action == "show":
         print(json.dumps(load_index(args.data), indent=2))
         return 0

@@ -12,43 +12,43 @@ from any JSONL of the same layout with --path TASK=FILE). Prints a table; --out 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
+from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
+from seekling.commands import add_setting, from_args
 from seekling.errors import ConfigError
+from seekling.evaluate import EvalSettings, evaluate, format_table, known_tasks
+from seekling.tasks import TEMPLATES, parse_difficulty
+from seekling.tokenizer import Tokenizer
+
+SETTINGS = (EvalSettings,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory (config.json + model.safetensors)")
+    parser.add_argument("model", help="a model, checkpoint or run directory (its final/ or latest checkpoint)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory (default: the model directory if it holds tokenizer.json)")
-    parser.add_argument("--tasks", default="arithmetic,countdown",
-                        help="comma-separated tasks: arithmetic, countdown, linear, wordproblem, gsm8k, math500, aime2024")
+                        help="tokenizer directory (default: the model's, or its run's tokenizer/)")
+    parser.add_argument("--tasks", default="arithmetic,countdown", help=f"comma-separated tasks: {', '.join(known_tasks())}")
     parser.add_argument("--n", type=int, default=100, help="problems per task (0: the whole published set)")
-    parser.add_argument("--k", type=int, default=4, help="samples per problem")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit in tokens")
-    parser.add_argument("--template", default="chat", choices=["chat", "r1zero"], help="prompt template")
-    parser.add_argument("--batch-size", type=int, default=256, help="completions sampled per batch")
+    for name in ("k", "temperature", "top_p", "max_new_tokens"):
+        add_setting(parser, EvalSettings, name)
+    add_setting(parser, EvalSettings, "template", choices=TEMPLATES)
+    add_setting(parser, EvalSettings, "batch_size")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
     parser.add_argument("--path", nargs="*", default=[], metavar="TASK=FILE",
                         help="read a published set from this JSONL instead of ../shared/data")
-    parser.add_argument("--seed", type=int, default=0, help="seed for problems and sampling")
+    add_setting(parser, EvalSettings, "seed")
     parser.add_argument("--keep-samples", type=int, default=3, help="problems per task whose completions go in the JSON")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from seekling.checkpoint import load_pretrained
-    from seekling.evaluate import evaluate, format_table
-    from seekling.tasks import parse_difficulty
-    from seekling.tokenizer import Tokenizer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -58,15 +58,11 @@ def run(args: argparse.Namespace) -> int:
         if not file:
             raise ConfigError(f"--path {spec!r}: expected TASK=FILE, e.g. gsm8k=data/gsm8k.jsonl")
         paths[task] = file
-    tokenizer_dir = args.tokenizer or args.model
-    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise ConfigError(f"{tokenizer_dir}: no tokenizer.json; pass --tokenizer DIR")
+    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(tokenizer_dir)
-    model = load_pretrained(args.model)
-    result = evaluate(model, tokenizer, tasks, n=args.n or None, k=args.k, temperature=args.temperature,
-                      top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
-                      batch_size=args.batch_size, seed=args.seed, difficulty=parse_difficulty(args.difficulty),
-                      paths=paths, keep_samples=args.keep_samples)
+    model = load_pretrained(model_dir)
+    result = evaluate(model, tokenizer, tasks, n=args.n or None, **dataclasses.asdict(from_args(EvalSettings, args)),
+                      difficulty=parse_difficulty(args.difficulty), paths=paths, keep_samples=args.keep_samples)
     result["model"] = str(args.model)
     print(format_table(result))
     if args.out:

@@ -21,6 +21,9 @@ import sys
 import torch
 
 from seekling.errors import SeeklingError
+from seekling.generate import SamplingParams, generate
+from seekling.serving import load_for_serving, split_reasoning
+from seekling.tasks import render_prompt_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -54,22 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-def build_prompt(tokenizer, text: str, raw: bool, system: str | None = None) -> list[int]:
-    if raw:
-        return [tokenizer.bos_id] + tokenizer.encode(text)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return tokenizer.render_prompt(messages)
-
-
 def run(args: argparse.Namespace) -> int:
-    from seekling.generate import SamplingParams, generate
-    from seekling.serving import load_for_serving, split_reasoning
-
     if args.max_tokens < 1:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     texts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     model, tokenizer, _ = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
-    prompts = [build_prompt(tokenizer, t, args.raw, args.system) for t in texts]
+    prompts = [render_prompt_ids(tokenizer, t, "raw" if args.raw else "chat", args.system) for t in texts]
     params = [SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, stop_token_ids=(tokenizer.eos_id,),
                              seed=None if args.seed is None else args.seed + i) for i in range(len(prompts))]

@@ -20,7 +20,11 @@ import ipaddress
 import os
 import sys
 
+import torch
+
+from seekling.commands.generate import DTYPES
 from seekling.errors import SeeklingError
+from seekling.serving import Engine, load_for_serving
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import uvicorn
+    import uvicorn  # fastapi and uvicorn are imported only by the command that serves
 
-    from seekling.commands.generate import DTYPES
     from seekling.server import Limits, create_app
-    from seekling.serving import Engine, load_for_serving
 
     for flag in ("max_concurrent", "port", "max_body_bytes", "max_n", "max_prompt_tokens", "max_tokens_cap"):
         value = getattr(args, flag)

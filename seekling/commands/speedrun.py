@@ -4,7 +4,8 @@ Stages: task data -> tokenizer -> pre-training -> cold-start SFT -> GRPO -> reje
 distillation, a held-out evaluation after each model stage, then
 RUN_DIR/report.md and a self-contained RUN_DIR/report.html (results, cost per stage, plots).
 Interrupted (Ctrl-C, kill), the same command resumes from the last finished stage and that stage's
-last checkpoint. Presets: cpu (default, 7-15 min on 2 cores), smoke (< 2 min), gpu, gpu-node. Examples:
+last checkpoint. Presets (`--list` prints what each is and how long it runs): cpu (the default, the
+main job), smoke, gpu, gpu-node. Examples:
 
     seekling speedrun                                   # preset cpu into runs/speedrun-cpu
     seekling speedrun --preset smoke --out /tmp/smoke
@@ -17,11 +18,15 @@ last checkpoint. Presets: cpu (default, 7-15 min on 2 cores), smoke (< 2 min), g
 from __future__ import annotations
 
 import argparse
+import json
 import signal
+
+from seekling.presets import PRESETS, get_preset
+from seekling.speedrun import run_speedrun
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="cpu", help="stage settings: cpu, smoke, gpu or gpu-node")
+    parser.add_argument("--preset", default="cpu", help=f"stage settings: {', '.join(PRESETS)} (see --list)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/speedrun-PRESET)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", dest="overrides",
                         help="change a preset setting, e.g. grpo_steps=80 eval_n=500 (a new run directory)")
@@ -31,10 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from seekling.speedrun import PRESETS, get_preset, run_speedrun
-
     if args.list:
         for name, preset in PRESETS.items():
             print(f"{name}: {preset.about}")

@@ -16,13 +16,17 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
+from seekling.data import read_jsonl_texts, read_text_file
+from seekling.commands import HelpFormatter
 from seekling.errors import ConfigError
+from seekling.tasks import completion_text, make_mixture, parse_difficulty
+from seekling.tokenizer import Tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = actions.add_parser("train", help="train a tokenizer and save it in a directory",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     train.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
                        help="text files to train on (.jsonl files contribute the --field of each record)")
     train.add_argument("--field", default="text", help="the JSON field holding the text in .jsonl corpus files")
@@ -37,15 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it")
     train.add_argument("--out", required=True, help="directory to write the tokenizer files into")
     encode = actions.add_parser("encode", help="print the tokens and ids of a text",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     encode.add_argument("--tokenizer", required=True, help="tokenizer directory")
     encode.add_argument("text", help="text to encode")
 
 
 def _corpus_texts(args: argparse.Namespace) -> Iterator[str]:
-    from seekling.data import read_jsonl_texts, read_text_file
-    from seekling.tasks import completion_text, make_mixture, parse_difficulty
-
     for path in args.corpus:
         if Path(path).suffix == ".jsonl":
             yield from read_jsonl_texts(path, args.field)
@@ -61,8 +62,6 @@ def _corpus_texts(args: argparse.Namespace) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seekling.tokenizer import Tokenizer
-
     if args.action == "encode":
         tokenizer = Tokenizer.load(args.tokenizer)
         ids = tokenizer.encode(args.text)

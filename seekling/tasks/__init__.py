@@ -16,13 +16,14 @@ Try: `python -c "from seekling.tasks import *; p = make_problems('arithmetic', '
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from seekling.errors import ConfigError
 from seekling.tasks import arithmetic, countdown, linear, wordproblem
 from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
 
-__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat",
+__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat", "render_prompt_ids", "TEMPLATES", "check_template",
            "to_sft_example", "completion_text", "parse_difficulty", "split_of", "stable_hash",
            "R1_ZERO_PROMPT"]
 
@@ -36,6 +37,8 @@ R1_ZERO_PROMPT = (
     "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>. User: {prompt}. Assistant:"
 )
+
+TEMPLATES = ("chat", "r1zero")  # the prompt formats: the chat template, or R1-Zero's plain-text prompt
 
 # Consecutive rejected draws before giving up. The test split keeps ~1 draw in 10, so this many
 # failures in a row only happens when the difficulty leaves too few distinct problems for `unique`.
@@ -99,14 +102,37 @@ def completion_text(problem: Problem) -> str:
     return f"<think> {problem.solution} </think> <answer> {problem.answer} </answer>"
 
 
-def to_chat(problem: Problem, template: str = "chat") -> list[dict[str, str]] | str:
-    """The prompt side of a problem: chat messages (template 'chat') or the R1-Zero plain-text
-    prompt (template 'r1zero'), after which a base model continues with <think> ..."""
+def check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown prompt template {template!r}; choose {' or '.join(map(repr, TEMPLATES))}")
+
+
+def to_chat(problem: Problem | str, template: str = "chat") -> list[dict[str, str]] | str:
+    """The prompt side of a problem (or of a question's text): chat messages (template 'chat') or the
+    R1-Zero plain-text prompt (template 'r1zero'), after which a base model continues with <think> ..."""
+    question = problem if isinstance(problem, str) else problem.prompt
     if template == "chat":
-        return [{"role": "user", "content": problem.prompt}]
-    if template == "r1zero":
-        return R1_ZERO_PROMPT.format(prompt=problem.prompt)
-    raise ConfigError(f"unknown prompt template {template!r}; choose 'chat' or 'r1zero'")
+        return [{"role": "user", "content": question}]
+    check_template(template)
+    return R1_ZERO_PROMPT.format(prompt=question)
+
+
+def render_prompt_ids(tokenizer, prompt: Problem | str | Sequence[dict], template: str = "chat",
+                      system: str | None = None) -> list[int]:
+    """The token ids a model generates from, for every caller (GRPO, evaluation, rejection sampling,
+    `seekling generate`): a problem or a question's text put through `template` ('chat': the chat
+    format ending in `<|assistant|>`, after an optional `system` message; 'r1zero': bos + the R1-Zero
+    text; 'raw': bos + the text as it is), or a whole conversation (a list of messages, chat format).
+    Works with any tokenizer that has `render_prompt`, `encode` and `bos_id` (None: no bos)."""
+    if not isinstance(prompt, (str, Problem)):  # a conversation
+        chat: list[dict[str, str]] | str = list(prompt)
+    elif template == "raw":
+        chat = prompt if isinstance(prompt, str) else prompt.prompt
+    else:
+        chat = to_chat(prompt, template)
+    if isinstance(chat, str):
+        return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(chat)
+    return tokenizer.render_prompt(([{"role": "system", "content": system}] if system else []) + chat)
 
 
 def to_sft_example(problem: Problem) -> dict[str, list[dict[str, str]]]:

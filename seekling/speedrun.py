@@ -54,8 +54,9 @@ from seekling.rundir import STATE_FILE, check_run_dir, new_state, read_state
 from seekling.sft import make_cold_start, train_sft
 from seekling.tasks import completion_text, make_mixture, make_problems, parse_difficulty, render_prompt_ids
 from seekling.tokenizer import Tokenizer
-from seekling.training import (barrier, destroy_distributed, init_distributed, latest_checkpoint, list_checkpoints,
-                               progress_bar, read_trainer_state)
+from seekling.parallel import barrier, destroy_distributed, init_distributed
+from seekling.train_state import latest_checkpoint, list_checkpoints, read_trainer_state
+from seekling.training import progress_bar
 
 
 # ----------------------------------------------------------------------------- the resumable loop

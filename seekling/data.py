@@ -23,6 +23,7 @@ Run: `seekling data build --tokenizer runs/tok --tasks arithmetic,linear --num-e
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -45,12 +46,13 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens, 256 MB as uint16
 
 
 def read_text_file(path: str | Path) -> str:
-    """The whole file as text; a DataError naming the line and byte if it is not UTF-8."""
+    """The whole file as text (gzip-compressed when it ends in .gz); a DataError naming the line and byte
+    if it is not UTF-8."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

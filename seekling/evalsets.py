@@ -1,7 +1,8 @@
 """Evaluation sets (GSM8K, MATH-500, AIME 2024) as `Problem`s, and `grade`, the verifier per task.
 
-The sets are the JSON Lines files in the shared data folder (`../shared/data` beside the repository;
-`SEEKLING_DATA` overrides it), read as published and never copied. Each loader returns the same
+The sets ship inside the package (`seekling/evaldata/`, compressed JSON Lines exactly as published, with
+their sources, licences and sha256 sums); `SEEKLING_DATA=DIR` (the same layout, `.jsonl` or `.jsonl.gz`)
+or an explicit path reads other copies. Each loader returns the same
 `Problem` shape the synthetic tasks use: `id, task, prompt, answer (str), solution (str), meta`.
 The prompt is the bare question; `question_text` adds the instruction a model is asked it with.
 
@@ -30,18 +31,23 @@ DATA_ENV = "SEEKLING_DATA"
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within <answer> </answer>."
 
 
+PACKAGED = Path(__file__).parent / "evaldata"
+
+
 def data_dir() -> Path:
-    """The shared data folder: `$SEEKLING_DATA`, else the first `shared/data` above this package."""
+    """Where the evaluation sets are read from: `$SEEKLING_DATA`, else the copies shipped in the package."""
     if os.environ.get(DATA_ENV):
         path = Path(os.environ[DATA_ENV]).expanduser()
         if not path.is_dir():
             raise DataError(f"{DATA_ENV}={path} is not a directory")
         return path
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    raise DataError(f"no shared/data folder found above {Path(__file__).parent}; set {DATA_ENV}")
+    return PACKAGED
+
+
+def set_file(name: str, split: str) -> Path:
+    """`DIR/name/split.jsonl`, or its `.jsonl.gz` (the packaged form) when only that exists."""
+    plain = data_dir() / name / f"{split}.jsonl"
+    return plain if plain.is_file() or not plain.with_suffix(".jsonl.gz").is_file() else plain.with_suffix(".jsonl.gz")
 
 
 def gsm8k_gold(solution: str, where: str = "") -> str:
@@ -55,7 +61,7 @@ def gsm8k_gold(solution: str, where: str = "") -> str:
 
 
 def load_gsm8k(path: str | Path | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
-    path = Path(path) if path is not None else data_dir() / "gsm8k" / f"{split}.jsonl"
+    path = Path(path) if path is not None else set_file("gsm8k", split)
     problems = []
     for line_no, row in read_jsonl(path, ("question", "answer"))[:limit]:
         problems.append(Problem(
@@ -70,7 +76,7 @@ def load_gsm8k(path: str | Path | None = None, split: str = "test", limit: int |
 
 
 def load_math500(path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
-    path = Path(path) if path is not None else data_dir() / "math500" / "test.jsonl"
+    path = Path(path) if path is not None else set_file("math500", "test")
     problems = []
     for line_no, row in read_jsonl(path, ("problem", "answer"))[:limit]:
         problems.append(Problem(
@@ -85,7 +91,7 @@ def load_math500(path: str | Path | None = None, limit: int | None = None) -> li
 
 
 def load_aime2024(path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
-    path = Path(path) if path is not None else data_dir() / "aime2024" / "test.jsonl"
+    path = Path(path) if path is not None else set_file("aime2024", "test")
     problems = []
     for line_no, row in read_jsonl(path, ("problem", "answer"))[:limit]:
         answer = str(row["answer"]).strip()

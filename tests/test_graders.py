@@ -1,13 +1,15 @@
 """Evaluation-set loaders and graders (seekling/evalsets.py), checked on the real data sets.
 
 The gold solutions must grade as correct against their own answers, and answers altered to be wrong
-must be rejected. Measured on the shared copies (a few seconds on 2 cores): GSM8K test 1319/1319
+must be rejected; the packaged copies match their recorded sha256 sums. Measured on the packaged copies (a few seconds on 2 cores): GSM8K test 1319/1319
 gold solutions correct, 0/1319 with the gold +1 accepted; MATH-500 500/500 gold solutions correct,
 0/1000 accepted with the first number of the answer +1 (in the answer, and in the solution's box);
 AIME 2024 30/30.
 """
 
 import dataclasses
+import gzip
+import hashlib
 import json
 import re
 
@@ -15,6 +17,7 @@ import pytest
 
 from seekling.errors import DataError
 from seekling.evalsets import (
+    PACKAGED,
     Problem,
     data_dir,
     grade,
@@ -58,8 +61,26 @@ def rebox(solution: str, new_answer: str) -> str:
 
 # ----------------------------------------------------------------------------- loaders
 
-def test_loaders_read_the_shared_sets(gsm8k, math500):
-    assert data_dir().name == "data" and data_dir().parent.name == "shared"
+def test_the_packaged_sets_are_the_published_files():
+    """sha256 of each decompressed file against SHA256SUMS (recorded from the published copies), and the
+    licence and sources shipped beside them."""
+    sums = dict(reversed(line.split()) for line in (PACKAGED / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {"gsm8k/test.jsonl", "gsm8k/train.jsonl", "math500/test.jsonl", "aime2024/test.jsonl"}
+    for name, digest in sums.items():
+        data = gzip.decompress((PACKAGED / f"{name}.gz").read_bytes())
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    assert "MIT License" in (PACKAGED / "gsm8k" / "LICENSE").read_text()
+    readme = (PACKAGED / "README.md").read_text()
+    assert all(word in readme for word in ("grade-school-math", "prm800k", "AIME 2024", "licence"))
+
+
+def test_loaders_read_the_packaged_sets_and_seekling_data_overrides(gsm8k, math500, tmp_path, monkeypatch):
+    assert data_dir() == PACKAGED
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "so\\n#### 2"}\n')
+    monkeypatch.setenv("SEEKLING_DATA", str(tmp_path))
+    assert [p.answer for p in load_gsm8k()] == ["2"]
+    monkeypatch.delenv("SEEKLING_DATA")
     assert len(gsm8k) == 1319 and len(math500) == 500 and len(load_aime2024()) == 30
     first = gsm8k[0]
     assert isinstance(first, Problem) and first.task == "gsm8k" and first.id == "gsm8k/test/0"

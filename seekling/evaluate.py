@@ -10,7 +10,7 @@ each is graded by the task's verifier (`seekling.evalsets.grade`). Per task this
     mean_length   mean completion length in tokens (the closing end-of-text included)
 
 Tasks are the held-out (test) split of every synthetic reasoning task (`seekling.tasks`) and the
-published sets GSM8K, MATH-500 and AIME 2024 (`seekling.evalsets`, from ../shared/data or any JSONL
+published sets GSM8K, MATH-500 and AIME 2024 (`seekling.evalsets`, shipped in the package, or any JSONL
 path). Sampling and scoring are separate: `score_task` is pure and tested with hand-computed numbers;
 `evaluate` samples with `seekling.generate.generate` (or any function of the same signature).
 

@@ -2,7 +2,7 @@
 
 Samples k completions per held-out problem (temperature 0.6, top-p 0.95 by default, as DeepSeek-R1
 reports) and grades them with each task's verifier. Tasks: the test split of the synthetic tasks
-(arithmetic, countdown, linear, wordproblem) and gsm8k, math500, aime2024 (from ../shared/data, or
+(arithmetic, countdown, linear, wordproblem) and gsm8k, math500, aime2024 (shipped in the package, or
 from any JSONL of the same layout with --path TASK=FILE). Prints a table; --out writes the JSON.
 
     seekling eval runs/grpo/final --tokenizer runs/tok --tasks arithmetic,countdown --n 200 --k 4
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
     parser.add_argument("--path", nargs="*", default=[], metavar="TASK=FILE",
-                        help="read a published set from this JSONL instead of ../shared/data")
+                        help="read a published set from this JSONL instead of the copy shipped in the package")
     add_setting(parser, EvalSettings, "seed")
     parser.add_argument("--keep-samples", type=int, default=3, help="problems per task whose completions go in the JSON")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -35,13 +35,13 @@ from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import PRESETS, ModelConfig, setting
 from seekling.data import SFTLoader, read_problems
 from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
-from seekling.evalsets import EVALSETS, GRADERS, grade, load_evalset, question_text
+from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.evaluate import EvalSettings, evaluate
 from seekling.files import write_json_atomic, write_text_atomic
 from seekling.flops import flops_per_token, forward_flops_per_token
 from seekling.generate import SamplingParams, generate
 from seekling.model import Transformer
-from seekling.rewards import format_reward, known_rewards, load_reward
+from seekling.rewards import GRADERS, format_reward, grade, known_rewards, load_reward
 from seekling.sft import SFTConfig, train_sft
 from seekling.tasks import TASKS, Problem, check_template, make_problems, render_prompt_ids, stable_hash
 from seekling.teachers import Teacher, load_teacher, resolve_teacher
@@ -76,7 +76,7 @@ def load_problems(tasks: Sequence[str] = (), n: int = 100, split: str = "train",
 
 def verifier_for(task: str, reward: str | None = None) -> Callable[[str, Problem], float]:
     """The correctness score of a completion: `reward` (a registered name or module:function) when
-    given, else the task's own verifier (`seekling.evalsets.grade`); rows with no task are graded
+    given, else the task's own verifier (`seekling.rewards.grade`); rows with no task are graded
     by `accuracy`. A task with neither is a ConfigError."""
     if reward:
         fn = load_reward(reward)

@@ -6,11 +6,10 @@ or an explicit path reads other copies. Each loader returns the same
 `Problem` shape the synthetic tasks use: `id, task, prompt, answer (str), solution (str), meta`.
 The prompt is the bare question; `question_text` adds the instruction a model is asked it with.
 
-`grade(task, completion, problem)` picks the verifier: math_verify for MATH-500 and AIME, numbers
-for GSM8K and the synthetic arithmetic tasks, the exact expression check for countdown.
+Their verifiers are `seekling.rewards.grade` (math_verify for MATH-500 and AIME, numbers for GSM8K).
 
 Try it:
-    .venv/bin/python -c "from seekling.evalsets import load_evalset, grade; \
+    .venv/bin/python -c "from seekling.evalsets import load_evalset; from seekling.rewards import grade; \
 p = load_evalset('gsm8k', limit=1)[0]; print(p.answer, grade('gsm8k', p.solution, p))"
 """
 
@@ -18,11 +17,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from seekling.data import read_jsonl
 from seekling.errors import DataError
-from seekling.rewards import accuracy_reward, countdown_reward, math_reward, parse_number
+from seekling.rewards import parse_number
 from seekling.tasks import Problem  # one record for synthetic and published problems
 
 DATA_ENV = "SEEKLING_DATA"
@@ -125,24 +124,3 @@ def load_evalset(name: str, path: str | Path | None = None, limit: int | None = 
     if name not in EVALSETS:
         raise DataError(f"unknown evaluation set {name!r}; known: {', '.join(EVALSETS)}")
     return EVALSETS[name](path=path, limit=limit)
-
-
-# The verifier per task; any other task (the synthetic arithmetic ones) is graded by number.
-GRADERS: dict[str, Callable[..., float]] = {
-    "math500": math_reward,
-    "math": math_reward,
-    "aime2024": math_reward,
-    "aime": math_reward,
-    "gsm8k": accuracy_reward,
-    "countdown": countdown_reward,
-}
-
-
-def grade(task_name: str, completion: str, problem: Problem | dict[str, Any]) -> bool:
-    """Whether `completion` answers `problem` correctly, by the verifier that fits the task."""
-    if isinstance(problem, dict):
-        answer, meta = str(problem["answer"]), problem.get("meta") or {}
-    else:
-        answer, meta = str(problem.answer), problem.meta or {}
-    verifier = GRADERS.get(task_name, accuracy_reward)
-    return verifier(completion, answer, **meta) == 1.0

@@ -1,7 +1,7 @@
 """Evaluation as DeepSeek-R1 reports it: k samples per problem, pass@1, pass@k, cons@k, format, length.
 
 For each problem the model samples k completions (temperature 0.6, top-p 0.95 by default, as R1);
-each is graded by the task's verifier (`seekling.evalsets.grade`). Per task this gives
+each is graded by the task's verifier (`seekling.rewards.grade`). Per task this gives
 
     pass@1        mean over problems of the share of the k samples that are correct (R1's pass@1)
     pass@k        the unbiased estimator of Chen et al. 2021 from the same k samples (= any correct)
@@ -25,10 +25,10 @@ from typing import Any, Callable, Sequence
 
 from seekling.config import setting
 from seekling.errors import ConfigError
-from seekling.evalsets import EVALSETS, grade, load_evalset, question_text
+from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
 from seekling.metrics import majority_answer, pass_at_1_mean, pass_at_k_mean
-from seekling.rewards import extract_answer, format_reward
+from seekling.rewards import extract_answer, format_reward, grade
 from seekling.tasks import TASKS, Problem, check_template, make_problems, render_prompt_ids
 
 GenerateFn = Callable[[Any, list[list[int]], SamplingParams], list[Completion]]

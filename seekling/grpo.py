@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError
-from seekling.evalsets import grade
 from seekling.generate import SamplingParams, generate, pad_right
 from seekling.model import LatentCache
-from seekling.rewards import CombinedReward, combine_rewards, format_reward, register_reward
+from seekling.rewards import CombinedReward, combine_rewards, format_reward, grade, register_reward
 from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
 
@@ -226,7 +225,7 @@ def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: to
 # ----------------------------------------------------------------------------- the correctness reward
 @register_reward("correct")
 def correct_reward(completion: str, answer: str, **meta) -> float:
-    """1.0 iff the task's own verifier accepts the answer (`seekling.evalsets.grade` with meta
+    """1.0 iff the task's own verifier accepts the answer (`seekling.rewards.grade` with meta
     `task`): countdown checks the expression, math sets use math_verify, the rest compare numbers."""
     return 1.0 if grade(meta.get("task", ""), completion, {"answer": answer, "meta": meta}) else 0.0
 

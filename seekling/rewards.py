@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from seekling.errors import ConfigError, SeeklingError
 from seekling.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, TAG_TOKENS, THINK_CLOSE, THINK_OPEN
@@ -459,3 +459,25 @@ def overlong_reward(completion: str, answer: str = "", **meta) -> float:
     if not 0 < cache <= max_length:
         raise ConfigError(f"overlong reward: cache_length {cache} must be in 1..max_length ({max_length})")
     return max(min(-(length - (max_length - cache)) / cache, 0.0), -1.0)
+
+
+# ----------------------------------------------------------------------------- grading a task's answer
+# The verifier per task; any other task (the synthetic arithmetic ones) is graded by number.
+GRADERS: dict[str, Callable[..., float]] = {
+    "math500": math_reward,
+    "math": math_reward,
+    "aime2024": math_reward,
+    "aime": math_reward,
+    "gsm8k": accuracy_reward,
+    "countdown": countdown_reward,
+}
+
+
+def grade(task_name: str, completion: str, problem: Any) -> bool:
+    """Whether `completion` answers `problem` correctly, by the verifier that fits the task."""
+    if isinstance(problem, dict):
+        answer, meta = str(problem["answer"]), problem.get("meta") or {}
+    else:
+        answer, meta = str(problem.answer), problem.meta or {}
+    verifier = GRADERS.get(task_name, accuracy_reward)
+    return verifier(completion, answer, **meta) == 1.0

@@ -20,14 +20,13 @@ from seekling.evalsets import (
     PACKAGED,
     Problem,
     data_dir,
-    grade,
     gsm8k_gold,
     load_aime2024,
     load_evalset,
     load_gsm8k,
     load_math500,
 )
-from seekling.rewards import extract_answer, format_reward
+from seekling.rewards import extract_answer, format_reward, grade
 from seekling.tasks import TASKS, completion_text, make_problems
 
 pytestmark = pytest.mark.filterwarnings("ignore")

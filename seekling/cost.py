@@ -25,8 +25,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+import torch
+
 from seekling.errors import SeeklingError
 from seekling.files import write_json_atomic
+from seekling.flops import flops_per_token
 
 # ------------------------------------------------------------------------- prices and peaks
 # Dollars per device-hour (for "cpu": per core, i.e. per torch thread, hour).
@@ -100,7 +103,6 @@ def cpu_model() -> str:
 
 def _matmul_rate(dtype: Any, size: int, seconds: float) -> float:
     """Best FLOP/s of size x size matmuls over about `seconds` (best, not mean: we want the peak)."""
-    import torch
 
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
@@ -118,7 +120,6 @@ def _matmul_rate(dtype: Any, size: int, seconds: float) -> float:
 
 def benchmark_cpu_peak(threads: int, seconds_per_dtype: float = 0.6, size: int = 1024) -> dict[str, float]:
     """Measure fp32 and bf16 matmul FLOP/s of this CPU at `threads` threads (all threads together)."""
-    import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -139,7 +140,6 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
     (default <cache_dir()>/cpu_peak.json), keyed by CPU model and thread count.
     """
     if threads is None:
-        import torch
 
         threads = torch.get_num_threads()
     if threads <= 0:
@@ -350,7 +350,6 @@ def estimate(
     per-core peak is measured on this machine). Returns FLOPs per token by part, total FLOPs, MFU,
     device-hours, wall-clock days and dollars.
     """
-    from seekling.flops import flops_per_token
 
     device = check_device(device)
     dtype = check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))

@@ -47,7 +47,7 @@ from seekling.tasks import TASKS, Problem, check_template, make_problems, render
 from seekling.teachers import Teacher, load_teacher, resolve_teacher
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import first_tokenizer_dir, tokenizer_files
-from seekling.training import resume_point
+from seekling.training import progress_bar, resume_point
 
 SAMPLES_FORMAT = "seekling-samples-v1"
 
@@ -265,8 +265,6 @@ def rejection_sample(teacher: Teacher, problems: Sequence[Problem], out: str | P
     """Sample `settings.k` completions of each problem not done yet, keep the good ones, append them to
     `out` (chat JSONL with provenance). Returns {"out", "teacher", "tasks": {task: stats}, "total",
     "sampled_now"}; raises NothingKept when the file ends up with no sample at all."""
-    from seekling.training import progress_bar
-
     settings.validate()
     if not problems:
         raise DataError("no problems to sample")

@@ -23,6 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from seekling import __version__
+from seekling.cost import CostLedger, cpu_model, format_count, format_dollars, format_hours, format_seconds
+
 MODEL_STAGES = (("pretrain", "after pre-training"), ("sft", "after cold-start SFT"), ("grpo", "after GRPO"),
                 ("distill", "after distillation"))
 PLOTS = ("pretrain_loss.png", "grpo.png", "expert_load.png", "pass_at_1.png")
@@ -43,10 +48,6 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    from seekling import __version__
-    from seekling.cost import cpu_model
 
     env = {"seekling": __version__, "commit": git_commit(), "torch": torch.__version__,
            "python": platform.python_version(), "platform": platform.platform(terse=True), "cpu": cpu_model(),
@@ -81,7 +82,6 @@ def read_json(path: Path) -> Any:
 
 def build_ledger(state: dict[str, Any]):
     """The run's CostLedger, one row per costed stage, in the order the stages ran."""
-    from seekling.cost import CostLedger
 
     ledger = CostLedger()
     for name, stage in state["stages"].items():
@@ -260,7 +260,6 @@ def _pct(x: float | None) -> str:
 
 def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p"|"pre", text), ("table", header, rows), ("img", file, alt)."""
-    from seekling.cost import format_count, format_dollars, format_hours, format_seconds
 
     state = json.loads((run_dir / "state.json").read_text())
     config, stages = state["config"], state["stages"]

@@ -40,6 +40,7 @@ import torch
 from seekling.checkpoint import load_pretrained
 from seekling.cost import GPUS
 from seekling.data import TokenLoader, build_token_shards, read_problems
+from seekling.distill import speedrun_stage
 from seekling.errors import SeeklingError
 from seekling.evalsets import question_text
 from seekling.evaluate import evaluate
@@ -310,8 +311,6 @@ def _forward_flops(config, context_len: float) -> float:
 def stage_distill(ctx: Context) -> dict[str, Any]:
     """R1's stage 3: sample from the GRPO model, keep the verified-correct answers, fine-tune the
     pre-trained base on them (`seekling.distill.speedrun_stage`)."""
-    from seekling.distill import speedrun_stage
-
     p = ctx.preset
     return dict(speedrun_stage(
         teacher_dir=str(ctx.path("grpo", "final")), tokenizer_dir=str(ctx.path("tokenizer")),

@@ -86,7 +86,7 @@ def bare_rates(cfg: ModelConfig, batches, args, bf16: bool) -> list[float]:
 def loop_parts_ms(cfg: ModelConfig, data: str, args, reps: int = 5) -> dict[str, float]:
     """Best-of-`reps` milliseconds of each piece of work the trainer adds around forward + backward +
     AdamW, timed on their own: unlike two whole loops, this barely moves with load from other users."""
-    from seekling.model import expert_imbalance, update_expert_bias
+    from seekling.training import expert_imbalance, update_expert_bias
     from seekling.training import MetricsLogger, clip_gradients
 
     loader = TokenLoader(data, args.batch, args.seq_len)

@@ -1,10 +1,11 @@
 """The DeepSeek-V3 model: multi-head latent attention, DeepSeekMoE, multi-token prediction.
 
 Read top to bottom in the order of DeepSeek's own file: RMSNorm -> RoPE/YaRN -> MLA (with its latent
-cache) -> MLP -> Gate -> Experts/MoE -> Block -> Transformer -> MTP, then the auxiliary-loss-free
-expert balancing; the experts' grouped matmul is a custom op in `seekling.ops`. It computes exactly what transformers' `DeepseekV3ForCausalLM`
-computes (tests/test_parity.py), with a training path (expanded keys, fused attention) and a
-generation path that caches only the compressed latent and attends in absorbed form.
+cache) -> MLP -> Gate -> Experts/MoE -> Block -> Transformer -> MTP; the experts' grouped matmul is a
+custom op in `seekling.ops`, the auxiliary-loss-free bias update is `seekling.training.update_expert_bias`.
+It computes exactly what transformers' `DeepseekV3ForCausalLM` computes (tests/test_parity.py), with a
+training path (expanded keys, fused attention) and a generation path that caches only the compressed
+latent and attends in absorbed form.
 
     python -c "from seekling.model import Transformer; from seekling.config import ModelConfig; \
                import torch; m = Transformer(ModelConfig.from_name('tiny')); \
@@ -25,7 +26,6 @@ from seekling.errors import SeeklingError
 from seekling.ops import grouped_linear
 
 IGNORE_INDEX = -100
-FP32_CPU_ATTENTION = True  # under CPU bf16 autocast, run the fused attention kernel in fp32
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -209,7 +209,7 @@ class MLA(nn.Module):
         v = v.transpose(1, 2)
         if self.v_dim < self.qk_dim:  # the fused CPU kernel wants equal head dims: pad v, slice after
             v = F.pad(v, (0, self.qk_dim - self.v_dim))
-        if FP32_CPU_ATTENTION and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # the CPU flash kernel is faster in fp32 than in bf16 at these head sizes
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=self.scale)
@@ -546,8 +546,7 @@ class Transformer(nn.Module):
         Returns (logits of each row's last real position [B, V], its states [B, T, D] for depth k+1)."""
         module = self.mtp[k - 1]
         step, cos, sin = self._cache_step(input_ids, cache, rows)
-        x = module.eh_proj(torch.cat([module.enorm(self.embed_tokens(input_ids)), module.hnorm(h)], dim=-1))
-        x, _ = module.block(x, cos, sin, step)
+        x, _ = module(self.embed_tokens(input_ids), h, cos, sin, step)
         return self._cached_output(x, module.shared_head.norm, step, num_new, False, True)
 
     def _cache_step(self, input_ids, cache, rows, naive=False):
@@ -563,13 +562,11 @@ class Transformer(nn.Module):
         B, T, _ = x.shape
         num_new = torch.full((B,), T, device=x.device) if num_new is None else num_new
         step.cache.lengths[step.row_idx] = step.pos_BT[:, 0] + num_new
+        last = torch.arange(B, device=x.device), num_new - 1
         if hidden:
             h = norm(x)
-            logits = self.lm_head(h if all_logits else h[torch.arange(B, device=x.device), num_new - 1])
-            return logits, h
-        if all_logits:
-            return self.lm_head(norm(x))
-        return self.lm_head(norm(x[torch.arange(B, device=x.device), num_new - 1]))
+            return self.lm_head(h if all_logits else h[last]), h
+        return self.lm_head(norm(x) if all_logits else norm(x[last]))
 
 
 # ----------------------------------------------------------------------------- multi-token prediction
@@ -592,28 +589,6 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_idx)
         self.shared_head = SharedHead(config)
 
-    def forward(self, emb, h, cos, sin):
+    def forward(self, emb, h, cos, sin, step: CacheStep | None = None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.block(x, cos, sin)
-
-
-# ----------------------------------------------------------------------------- auxiliary-loss-free balancing
-@torch.no_grad()
-def update_expert_bias(model: Transformer, expert_load: torch.Tensor, gamma: float) -> None:
-    """After an optimiser step: b_i -= gamma if expert i was above the mean load, += gamma if below.
-
-    `expert_load` is [n_moe_layers, n_experts] tokens per expert over the whole (global) batch: sum it
-    over micro-batches and all-reduce it across ranks before calling. Its rows follow `moe_gates`
-    (main layers, then the MTP modules' when the forward ran them).
-    """
-    gates = model.moe_gates
-    if expert_load.shape[0] > len(gates):
-        raise ValueError(f"expert_load has {expert_load.shape[0]} layers, the model {len(gates)} MoE layers")
-    for gate, load_E in zip(gates, expert_load.float()):
-        gate.e_score_correction_bias -= gamma * torch.sign(load_E - load_E.mean()).to(gate.e_score_correction_bias)
-
-
-def expert_imbalance(expert_load: torch.Tensor) -> float:
-    """Max load over mean load, averaged over MoE layers (1.0 is perfectly balanced)."""
-    load = expert_load.float()
-    return float((load.max(-1).values / load.mean(-1).clamp_min(1e-9)).mean())
+        return self.block(x, cos, sin, step)

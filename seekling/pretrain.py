@@ -36,13 +36,14 @@ from seekling.data import TokenLoader, check_tokenizer, load_index
 from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.files import write_json_atomic
 from seekling.flops import flops_per_token
-from seekling.model import Transformer, expert_imbalance, update_expert_bias
+from seekling.model import Transformer
 from seekling.parallel import (DistInfo, all_reduce_sum, destroy_distributed, grad_sync, init_distributed, reshard,
                                unwrap_model, wrap_model)
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import first_tokenizer_dir, load_training_checkpoint
 from seekling.training import (autocast_for, build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at,
-                               peak_flops, resume_point, set_lr, set_seed, start_run)
+                               expert_imbalance, peak_flops, resume_point, set_lr, set_seed, start_run,
+                               update_expert_bias)
 
 
 DTYPES = ("fp32", "bf16")

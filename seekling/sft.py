@@ -28,11 +28,11 @@ import torch
 from seekling.config import setting
 from seekling.data import SFTLoader
 from seekling.errors import ConfigError
-from seekling.model import Transformer, cross_entropy, update_expert_bias
+from seekling.model import Transformer, cross_entropy
 from seekling.tasks import make_mixture, to_sft_example
 from seekling.tokenizer import Tokenizer
 from seekling.training import (build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at, resume_point,
-                               set_lr, set_seed, start_run)
+                               set_lr, set_seed, start_run, update_expert_bias)
 
 
 @dataclass

@@ -3,6 +3,8 @@
 - `param_groups` / `build_optimizer`: AdamW without weight decay on norms, biases, embeddings, 1-D params.
 - `lr_at`: warm-up + cosine, or warm-up-stable-decay (WSD), as a pure function of the step.
 - `clip_gradients`, `autocast_for`, `set_seed`, `peak_flops`, `loss_sums` (validation loss).
+- `update_expert_bias` / `expert_imbalance`: DeepSeek-V3's auxiliary-loss-free balancing, applied
+  after each optimiser step (the router's `e_score_correction_bias` moves against the expert load).
 - `MetricsLogger` (metrics.jsonl, plus TensorBoard when it imports) and `progress_bar` (tqdm).
 - `resume_point` and `start_run`: the lifecycle every trainer's run shares (refuse a run directory
   that holds a run unless resuming, restore the checkpoint, metrics, progress, periodic checkpoints,
@@ -334,3 +336,25 @@ def start_run(run_dir: str | Path, checkpoint: str | None, model: nn.Module, opt
     started = (time.perf_counter() - resumed.get("seconds", 0.0), time.process_time() - resumed.get("cpu_seconds", 0.0))
     return Run(Path(run_dir), model, optimizer, steps, save_every, config, extra_state, metrics, bar, log,
                tokenizer_dir, keep_last, max_seconds, is_main, step, resumed, started)
+
+
+# ----------------------------------------------------------------------------- auxiliary-loss-free balancing
+@torch.no_grad()
+def update_expert_bias(model, expert_load: torch.Tensor, gamma: float) -> None:
+    """After an optimiser step: b_i -= gamma if expert i was above the mean load, += gamma if below.
+
+    `expert_load` is [n_moe_layers, n_experts] tokens per expert over the whole (global) batch: sum it
+    over micro-batches and all-reduce it across ranks before calling. Its rows follow `moe_gates`
+    (main layers, then the MTP modules' when the forward ran them).
+    """
+    gates = model.moe_gates
+    if expert_load.shape[0] > len(gates):
+        raise ValueError(f"expert_load has {expert_load.shape[0]} layers, the model {len(gates)} MoE layers")
+    for gate, load_E in zip(gates, expert_load.float()):
+        gate.e_score_correction_bias -= gamma * torch.sign(load_E - load_E.mean()).to(gate.e_score_correction_bias)
+
+
+def expert_imbalance(expert_load: torch.Tensor) -> float:
+    """Max load over mean load, averaged over MoE layers (1.0 is perfectly balanced)."""
+    load = expert_load.float()
+    return float((load.max(-1).values / load.mean(-1).clamp_min(1e-9)).mean())

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from seekling.config import PRESETS, ModelConfig, count_parameters
 from seekling.errors import ConfigError, SeeklingError
-from seekling.model import (
-    Gate, LatentCache, Transformer, causal_bias, expert_imbalance, sequence_balance_loss, update_expert_bias,
-)
+from seekling.model import Gate, LatentCache, Transformer, causal_bias, sequence_balance_loss
+from seekling.training import expert_imbalance, update_expert_bias
 from seekling.ops import grouped_linear_op
 
 

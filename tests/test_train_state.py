@@ -14,7 +14,8 @@ import torch
 import seekling.train_state as train_state
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError
-from seekling.model import Transformer, update_expert_bias
+from seekling.model import Transformer
+from seekling.training import update_expert_bias
 from seekling.train_state import (capture_rng_state, latest_checkpoint, load_training_checkpoint, restore_rng_state,
                                   save_training_checkpoint)
 from seekling.training import build_optimizer

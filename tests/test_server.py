@@ -215,7 +215,7 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_never_stalls_the_server(
         start = time.perf_counter()
         r = httpx.post(url + "/v1/chat/completions", json=huge, timeout=30)
         assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
-        assert time.perf_counter() - start < 1.0  # tokenizing it would take seconds
+        assert time.perf_counter() - start < 2.0  # tokenizing it takes 2.5 s or more
         r = httpx.post(url + "/v1/completions", json={"prompt": ["The", "x" * 900_000]}, timeout=30)
         assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
 
@@ -230,7 +230,8 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_never_stalls_the_server(
                 await asyncio.gather(*posts)
                 return max(times)
 
-        assert asyncio.run(health_during_huge_requests()) < 0.1
+        # tokenizing one such prompt on the event loop stalled it 2.5 s; the bound leaves room for a loaded CI
+        assert asyncio.run(health_during_huge_requests()) < 1.0
 
 
 def test_one_failing_row_fails_alone(loaded):

@@ -57,17 +57,24 @@ DEVICE_UNIT = {"cpu": "core"}  # what one "device" is, for printing; GPUs are "G
 REFERENCE_MFU = 0.4
 
 
+def _known(value: str, known: tuple[str, ...], what: str) -> str:
+    if value not in known:
+        raise SeeklingError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+    return value
+
+
 def check_device(device: str) -> str:
-    name = device.lower()
-    if name not in DEVICES:
-        raise SeeklingError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
-    return name
+    return _known(device.lower(), DEVICES, "device")
 
 
 def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise SeeklingError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    return dtype
+    return _known(dtype, DTYPES, "dtype")
+
+
+def device_and_dtype(device: str, dtype: str | None) -> tuple[str, str]:
+    """The checked device and the peak's dtype: default bf16 on GPUs, fp32 on the CPU."""
+    device = check_device(device)
+    return device, check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
 
 
 def mfu(flops: float, seconds: float, peak: float) -> float:
@@ -103,7 +110,6 @@ def cpu_model() -> str:
 
 def _matmul_rate(dtype: Any, size: int, seconds: float) -> float:
     """Best FLOP/s of size x size matmuls over about `seconds` (best, not mean: we want the peak)."""
-
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     torch.mm(a, b)  # warm-up: thread pool, packing buffers
@@ -120,7 +126,6 @@ def _matmul_rate(dtype: Any, size: int, seconds: float) -> float:
 
 def benchmark_cpu_peak(threads: int, seconds_per_dtype: float = 0.6, size: int = 1024) -> dict[str, float]:
     """Measure fp32 and bf16 matmul FLOP/s of this CPU at `threads` threads (all threads together)."""
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -140,7 +145,6 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
     (default <cache_dir()>/cpu_peak.json), keyed by CPU model and thread count.
     """
     if threads is None:
-
         threads = torch.get_num_threads()
     if threads <= 0:
         raise SeeklingError(f"threads must be positive, got {threads}")
@@ -241,23 +245,11 @@ class CostLedger:
         self.reference_mfu = reference_mfu
         self.stages: list[StageCost] = []
 
-    def record(
-        self,
-        stage: str,
-        seconds: float,
-        flops: float,
-        tokens: int = 0,
-        devices: int = 1,
-        device: str = "cpu",
-        dtype: str | None = None,
-        peak_per_device: float | None = None,
-    ) -> StageCost:
-        """Add one stage. On "cpu", `devices` is the number of threads (cores) the stage used.
-
-        `dtype` picks the peak MFU is measured against: default bf16 on GPUs, fp32 on the CPU.
-        """
-        device = check_device(device)
-        dtype = check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    def record(self, stage: str, seconds: float, flops: float, tokens: int = 0, devices: int = 1,
+               device: str = "cpu", dtype: str | None = None, peak_per_device: float | None = None) -> StageCost:
+        """Add one stage. On "cpu", `devices` is the number of threads (cores) the stage used; `dtype`
+        picks the peak MFU is measured against (see `device_and_dtype`)."""
+        device, dtype = device_and_dtype(device, dtype)
         if seconds < 0 or flops < 0 or tokens < 0:
             raise SeeklingError(f"stage {stage!r}: seconds, flops and tokens must be >= 0")
         if devices <= 0:
@@ -297,9 +289,7 @@ class CostLedger:
         }
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json_atomic(path, self.to_dict())
 
     def to_markdown(self) -> str:
         ref = f"{self.reference_mfu:.0%}"
@@ -346,13 +336,11 @@ def estimate(
     """What processing `tokens` tokens with `config` takes on `devices` x `device`.
 
     Give `mfu` to get device-hours, or `device_hours` to get the MFU they imply; with neither,
-    REFERENCE_MFU is assumed. `dtype` picks the peak (default bf16 on GPUs, fp32 on the CPU, whose
-    per-core peak is measured on this machine). Returns FLOPs per token by part, total FLOPs, MFU,
-    device-hours, wall-clock days and dollars.
+    REFERENCE_MFU is assumed. `dtype` picks the peak (see `device_and_dtype`; the CPU's per-core peak
+    is measured on this machine). Returns FLOPs per token by part, total FLOPs, MFU, device-hours,
+    wall-clock days and dollars.
     """
-
-    device = check_device(device)
-    dtype = check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    device, dtype = device_and_dtype(device, dtype)
     if not (isinstance(tokens, (int, float)) and tokens > 0 and math.isfinite(tokens)):
         raise SeeklingError(f"tokens must be positive, got {tokens!r}")
     if not isinstance(devices, int) or isinstance(devices, bool) or devices <= 0:
@@ -447,46 +435,38 @@ def parse_count(text: str | float | int, what: str = "count") -> float:
     return value
 
 
+# Each formatter is a table of (threshold, unit, format): the first threshold |x| reaches prints x / unit,
+# and x below them all is printed with the last format.
+_COUNT = ((1e12, 1e12, "{:.3g}T"), (1e9, 1e9, "{:.3g}B"), (1e6, 1e6, "{:.3g}M"), (1e3, 1e3, "{:.3g}K"))
+_FLOPS = ((1e15, 1e15, "{:.4g} PFLOP"), (1e12, 1e12, "{:.4g} TFLOP"), (1e9, 1e9, "{:.4g} GFLOP"),
+          (1e6, 1e6, "{:.4g} MFLOP"), (1e3, 1e3, "{:.4g} KFLOP"))
+_DOLLARS = ((1e6, 1e6, "${:.3f}M"), (100, 1, "${:,.0f}"), (0.01, 1, "${:.2f}"))
+_HOURS = ((1e5, 1e3, "{:,.0f}K"), (100, 1, "{:,.0f}"))
+_SECONDS = ((2 * 86400, 86400, "{:,.1f} days"), (2 * 3600, 3600, "{:.1f} hours"), (120, 60, "{:.1f} min"))
+
+
+def _scaled(x: float, table: tuple[tuple[float, float, str], ...], last: str) -> str:
+    return next((fmt.format(x / unit) for threshold, unit, fmt in table if abs(x) >= threshold), last.format(x))
+
+
 def format_count(x: float) -> str:
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{suffix}"
-    return f"{x:.3g}" if x != int(x) else str(int(x))
+    return _scaled(x, _COUNT, "{:.3g}" if x != int(x) else "{:.0f}")
 
 
 def format_flops(x: float) -> str:
-    for suffix, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.4g} {suffix}"
-    return f"{x:.4g} FLOP"
+    return _scaled(x, _FLOPS, "{:.4g} FLOP")
 
 
 def format_dollars(x: float) -> str:
-    if x >= 1e6:
-        return f"${x / 1e6:.3f}M"
-    if x >= 100:
-        return f"${x:,.0f}"
-    if x >= 0.01:
-        return f"${x:.2f}"
-    return f"${x:.2g}"
+    return _scaled(x, _DOLLARS, "${:.2g}")
 
 
 def format_hours(h: float) -> str:
-    if h >= 1e5:
-        return f"{h / 1e3:,.0f}K"
-    if h >= 100:
-        return f"{h:,.0f}"
-    return f"{h:.3g}"
+    return _scaled(h, _HOURS, "{:.3g}")
 
 
 def format_seconds(s: float) -> str:
-    if s >= 2 * 86400:
-        return f"{s / 86400:,.1f} days"
-    if s >= 2 * 3600:
-        return f"{s / 3600:.1f} hours"
-    if s >= 120:
-        return f"{s / 60:.1f} min"
-    return f"{s:.3g} s"
+    return _scaled(s, _SECONDS, "{:.3g} s")
 
 
 if __name__ == "__main__":

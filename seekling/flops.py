@@ -16,7 +16,8 @@ This is the numerator of every MFU and every dollar figure in `seekling.cost`. C
 - Multi-token prediction (MTP): the module at depth k sees the first T-k positions (it predicts token
   t+k+1 from the hidden state at t and the embedding of t+k), and costs eh_proj (2h -> h), one decoder
   block (layer index num_hidden_layers + k - 1, so an MoE block whenever the model has routed experts,
-  as in released checkpoints and vLLM) and the shared output head. Its cost is spread over the T tokens of the sequence, so every figure is "per token of training data".
+  as in released checkpoints and vLLM) and the shared output head. Its cost is spread over the T
+  tokens of the sequence, so every figure is "per token of training data".
 - Training = 3 x forward: the backward pass does two matmuls of the forward's size for each forward
   matmul (gradient with respect to the input and to the weight). Activation recomputation is *not*
   counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
@@ -34,6 +35,10 @@ from __future__ import annotations
 import contextlib
 import math
 from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from seekling.config import ModelConfig
 from seekling.errors import SeeklingError
@@ -106,9 +111,8 @@ def _average_context(seq_len: int, causal: bool) -> float:
     return (seq_len + 1) / 2 if causal else float(seq_len)
 
 
-def forward_flops_per_token(
-    config: ModelConfig, seq_len: int, include_mtp: bool = True, causal: bool = True
-) -> dict[str, float]:
+def forward_flops_per_token(config: ModelConfig, seq_len: int, include_mtp: bool = True,
+                            causal: bool = True) -> dict[str, float]:
     """Forward FLOPs per token of a length-`seq_len` sequence, by part (summed over layers) and "total"."""
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise SeeklingError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -121,15 +125,10 @@ def forward_flops_per_token(
     parts["lm_head"] = _linear(c.hidden_size, c.vocab_size)
 
     if include_mtp:
-        for depth in range(1, c.num_nextn_predict_layers + 1):
-            # The depth-k block is layer num_hidden_layers + k - 1 (as in released checkpoints and vLLM),
-            # so it is an MoE block whenever the model has routed experts, even if every main layer is dense.
-            mtp_moe = c.is_moe_layer(c.num_hidden_layers + depth - 1)
+        for depth in range(1, min(c.num_nextn_predict_layers, seq_len - 1) + 1):
             positions = seq_len - depth
-            if positions <= 0:
-                break
             share = positions / seq_len  # its per-position cost, spread over all seq_len tokens
-            block = block_flops(c, mtp_moe, _average_context(positions, causal))
+            block = block_flops(c, c.is_moe_layer(c.num_hidden_layers + depth - 1), _average_context(positions, causal))
             parts["mtp_eh_proj"] += share * _linear(2 * c.hidden_size, c.hidden_size)
             parts["mtp_block"] += share * sum(block.values())
             parts["mtp_head"] += share * _linear(c.hidden_size, c.vocab_size)
@@ -138,27 +137,16 @@ def forward_flops_per_token(
     return parts
 
 
-def flops_per_token(
-    config: ModelConfig,
-    seq_len: int,
-    training: bool = True,
-    include_mtp: bool = True,
-    causal: bool = True,
-) -> dict[str, float]:
+def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True, include_mtp: bool = True,
+                    causal: bool = True) -> dict[str, float]:
     """FLOPs per token by part plus "total": forward only, or forward + backward (3x) when training."""
     forward = forward_flops_per_token(config, seq_len, include_mtp=include_mtp, causal=causal)
     multiplier = TRAINING_MULTIPLIER if training else 1
     return {name: multiplier * value for name, value in forward.items()}
 
 
-def model_flops(
-    config: ModelConfig,
-    tokens: float,
-    seq_len: int,
-    training: bool = True,
-    include_mtp: bool = True,
-    causal: bool = True,
-) -> float:
+def model_flops(config: ModelConfig, tokens: float, seq_len: int, training: bool = True, include_mtp: bool = True,
+                causal: bool = True) -> float:
     """Total FLOPs to process `tokens` tokens in sequences of `seq_len` (training: forward + backward)."""
     if not tokens > 0:
         raise SeeklingError(f"tokens must be positive, got {tokens!r}")
@@ -195,10 +183,6 @@ def measure_flops(fn: Any, *args: Any, math_attention: bool = True, **kwargs: An
     full T x T square (the fused CPU kernel is invisible to it): compare with `causal=False`.
     `torch._grouped_mm` (the model's MoE kernel) is counted too, which the stock counter does not do.
     """
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     aten = torch.ops.aten
     mapping = {aten._grouped_mm: _grouped_mm_flops} if hasattr(aten, "_grouped_mm") else {}
     backend = sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext()

@@ -23,9 +23,9 @@ from seekling.errors import ConfigError
 from seekling.tasks import arithmetic, countdown, linear, wordproblem
 from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
 
-__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat", "render_prompt_ids", "TEMPLATES", "check_template",
-           "to_sft_example", "completion_text", "parse_difficulty", "split_of", "stable_hash",
-           "R1_ZERO_PROMPT"]
+__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat", "render_prompt_ids",
+           "TEMPLATES", "check_template", "to_sft_example", "completion_text", "parse_difficulty", "split_of",
+           "stable_hash", "R1_ZERO_PROMPT"]
 
 TASKS: dict[str, Task] = {t.name: t for t in (arithmetic.TASK, countdown.TASK, linear.TASK, wordproblem.TASK)}
 
@@ -137,8 +137,7 @@ def render_prompt_ids(tokenizer, prompt: Problem | str | Sequence[dict], templat
 
 def to_sft_example(problem: Problem) -> dict[str, list[dict[str, str]]]:
     """A chat example for supervised fine-tuning, in the JSONL layout the SFT loader reads."""
-    return {"messages": [{"role": "user", "content": problem.prompt},
-                         {"role": "assistant", "content": completion_text(problem)}]}
+    return {"messages": [*to_chat(problem), {"role": "assistant", "content": completion_text(problem)}]}
 
 
 def parse_difficulty(specs: list[str] | None) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,8 @@ from seekling.commands.generate import DTYPES, add_sampling_arguments
 from seekling.errors import SeeklingError
 from seekling.generate import SamplingParams
 from seekling.serving import Engine, Job, ReasoningSplitter, load_for_serving
+from seekling.tasks import render_prompt_ids
+from seekling.tokenizer import THINK_CLOSE
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset, /temp VALUE, /max TOKENS, /quit"
@@ -81,8 +83,7 @@ class ChatSession:
     def reply(self, text: str) -> str:
         """Send a user turn, stream the answer, keep it in the history; returns the raw completion."""
         self.messages.append({"role": "user", "content": text})
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        prompt = self.tokenizer.render_prompt(system + self.messages)
+        prompt = render_prompt_ids(self.tokenizer, self.messages, system=self.system)
         events: queue.Queue = queue.Queue()
         try:
             (handle,) = self.engine.submit([Job(prompt, self.params)], lambda i, ev: events.put(ev))
@@ -121,7 +122,7 @@ class ChatSession:
         self.write(notes.get(finish, "") + "\n")
         completion = "".join(raw)
         # What follows </think> (the answer with its tags) becomes the assistant turn.
-        self.messages.append({"role": "assistant", "content": completion.split("</think>")[-1].strip()})
+        self.messages.append({"role": "assistant", "content": completion.split(THINK_CLOSE)[-1].strip()})
         return completion
 
 

@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import argparse
 
+from seekling.commands.params import add_model_flags, model_config
 from seekling.config import PRESETS, ModelConfig, count_parameters
-from seekling.cost import (
-    DEVICE_UNIT,
-    DEVICES,
-    PEAK_FLOPS,
-    REFERENCE_MFU,
-    deepseek_v3_table,
-    estimate,
-    format_count,
-    format_dollars,
-    format_flops,
-    format_seconds,
-    format_hours,
-    parse_count,
-)
+from seekling.cost import (DEVICE_UNIT, DEVICES, DTYPES, PEAK_FLOPS, REFERENCE_MFU, deepseek_v3_table, estimate,
+                           format_count, format_dollars, format_flops, format_hours, format_seconds, parse_count)
 from seekling.errors import SeeklingError
 from seekling.flops import group_parts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model")
-    model.add_argument("--preset", help=f"a named model size: {', '.join(PRESETS)}")
-    model.add_argument("--config", help="path to a config.json (or a checkpoint directory holding one)")
+    add_model_flags(parser.add_argument_group("model"))
     run = parser.add_argument_group("run")
     run.add_argument("--tokens", help="training tokens, e.g. 14.8T, 2e9, 500M, 1,000,000")
     run.add_argument("--seq-len", type=int, default=None,
@@ -46,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--device", default="h800", help=f"device type: {', '.join(DEVICES)} (cpu: one device = one core)")
     hw.add_argument("--devices", default="1", help="number of devices (GPUs, or CPU cores) working together")
-    hw.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+    hw.add_argument("--dtype", default=None, choices=DTYPES,
                     help="which peak MFU is measured against (default bf16 on GPUs, fp32 on the CPU)")
     hw.add_argument("--price", type=float, default=None,
                     help="dollars per device-hour (default: the table in seekling/cost.py; H800 $2 as DeepSeek)")
@@ -59,16 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print DeepSeek-V3's reported training cost table (H800 GPU-hours and dollars)")
 
 
-def _load_config(args: argparse.Namespace) -> ModelConfig | None:
-    if args.preset and args.config:
-        raise SeeklingError("give --preset or --config, not both")
-    if args.preset:
-        return ModelConfig.from_name(args.preset)  # unknown names raise ConfigError listing the presets
-    if args.config:
-        return ModelConfig.from_file(args.config)
-    return None
-
-
 def _positive_int(text: str, flag: str) -> int:
     value = parse_count(text, flag)
     if value != int(value):
@@ -77,7 +54,7 @@ def _positive_int(text: str, flag: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = model_config(args)
     if args.deepseek_table:
         print("DeepSeek-V3 training cost (technical report, Table 1):\n")
         print(deepseek_v3_table())

@@ -317,31 +317,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------- parameter counting
-def _mla_params(c: ModelConfig) -> int:
+def matmul_weights(c: ModelConfig, moe: bool) -> dict[str, int]:
+    """The weights each token meets in one decoder block's matrix multiplies, by part (routed experts: the
+    `num_experts_per_tok` a token uses). `seekling.flops` counts 2 FLOPs a weight; `count_parameters`
+    adds the norms, the router's correction bias and the idle experts."""
     h, nh = c.hidden_size, c.num_attention_heads
-    if c.q_lora_rank is None:
-        q = h * nh * c.qk_head_dim
-    else:
-        q = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim
-    kv = h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
-    kv += c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
-    o = nh * c.v_head_dim * h
-    return q + kv + o
+    q = h * nh * c.qk_head_dim if c.q_lora_rank is None else (h + nh * c.qk_head_dim) * c.q_lora_rank
+    attention = {"q_proj": q, "kv_a_proj": h * (c.kv_lora_rank + c.qk_rope_head_dim),
+                 "kv_b_proj": c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim),
+                 "o_proj": nh * c.v_head_dim * h}
+    if not moe:
+        return {**attention, "dense_mlp": 3 * h * c.intermediate_size}
+    expert = 3 * h * c.moe_intermediate_size  # SwiGLU: gate, up and down projections
+    return {**attention, "moe_gate": h * c.n_routed_experts, "moe_routed": c.num_experts_per_tok * expert,
+            "moe_shared": c.n_shared_experts * expert}
 
 
 def _block_params(c: ModelConfig, moe: bool) -> tuple[int, int]:
     """(total, active per token) parameters of one decoder block."""
-    h = c.hidden_size
-    base = _mla_params(c) + 2 * h  # attention + two norms
-    if not moe:
-        mlp = 3 * h * c.intermediate_size
-        return base + mlp, base + mlp
-    expert = 3 * h * c.moe_intermediate_size
-    shared = c.n_shared_experts * expert
-    gate = c.n_routed_experts * h + c.n_routed_experts  # weight + correction bias
-    total = base + gate + shared + c.n_routed_experts * expert
-    active = base + gate + shared + c.num_experts_per_tok * expert
-    return total, active
+    norms = 2 * c.hidden_size + c.kv_lora_rank + (c.q_lora_rank or 0)  # the block's two, kv_a's and q_a's
+    active = sum(matmul_weights(c, moe).values()) + norms + (c.n_routed_experts if moe else 0)  # + correction bias
+    idle = (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size if moe else 0
+    return active + idle, active
 
 
 def count_parameters(c: ModelConfig) -> dict[str, int]:

@@ -22,7 +22,7 @@ This is the numerator of every MFU and every dollar figure in `seekling.cost`. C
   matmul (gradient with respect to the input and to the weight). Activation recomputation is *not*
   counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
 
-    >>> from seekling.config import ModelConfig
+    >>> from seekling.config import ModelConfig, matmul_weights
     >>> f = flops_per_token(ModelConfig.from_name("deepseek-v3"), seq_len=4096)
     >>> round(f["total"] / 1e9)  # training FLOPs per token, about 6 x 37B active parameters + attention
     261
@@ -40,7 +40,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from seekling.config import ModelConfig
+from seekling.config import ModelConfig, matmul_weights
 from seekling.errors import SeeklingError
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward)
@@ -69,42 +69,13 @@ def _linear(in_features: int, out_features: int) -> float:
     return 2.0 * in_features * out_features
 
 
-def _swiglu(hidden: int, intermediate: int) -> float:
-    return 3 * _linear(hidden, intermediate)  # gate_proj, up_proj, down_proj
-
-
-def _attention_flops(c: ModelConfig, context: float) -> dict[str, float]:
-    """One MLA layer, per token, forward; `context` is the number of keys this token attends to."""
-    h, nh = c.hidden_size, c.num_attention_heads
-    if c.q_lora_rank is None:
-        q = _linear(h, nh * c.qk_head_dim)
-    else:
-        q = _linear(h, c.q_lora_rank) + _linear(c.q_lora_rank, nh * c.qk_head_dim)
-    return {
-        "q_proj": q,
-        "kv_a_proj": _linear(h, c.kv_lora_rank + c.qk_rope_head_dim),
-        "kv_b_proj": _linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim)),
-        "o_proj": _linear(nh * c.v_head_dim, h),
-        "attn_scores": 2.0 * nh * c.qk_head_dim * context,
-        "attn_values": 2.0 * nh * c.v_head_dim * context,
-    }
-
-
-def _mlp_flops(c: ModelConfig, moe: bool) -> dict[str, float]:
-    h = c.hidden_size
-    if not moe:
-        return {"dense_mlp": _swiglu(h, c.intermediate_size)}
-    expert = _swiglu(h, c.moe_intermediate_size)
-    return {
-        "moe_gate": _linear(h, c.n_routed_experts),
-        "moe_routed": c.num_experts_per_tok * expert,
-        "moe_shared": c.n_shared_experts * expert,
-    }
-
-
 def block_flops(c: ModelConfig, moe: bool, context: float) -> dict[str, float]:
-    """One decoder block (MLA + dense MLP or MoE), per token, forward."""
-    return {**_attention_flops(c, context), **_mlp_flops(c, moe)}
+    """One decoder block (MLA + dense MLP or MoE), per token, forward; `context` is the number of keys
+    this token attends to. In the order of PARTS."""
+    parts = {name: 2.0 * weights for name, weights in matmul_weights(c, moe).items()}
+    parts["attn_scores"] = 2.0 * c.num_attention_heads * c.qk_head_dim * context
+    parts["attn_values"] = 2.0 * c.num_attention_heads * c.v_head_dim * context
+    return {name: parts[name] for name in PARTS if name in parts}
 
 
 def _average_context(seq_len: int, causal: bool) -> float:

@@ -347,20 +347,13 @@ def count_parameters(c: ModelConfig) -> dict[str, int]:
     For `deepseek-v3` this gives 671B total and ~37B active (the embedding counted once, the output
     head counted as active since every token uses it).
     """
-    total = active = 0
-    for i in range(c.num_hidden_layers):
-        t, a = _block_params(c, c.is_moe_layer(i))
-        total += t
-        active += a
+    blocks = [_block_params(c, c.is_moe_layer(i)) for i in range(c.num_hidden_layers)]
     embed = c.vocab_size * c.hidden_size
-    head = 0 if c.tie_word_embeddings else embed
-    total += embed + head + c.hidden_size  # final norm
-    active += embed + head + c.hidden_size
-    mtp = 0
-    if c.num_nextn_predict_layers:
-        # each MTP module: enorm, hnorm, eh_proj, a full block, shared_head.norm (embedding and head shared)
-        # the depth-k block sits at layer index num_hidden_layers + k - 1, as in released checkpoints
-        for k in range(c.num_nextn_predict_layers):
-            block, _ = _block_params(c, c.is_moe_layer(c.num_hidden_layers + k))
-            mtp += 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + block + c.hidden_size
+    outside = embed + (0 if c.tie_word_embeddings else embed) + c.hidden_size  # embedding, head, final norm
+    total = sum(t for t, _ in blocks) + outside
+    active = sum(a for _, a in blocks) + outside
+    # Each MTP module: enorm, hnorm, eh_proj, a full block, shared_head.norm (embedding and head shared);
+    # the depth-k block sits at layer index num_hidden_layers + k - 1, as in released checkpoints.
+    mtp = sum(3 * c.hidden_size + 2 * c.hidden_size**2 + _block_params(c, c.is_moe_layer(c.num_hidden_layers + k))[0]
+              for k in range(c.num_nextn_predict_layers))
     return {"total": total, "active": active, "mtp": mtp, "total_with_mtp": total + mtp}

@@ -129,10 +129,8 @@ def benchmark_cpu_peak(threads: int, seconds_per_dtype: float = 0.6, size: int =
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return {
-            "fp32": _matmul_rate(torch.float32, size, seconds_per_dtype),
-            "bf16": _matmul_rate(torch.bfloat16, size, seconds_per_dtype),
-        }
+        return {name: _matmul_rate(dtype, size, seconds_per_dtype)
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     finally:
         torch.set_num_threads(previous)
 
@@ -150,13 +148,11 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
         raise SeeklingError(f"threads must be positive, got {threads}")
     path = path or os.path.join(cache_dir(), "cpu_peak.json")
     key = f"{cpu_model()} | threads={threads}"
-    table: dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                table = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            table = {}  # a damaged cache is only a cache: measure again
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        table = {}  # none yet, or a damaged one: it is only a cache, so measure again
     entry = table.get(key)
     if refresh or not isinstance(entry, dict) or not all(entry.get(d, 0) > 0 for d in DTYPES):
         entry = {"cpu": cpu_model(), "threads": threads, **benchmark_cpu_peak(threads), "measured_at": time.time()}
@@ -211,21 +207,16 @@ class StageCost:
         return out
 
     def to_dict(self, reference_mfu: float = REFERENCE_MFU) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "device_hours": self.device_hours,
-            "dollars": self.dollars,
-            "mfu": self.mfu,
-            "gpu_equivalent": self.gpu_equivalent(reference_mfu),
-        }
+        return {**asdict(self), "device_hours": self.device_hours, "dollars": self.dollars, "mfu": self.mfu,
+                "gpu_equivalent": self.gpu_equivalent(reference_mfu)}
 
 
+@dataclass
 class _StageTimer:
     """What `CostLedger.stage` yields: add tokens and FLOPs as the stage runs."""
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.flops = 0.0
+    tokens: int = 0
+    flops: float = 0.0
 
     def add(self, tokens: int = 0, flops: float = 0.0) -> None:
         self.tokens += int(tokens)
@@ -320,19 +311,9 @@ class CostLedger:
 DEFAULT_SEQ_LEN = 4096  # DeepSeek-V3's pre-training length; capped at a config's max_position_embeddings
 
 
-def estimate(
-    config: Any,
-    tokens: float,
-    seq_len: int | None = None,
-    device: str = "h800",
-    devices: int = 1,
-    mfu: float | None = None,
-    device_hours: float | None = None,
-    dtype: str | None = None,
-    price: float | None = None,
-    training: bool = True,
-    include_mtp: bool = True,
-) -> dict[str, Any]:
+def estimate(config: Any, tokens: float, seq_len: int | None = None, device: str = "h800", devices: int = 1,
+             mfu: float | None = None, device_hours: float | None = None, dtype: str | None = None,
+             price: float | None = None, training: bool = True, include_mtp: bool = True) -> dict[str, Any]:
     """What processing `tokens` tokens with `config` takes on `devices` x `device`.
 
     Give `mfu` to get device-hours, or `device_hours` to get the MFU they imply; with neither,
@@ -350,7 +331,8 @@ def estimate(
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise SeeklingError(f"seq_len must be a positive integer, got {seq_len!r}")
     if seq_len > config.max_position_embeddings:
-        raise SeeklingError(f"seq_len {seq_len} is past the model's max_position_embeddings={config.max_position_embeddings}")
+        raise SeeklingError(f"seq_len {seq_len} is past the model's "
+                            f"max_position_embeddings={config.max_position_embeddings}")
     if mfu is not None and device_hours is not None:
         raise SeeklingError("give either an MFU (to get device-hours) or device-hours (to get the MFU), not both")
     if mfu is not None and not 0 < mfu <= 1:
@@ -383,37 +365,25 @@ def estimate(
 
 # ------------------------------------------------------------------------- DeepSeek-V3's bill
 # Table 1 of the DeepSeek-V3 report (arXiv 2412.19437): H800 GPU-hours by stage, at $2 per GPU-hour.
-DEEPSEEK_V3_GPU_HOURS: dict[str, float] = {
-    "pre-training": 2_664_000,
-    "context extension": 119_000,
-    "post-training": 5_000,
-}
+DEEPSEEK_V3_GPU_HOURS: dict[str, float] = {"pre-training": 2_664_000, "context extension": 119_000,
+                                           "post-training": 5_000}
 DEEPSEEK_V3_TOTAL_GPU_HOURS = 2_788_000
 DEEPSEEK_V3_TOTAL_DOLLARS = 5.576e6
 DEEPSEEK_V3_PRICE = 2.0  # $/H800-hour
 DEEPSEEK_V3_GPUS = 2048
-DEEPSEEK_V3_PRETRAIN_TOKENS = 14.8e12
-DEEPSEEK_V3_PRETRAIN_SEQ_LEN = 4096
+DEEPSEEK_V3_PRETRAIN_TOKENS = 14.8e12  # in sequences of DEFAULT_SEQ_LEN
 
 
 def deepseek_v3_table() -> str:
     """DeepSeek-V3's training cost as a Markdown table, with the wall-clock days on 2,048 H800s."""
-    lines = [
-        "| stage | H800 GPU-hours | USD at $2/GPU-hour | days on 2,048 H800s |",
-        "|---|---:|---:|---:|",
-    ]
-    rows = [*DEEPSEEK_V3_GPU_HOURS.items(), ("total", DEEPSEEK_V3_TOTAL_GPU_HOURS)]
-    for stage, hours in rows:
-        label = "**total**" if stage == "total" else stage
+    lines = ["| stage | H800 GPU-hours | USD at $2/GPU-hour | days on 2,048 H800s |", "|---|---:|---:|---:|"]
+    for stage, hours in [*DEEPSEEK_V3_GPU_HOURS.items(), ("**total**", DEEPSEEK_V3_TOTAL_GPU_HOURS)]:
         days = hours / DEEPSEEK_V3_GPUS / 24
-        lines.append(f"| {label} | {hours / 1e3:,.0f}K | ${hours * DEEPSEEK_V3_PRICE / 1e6:.3f}M | {days:.1f} |")
+        lines.append(f"| {stage} | {hours / 1e3:,.0f}K | ${hours * DEEPSEEK_V3_PRICE / 1e6:.3f}M | {days:.1f} |")
     per_trillion = DEEPSEEK_V3_GPU_HOURS["pre-training"] / (DEEPSEEK_V3_PRETRAIN_TOKENS / 1e12)
-    lines.append("")
-    lines.append(
-        f"Pre-training: {format_count(DEEPSEEK_V3_PRETRAIN_TOKENS)} tokens, {per_trillion / 1e3:.0f}K GPU-hours "
-        f"per trillion tokens ({per_trillion / DEEPSEEK_V3_GPUS / 24:.1f} days on the cluster). "
-        "Excludes research and ablations."
-    )
+    lines += ["", f"Pre-training: {format_count(DEEPSEEK_V3_PRETRAIN_TOKENS)} tokens, {per_trillion / 1e3:.0f}K "
+              f"GPU-hours per trillion tokens ({per_trillion / DEEPSEEK_V3_GPUS / 24:.1f} days on the cluster). "
+              "Excludes research and ablations."]
     return "\n".join(lines)
 
 

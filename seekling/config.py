@@ -114,11 +114,8 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-        ]
-        for name in positive:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -129,10 +126,8 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (DeepSeek-V3 uses 'silu')")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ConfigError(
-                f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers="
-                f"{self.num_hidden_layers}]"
-            )
+            raise ConfigError(f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, "
+                              f"num_hidden_layers={self.num_hidden_layers}]")
         if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
             raise ConfigError(f"intermediate_size must be positive for dense layers, got {self.intermediate_size}")
         if self.num_moe_layers > 0:
@@ -146,9 +141,8 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ROPE_SCALING_TYPES:
-                raise ConfigError(
-                    f"unknown rope scaling type {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)} (or None)"
-                )
+                raise ConfigError(f"unknown rope scaling type {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)} "
+                                  "(or None)")
             if float(self.rope_scaling.get("factor", 0)) < 1:
                 raise ConfigError(f"rope_scaling factor must be >= 1, got {self.rope_scaling.get('factor')!r}")
             if "original_max_position_embeddings" not in self.rope_scaling:
@@ -168,23 +162,17 @@ class ModelConfig:
         if self.n_shared_experts < 0:
             raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.n_routed_experts % self.n_group:
-            raise ConfigError(
-                f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
-            )
+            raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
         if self.topk_group > self.n_group:
             raise ConfigError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}")
         per_group = self.n_routed_experts // self.n_group
         if per_group < 2 and self.n_group > 1:
-            raise ConfigError(
-                f"each expert group needs at least 2 experts (a group is scored by its top-2), got "
-                f"{per_group} = n_routed_experts {self.n_routed_experts} / n_group {self.n_group}"
-            )
+            raise ConfigError(f"each expert group needs at least 2 experts (a group is scored by its top-2), got "
+                              f"{per_group} = n_routed_experts {self.n_routed_experts} / n_group {self.n_group}")
         reachable = per_group * self.topk_group
         if self.num_experts_per_tok > reachable:
-            raise ConfigError(
-                f"num_experts_per_tok={self.num_experts_per_tok} is more than the {reachable} experts in "
-                f"topk_group={self.topk_group} groups of {per_group}"
-            )
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} is more than the {reachable} experts "
+                              f"in topk_group={self.topk_group} groups of {per_group}")
         if self.scoring_func != "sigmoid":
             raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported (DeepSeek-V3 uses 'sigmoid')")
         if self.topk_method != "noaux_tc":
@@ -211,22 +199,16 @@ class ModelConfig:
             scaling = dict(self.rope_scaling)
             scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "yarn"))
             rope_parameters.update(scaling)
-        d.update(
-            model_type=MODEL_TYPE,
-            architectures=["DeepseekV3ForCausalLM"],
-            num_key_value_heads=self.num_attention_heads,
-            rope_parameters=rope_parameters,
-            dtype="float32",
-        )
+        d.update(model_type=MODEL_TYPE, architectures=["DeepseekV3ForCausalLM"], dtype="float32",
+                 num_key_value_heads=self.num_attention_heads, rope_parameters=rope_parameters)
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type != MODEL_TYPE:
-            raise ConfigError(
-                f"{source}: model_type is {model_type!r}, but seekling models are {MODEL_TYPE!r} (DeepSeek-V3)"
-            )
+            raise ConfigError(f"{source}: model_type is {model_type!r}, but seekling models are {MODEL_TYPE!r} "
+                              "(DeepSeek-V3)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         rope_parameters = d.get("rope_parameters")

@@ -15,8 +15,9 @@ import argparse
 
 from seekling.commands.params import add_model_flags, model_config
 from seekling.config import PRESETS, ModelConfig, count_parameters
-from seekling.cost import (DEVICE_UNIT, DEVICES, DTYPES, PEAK_FLOPS, REFERENCE_MFU, deepseek_v3_table, estimate,
-                           format_count, format_dollars, format_flops, format_hours, format_seconds, parse_count)
+from seekling.cost import (DEFAULT_SEQ_LEN, DEVICE_UNIT, DEVICES, DTYPES, PEAK_FLOPS, REFERENCE_MFU, deepseek_v3_table,
+                           estimate, format_count, format_dollars, format_flops, format_hours, format_seconds,
+                           parse_count)
 from seekling.errors import SeeklingError
 from seekling.flops import group_parts
 
@@ -25,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser.add_argument_group("model"))
     run = parser.add_argument_group("run")
     run.add_argument("--tokens", help="training tokens, e.g. 14.8T, 2e9, 500M, 1,000,000")
-    run.add_argument("--seq-len", type=int, default=None,
-                     help="sequence length (default: 4096, or the model's max_position_embeddings if smaller)")
+    run.add_argument("--seq-len", type=int, default=None, help=f"sequence length (default: {DEFAULT_SEQ_LEN}, "
+                     "or the model's max_position_embeddings if smaller)")
     run.add_argument("--no-mtp", action="store_true", help="leave the multi-token-prediction modules out")
     run.add_argument("--forward-only", action="store_true",
                      help="count the forward pass only (scoring, prefill), not forward + backward")
@@ -70,11 +71,9 @@ def run(args: argparse.Namespace) -> int:
     device_hours = parse_count(args.device_hours, "--gpu-hours") if args.device_hours is not None else None
     if args.seq_len is not None and args.seq_len <= 0:
         raise SeeklingError(f"--seq-len must be positive, got {args.seq_len}")
-    est = estimate(
-        config, tokens, seq_len=args.seq_len, device=args.device, devices=devices, mfu=args.mfu,
-        device_hours=device_hours, dtype=args.dtype, price=args.price,
-        training=not args.forward_only, include_mtp=not args.no_mtp,
-    )
+    est = estimate(config, tokens, seq_len=args.seq_len, device=args.device, devices=devices, mfu=args.mfu,
+                   device_hours=device_hours, dtype=args.dtype, price=args.price, training=not args.forward_only,
+                   include_mtp=not args.no_mtp)
     print(render(est, config, args.preset or args.config))
     return 0
 

@@ -47,7 +47,8 @@ class ChatSession:
     def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None, color: bool = False,
                  out=None):
         self.engine, self.tokenizer = engine, engine.tokenizer
-        self.params, self.system, self.color = params, system, color
+        self.params, self.system = params, system
+        self.dim, self.reset = (DIM, RESET) if color else ("", "")
         self.out = out or sys.stdout
         self.messages: list[dict[str, str]] = []
 
@@ -102,24 +103,18 @@ class ChatSession:
                     r2, c2 = splitter.finish()
                     reasoning, content = reasoning + r2, content + c2
                 if reasoning:
-                    if mode != "reasoning":
-                        self.write(DIM if self.color else "")
-                        mode = "reasoning"
-                    self.write(reasoning)
+                    self.write(("" if mode == "reasoning" else self.dim) + reasoning)
+                    mode = "reasoning"
                 if content:
-                    if mode == "reasoning":
-                        self.write((RESET if self.color else "") + "\n\n")
+                    self.write((self.reset + "\n\n" if mode == "reasoning" else "") + content)
                     mode = "content"
-                    self.write(content)
                 if finish == "error":
                     self.write(f"\nerror: {ev.error}")
         except KeyboardInterrupt:
             handle.cancel()
             finish = "interrupted"
-        if mode == "reasoning" and self.color:
-            self.write(RESET)
         notes = {"length": f" [stopped at {self.params.max_new_tokens} tokens]", "interrupted": " [stopped]"}
-        self.write(notes.get(finish, "") + "\n")
+        self.write((self.reset if mode == "reasoning" else "") + notes.get(finish, "") + "\n")
         completion = "".join(raw)
         # What follows </think> (the answer with its tags) becomes the assistant turn.
         self.messages.append({"role": "assistant", "content": completion.split(THINK_CLOSE)[-1].strip()})

@@ -22,6 +22,7 @@ from typing import Any
 from seekling.errors import ConfigError
 from seekling.tasks import arithmetic, countdown, linear, wordproblem
 from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
+from seekling.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 __all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat", "render_prompt_ids",
            "TEMPLATES", "check_template", "to_sft_example", "completion_text", "parse_difficulty", "split_of",
@@ -99,7 +100,7 @@ def make_mixture(tasks: list[str], split: str, n_per_task: int, seed: int = 0,
 
 def completion_text(problem: Problem) -> str:
     """The target assistant turn: worked solution in <think>, final answer in <answer>."""
-    return f"<think> {problem.solution} </think> <answer> {problem.answer} </answer>"
+    return f"{THINK_OPEN} {problem.solution} {THINK_CLOSE} {ANSWER_OPEN} {problem.answer} {ANSWER_CLOSE}"
 
 
 def check_template(template: str) -> None:

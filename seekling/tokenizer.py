@@ -32,6 +32,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from seekling.errors import ConfigError, DataError
+from seekling.files import write_json_atomic
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
@@ -137,15 +138,10 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(out / "tokenizer.json"))
         special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **special_map,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "padding_side": "right",
-        }
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+        write_json_atomic(out / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", **special_map, "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "padding_side": "right"})
+        write_json_atomic(out / "special_tokens_map.json", special_map)
         return out
 
     # -- ids and text --------------------------------------------------------------------------

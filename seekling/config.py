@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, check_choice
 from seekling.files import write_json_atomic
 
 MODEL_TYPE = "deepseek_v3"
@@ -181,9 +181,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[check_choice(name, PRESETS, "model preset")], **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from seekling.errors import SeeklingError
+from seekling.errors import SeeklingError, check_choice
 from seekling.files import write_json_atomic
 from seekling.flops import flops_per_token
 
@@ -57,24 +57,10 @@ DEVICE_UNIT = {"cpu": "core"}  # what one "device" is, for printing; GPUs are "G
 REFERENCE_MFU = 0.4
 
 
-def _known(value: str, known: tuple[str, ...], what: str) -> str:
-    if value not in known:
-        raise SeeklingError(f"unknown {what} {value!r}; known: {', '.join(known)}")
-    return value
-
-
-def check_device(device: str) -> str:
-    return _known(device.lower(), DEVICES, "device")
-
-
-def check_dtype(dtype: str) -> str:
-    return _known(dtype, DTYPES, "dtype")
-
-
 def device_and_dtype(device: str, dtype: str | None) -> tuple[str, str]:
     """The checked device and the peak's dtype: default bf16 on GPUs, fp32 on the CPU."""
-    device = check_device(device)
-    return device, check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    device = check_choice(device.lower(), DEVICES, "device")
+    return device, check_choice(dtype or ("fp32" if device == "cpu" else "bf16"), DTYPES, "dtype")
 
 
 def mfu(flops: float, seconds: float, peak: float) -> float:
@@ -164,7 +150,7 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
 
 def device_peak(device: str, dtype: str = "bf16", threads: int | None = None) -> float:
     """Peak FLOP/s of ONE device: a GPU's datasheet figure, or one CPU core's share of the measured peak."""
-    device, dtype = check_device(device), check_dtype(dtype)
+    device, dtype = device_and_dtype(device, dtype)
     if device == "cpu":
         entry = cpu_peak(threads)
         return float(entry[dtype]) / entry["threads"]

@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, check_choice
 from seekling.tasks import arithmetic, countdown, linear, wordproblem
 from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
 from seekling.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
@@ -47,9 +47,7 @@ MAX_REJECTS_IN_A_ROW = 20_000
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+    return TASKS[check_choice(name, TASKS, "task")]
 
 
 def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | None = None,
@@ -59,8 +57,7 @@ def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | N
     on for 'test', so an evaluation never counts a problem twice; off for 'train', where small
     difficulty settings have fewer distinct problems than one wants examples)."""
     spec = get_task(task)
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose from {SPLITS}")
+    check_choice(split, SPLITS, "split")
     unknown = set(difficulty) - set(spec.defaults)
     if unknown:
         raise ConfigError(f"{task}: unknown difficulty setting(s) {sorted(unknown)}; "
@@ -104,8 +101,7 @@ def completion_text(problem: Problem) -> str:
 
 
 def check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown prompt template {template!r}; choose {' or '.join(map(repr, TEMPLATES))}")
+    check_choice(template, TEMPLATES, "prompt template")
 
 
 def to_chat(problem: Problem | str, template: str = "chat") -> list[dict[str, str]] | str:

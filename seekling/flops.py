@@ -125,18 +125,16 @@ def model_flops(config: ModelConfig, tokens: float, seq_len: int, training: bool
     return per_token["total"] * float(tokens)
 
 
+# The coarser view `seekling cost` prints: label -> the PARTS it sums.
+GROUPS = {"attention projections": ("q_proj", "kv_a_proj", "kv_b_proj", "o_proj"),
+          "attention QK^T + AV": ("attn_scores", "attn_values"), "dense MLP": ("dense_mlp",),
+          "MoE gate": ("moe_gate",), "MoE routed experts (active)": ("moe_routed",),
+          "MoE shared experts": ("moe_shared",), "output head": ("lm_head",),
+          "MTP": ("mtp_eh_proj", "mtp_block", "mtp_head")}
+
+
 def group_parts(parts: dict[str, float]) -> dict[str, float]:
-    """Coarser view for printing: attention projections, attention quadratic term, MLP/MoE, head, MTP."""
-    return {
-        "attention projections": sum(parts[k] for k in ("q_proj", "kv_a_proj", "kv_b_proj", "o_proj")),
-        "attention QK^T + AV": parts["attn_scores"] + parts["attn_values"],
-        "dense MLP": parts["dense_mlp"],
-        "MoE gate": parts["moe_gate"],
-        "MoE routed experts (active)": parts["moe_routed"],
-        "MoE shared experts": parts["moe_shared"],
-        "output head": parts["lm_head"],
-        "MTP": parts["mtp_eh_proj"] + parts["mtp_block"] + parts["mtp_head"],
-    }
+    return {label: sum(parts[name] for name in names) for label, names in GROUPS.items()}
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:

@@ -247,15 +247,11 @@ class CostLedger:
         self.record(name, time.perf_counter() - start, timer.flops, timer.tokens, **record_kwargs)
 
     def totals(self) -> dict[str, float]:
-        return {
-            "seconds": sum(s.seconds for s in self.stages),
-            "flops": sum(s.flops for s in self.stages),
-            "tokens": sum(s.tokens for s in self.stages),
-            "device_hours": sum(s.device_hours for s in self.stages),
-            "dollars": sum(s.dollars for s in self.stages),
-            "h800_hours_equivalent": sum(s.gpu_equivalent(self.reference_mfu)["h800"]["gpu_hours"]
-                                         for s in self.stages),
-        }
+        totals = {key: sum(getattr(s, key) for s in self.stages)
+                  for key in ("seconds", "flops", "tokens", "device_hours", "dollars")}
+        totals["h800_hours_equivalent"] = sum(s.gpu_equivalent(self.reference_mfu)["h800"]["gpu_hours"]
+                                              for s in self.stages)
+        return totals
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -24,6 +24,7 @@ Run: `seekling tokenizer train --tasks arithmetic,countdown --num-examples 2000 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -91,24 +92,14 @@ class Tokenizer:
         ])
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
+            vocab_size=vocab_size, min_frequency=min_frequency, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             # The trainer puts these first, in order, which fixes ids 0..9.
-            special_tokens=[AddedToken(t, special=True, normalized=False) for t in FIXED_TOKENS],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        seen = {"texts": 0}
-
-        def non_empty(stream: Iterable[str]) -> Iterable[str]:
-            for text in stream:
-                if text.strip():
-                    seen["texts"] += 1
-                    yield text
-
-        backend.train_from_iterator(non_empty(texts), trainer)
-        if seen["texts"] == 0:
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in FIXED_TOKENS], show_progress=False)
+        non_empty = (text for text in texts if text.strip())
+        first = next(non_empty, None)
+        if first is None:
             raise DataError("cannot train a tokenizer on an empty corpus (no non-blank text)")
+        backend.train_from_iterator(itertools.chain([first], non_empty), trainer)
         # The trainer marks every reserved token special; the reasoning tags must not be, or
         # decode(skip_special=True) would delete them. `add_tokens` would flip the flag but not the
         # set decode consults, so edit the serialised form instead (ids stay as they are).

@@ -16,6 +16,7 @@ Ctrl-C stops an answer and keeps the session. MODEL_DIR is a model directory or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import sys
@@ -131,10 +132,8 @@ def run(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
     interactive = sys.stdin.isatty()
     if interactive:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
     engine = Engine(model, tokenizer, max_concurrent=1, max_queue=0).start()
     session = ChatSession(engine, params, args.system, color)
     print(f"seekling chat with {model_dir} ({model.config.max_position_embeddings} tokens of context). {HELP}")

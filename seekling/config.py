@@ -18,12 +18,11 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, check_choice
 from seekling.files import write_json_atomic
 
 MODEL_TYPE = "deepseek_v3"
 ROPE_SCALING_TYPES = ("yarn",)
-
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -72,17 +71,9 @@ class ModelConfig:
 
     # rope/yarn
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = field(
-        default_factory=lambda: {
-            "type": "yarn",
-            "factor": 40.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-            "original_max_position_embeddings": 4096,
-        }
-    )
+    rope_scaling: dict[str, Any] | None = field(default_factory=lambda: dict(
+        type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+        original_max_position_embeddings=4096))
     rope_interleave: bool = True
 
     # special tokens (ids in the tokenizer that goes with the model)
@@ -123,11 +114,8 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-        ]
-        for name in positive:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -138,10 +126,8 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (DeepSeek-V3 uses 'silu')")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ConfigError(
-                f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers="
-                f"{self.num_hidden_layers}]"
-            )
+            raise ConfigError(f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, "
+                              f"num_hidden_layers={self.num_hidden_layers}]")
         if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
             raise ConfigError(f"intermediate_size must be positive for dense layers, got {self.intermediate_size}")
         if self.num_moe_layers > 0:
@@ -155,9 +141,8 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ROPE_SCALING_TYPES:
-                raise ConfigError(
-                    f"unknown rope scaling type {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)} (or None)"
-                )
+                raise ConfigError(f"unknown rope scaling type {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)} "
+                                  "(or None)")
             if float(self.rope_scaling.get("factor", 0)) < 1:
                 raise ConfigError(f"rope_scaling factor must be >= 1, got {self.rope_scaling.get('factor')!r}")
             if "original_max_position_embeddings" not in self.rope_scaling:
@@ -177,23 +162,17 @@ class ModelConfig:
         if self.n_shared_experts < 0:
             raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.n_routed_experts % self.n_group:
-            raise ConfigError(
-                f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
-            )
+            raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
         if self.topk_group > self.n_group:
             raise ConfigError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}")
         per_group = self.n_routed_experts // self.n_group
         if per_group < 2 and self.n_group > 1:
-            raise ConfigError(
-                f"each expert group needs at least 2 experts (a group is scored by its top-2), got "
-                f"{per_group} = n_routed_experts {self.n_routed_experts} / n_group {self.n_group}"
-            )
+            raise ConfigError(f"each expert group needs at least 2 experts (a group is scored by its top-2), got "
+                              f"{per_group} = n_routed_experts {self.n_routed_experts} / n_group {self.n_group}")
         reachable = per_group * self.topk_group
         if self.num_experts_per_tok > reachable:
-            raise ConfigError(
-                f"num_experts_per_tok={self.num_experts_per_tok} is more than the {reachable} experts in "
-                f"topk_group={self.topk_group} groups of {per_group}"
-            )
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} is more than the {reachable} experts "
+                              f"in topk_group={self.topk_group} groups of {per_group}")
         if self.scoring_func != "sigmoid":
             raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported (DeepSeek-V3 uses 'sigmoid')")
         if self.topk_method != "noaux_tc":
@@ -202,9 +181,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[check_choice(name, PRESETS, "model preset")], **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -220,22 +197,16 @@ class ModelConfig:
             scaling = dict(self.rope_scaling)
             scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "yarn"))
             rope_parameters.update(scaling)
-        d.update(
-            model_type=MODEL_TYPE,
-            architectures=["DeepseekV3ForCausalLM"],
-            num_key_value_heads=self.num_attention_heads,
-            rope_parameters=rope_parameters,
-            dtype="float32",
-        )
+        d.update(model_type=MODEL_TYPE, architectures=["DeepseekV3ForCausalLM"], dtype="float32",
+                 num_key_value_heads=self.num_attention_heads, rope_parameters=rope_parameters)
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type != MODEL_TYPE:
-            raise ConfigError(
-                f"{source}: model_type is {model_type!r}, but seekling models are {MODEL_TYPE!r} (DeepSeek-V3)"
-            )
+            raise ConfigError(f"{source}: model_type is {model_type!r}, but seekling models are {MODEL_TYPE!r} "
+                              "(DeepSeek-V3)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         rope_parameters = d.get("rope_parameters")
@@ -280,53 +251,45 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------- named sizes
-_SMALL_ROPE = None  # the small presets train at their full length: no YaRN extension needed
+# Shared by every small preset: one dense layer, one shared expert, one MTP module, and no YaRN (they
+# train at their full length, so need no extension).
+_SMALL = dict(first_k_dense_replace=1, n_shared_experts=1, num_nextn_predict_layers=1, rope_scaling=None)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tests: well under 1M parameters, every feature on (q_lora, groups, shared expert, MTP)
     "tiny": dict(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
-        routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=512,
-        rope_scaling=_SMALL_ROPE, initializer_range=0.02,
+        **_SMALL, vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+        max_position_embeddings=512, initializer_range=0.02,
     ),
     # the main job (`seekling speedrun`, preset cpu) on a 2-core CPU, and the distillation student
     "cpu": dict(
-        vocab_size=2048, hidden_size=128, num_hidden_layers=3, intermediate_size=384,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=96, n_group=2, topk_group=1,
-        routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=1024,
-        rope_scaling=_SMALL_ROPE, initializer_range=0.02,
+        **_SMALL, vocab_size=2048, hidden_size=128, num_hidden_layers=3, intermediate_size=384, num_attention_heads=4,
+        q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=96, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+        max_position_embeddings=1024, initializer_range=0.02,
     ),
     # the larger CPU model (benchmarks, longer CPU runs): a few million parameters
     "cpu-large": dict(
-        vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768,
-        num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=1, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128, n_group=4, topk_group=2,
-        routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=1024,
-        rope_scaling=_SMALL_ROPE, initializer_range=0.02,
+        **_SMALL, vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
+        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
+        num_experts_per_tok=2, moe_intermediate_size=128, n_group=4, topk_group=2, routed_scaling_factor=1.0,
+        max_position_embeddings=1024, initializer_range=0.02,
     ),
     # one GPU: ~1.2B total / ~0.24B active per token
     "gpu": dict(
-        vocab_size=32768, hidden_size=1024, num_hidden_layers=12, intermediate_size=4096,
-        num_attention_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
-        qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1, n_routed_experts=64,
-        n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=512, n_group=8, topk_group=4,
-        routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,
-        rope_scaling=_SMALL_ROPE, initializer_range=0.006,
+        **_SMALL, vocab_size=32768, hidden_size=1024, num_hidden_layers=12, intermediate_size=4096,
+        num_attention_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=512, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, max_position_embeddings=4096, initializer_range=0.006,
     ),
     # one node of 8 GPUs (torchrun + FSDP2): ~6.6B total / ~1.2B active per token
     "gpu-node": dict(
-        vocab_size=65536, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-        num_attention_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=1, n_routed_experts=64,
-        n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=1024, n_group=8, topk_group=4,
-        routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=8192,
-        rope_scaling=_SMALL_ROPE, initializer_range=0.006,
+        **_SMALL, vocab_size=65536, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+        num_attention_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=1024, n_group=8,
+        topk_group=4, routed_scaling_factor=2.5, max_position_embeddings=8192, initializer_range=0.006,
     ),
     # the real thing: build it on the meta device, for counting and costing only
     "deepseek-v3": dict(),
@@ -334,31 +297,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------- parameter counting
-def _mla_params(c: ModelConfig) -> int:
+def matmul_weights(c: ModelConfig, moe: bool) -> dict[str, int]:
+    """The weights each token meets in one decoder block's matrix multiplies, by part (routed experts: the
+    `num_experts_per_tok` a token uses). `seekling.flops` counts 2 FLOPs a weight; `count_parameters`
+    adds the norms, the router's correction bias and the idle experts."""
     h, nh = c.hidden_size, c.num_attention_heads
-    if c.q_lora_rank is None:
-        q = h * nh * c.qk_head_dim
-    else:
-        q = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim
-    kv = h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
-    kv += c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
-    o = nh * c.v_head_dim * h
-    return q + kv + o
+    q = h * nh * c.qk_head_dim if c.q_lora_rank is None else (h + nh * c.qk_head_dim) * c.q_lora_rank
+    attention = {"q_proj": q, "kv_a_proj": h * (c.kv_lora_rank + c.qk_rope_head_dim),
+                 "kv_b_proj": c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim),
+                 "o_proj": nh * c.v_head_dim * h}
+    if not moe:
+        return {**attention, "dense_mlp": 3 * h * c.intermediate_size}
+    expert = 3 * h * c.moe_intermediate_size  # SwiGLU: gate, up and down projections
+    return {**attention, "moe_gate": h * c.n_routed_experts, "moe_routed": c.num_experts_per_tok * expert,
+            "moe_shared": c.n_shared_experts * expert}
 
 
 def _block_params(c: ModelConfig, moe: bool) -> tuple[int, int]:
     """(total, active per token) parameters of one decoder block."""
-    h = c.hidden_size
-    base = _mla_params(c) + 2 * h  # attention + two norms
-    if not moe:
-        mlp = 3 * h * c.intermediate_size
-        return base + mlp, base + mlp
-    expert = 3 * h * c.moe_intermediate_size
-    shared = c.n_shared_experts * expert
-    gate = c.n_routed_experts * h + c.n_routed_experts  # weight + correction bias
-    total = base + gate + shared + c.n_routed_experts * expert
-    active = base + gate + shared + c.num_experts_per_tok * expert
-    return total, active
+    norms = 2 * c.hidden_size + c.kv_lora_rank + (c.q_lora_rank or 0)  # the block's two, kv_a's and q_a's
+    active = sum(matmul_weights(c, moe).values()) + norms + (c.n_routed_experts if moe else 0)  # + correction bias
+    idle = (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size if moe else 0
+    return active + idle, active
 
 
 def count_parameters(c: ModelConfig) -> dict[str, int]:
@@ -367,20 +327,13 @@ def count_parameters(c: ModelConfig) -> dict[str, int]:
     For `deepseek-v3` this gives 671B total and ~37B active (the embedding counted once, the output
     head counted as active since every token uses it).
     """
-    total = active = 0
-    for i in range(c.num_hidden_layers):
-        t, a = _block_params(c, c.is_moe_layer(i))
-        total += t
-        active += a
+    blocks = [_block_params(c, c.is_moe_layer(i)) for i in range(c.num_hidden_layers)]
     embed = c.vocab_size * c.hidden_size
-    head = 0 if c.tie_word_embeddings else embed
-    total += embed + head + c.hidden_size  # final norm
-    active += embed + head + c.hidden_size
-    mtp = 0
-    if c.num_nextn_predict_layers:
-        # each MTP module: enorm, hnorm, eh_proj, a full block, shared_head.norm (embedding and head shared)
-        # the depth-k block sits at layer index num_hidden_layers + k - 1, as in released checkpoints
-        for k in range(c.num_nextn_predict_layers):
-            block, _ = _block_params(c, c.is_moe_layer(c.num_hidden_layers + k))
-            mtp += 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + block + c.hidden_size
+    outside = embed + (0 if c.tie_word_embeddings else embed) + c.hidden_size  # embedding, head, final norm
+    total = sum(t for t, _ in blocks) + outside
+    active = sum(a for _, a in blocks) + outside
+    # Each MTP module: enorm, hnorm, eh_proj, a full block, shared_head.norm (embedding and head shared);
+    # the depth-k block sits at layer index num_hidden_layers + k - 1, as in released checkpoints.
+    mtp = sum(3 * c.hidden_size + 2 * c.hidden_size**2 + _block_params(c, c.is_moe_layer(c.num_hidden_layers + k))[0]
+              for k in range(c.num_nextn_predict_layers))
     return {"total": total, "active": active, "mtp": mtp, "total_with_mtp": total + mtp}

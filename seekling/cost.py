@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from seekling.errors import SeeklingError
+from seekling.errors import SeeklingError, check_choice
 from seekling.files import write_json_atomic
 from seekling.flops import flops_per_token
 
@@ -57,17 +57,10 @@ DEVICE_UNIT = {"cpu": "core"}  # what one "device" is, for printing; GPUs are "G
 REFERENCE_MFU = 0.4
 
 
-def check_device(device: str) -> str:
-    name = device.lower()
-    if name not in DEVICES:
-        raise SeeklingError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
-    return name
-
-
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise SeeklingError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    return dtype
+def device_and_dtype(device: str, dtype: str | None) -> tuple[str, str]:
+    """The checked device and the peak's dtype: default bf16 on GPUs, fp32 on the CPU."""
+    device = check_choice(device.lower(), DEVICES, "device")
+    return device, check_choice(dtype or ("fp32" if device == "cpu" else "bf16"), DTYPES, "dtype")
 
 
 def mfu(flops: float, seconds: float, peak: float) -> float:
@@ -91,19 +84,15 @@ def cache_dir() -> str:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def _matmul_rate(dtype: Any, size: int, seconds: float) -> float:
     """Best FLOP/s of size x size matmuls over about `seconds` (best, not mean: we want the peak)."""
-
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     torch.mm(a, b)  # warm-up: thread pool, packing buffers
@@ -120,14 +109,11 @@ def _matmul_rate(dtype: Any, size: int, seconds: float) -> float:
 
 def benchmark_cpu_peak(threads: int, seconds_per_dtype: float = 0.6, size: int = 1024) -> dict[str, float]:
     """Measure fp32 and bf16 matmul FLOP/s of this CPU at `threads` threads (all threads together)."""
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return {
-            "fp32": _matmul_rate(torch.float32, size, seconds_per_dtype),
-            "bf16": _matmul_rate(torch.bfloat16, size, seconds_per_dtype),
-        }
+        return {name: _matmul_rate(dtype, size, seconds_per_dtype)
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     finally:
         torch.set_num_threads(previous)
 
@@ -140,19 +126,16 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
     (default <cache_dir()>/cpu_peak.json), keyed by CPU model and thread count.
     """
     if threads is None:
-
         threads = torch.get_num_threads()
     if threads <= 0:
         raise SeeklingError(f"threads must be positive, got {threads}")
     path = path or os.path.join(cache_dir(), "cpu_peak.json")
     key = f"{cpu_model()} | threads={threads}"
-    table: dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                table = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            table = {}  # a damaged cache is only a cache: measure again
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        table = {}  # none yet, or a damaged one: it is only a cache, so measure again
     entry = table.get(key)
     if refresh or not isinstance(entry, dict) or not all(entry.get(d, 0) > 0 for d in DTYPES):
         entry = {"cpu": cpu_model(), "threads": threads, **benchmark_cpu_peak(threads), "measured_at": time.time()}
@@ -164,7 +147,7 @@ def cpu_peak(threads: int | None = None, path: str | None = None, refresh: bool 
 
 def device_peak(device: str, dtype: str = "bf16", threads: int | None = None) -> float:
     """Peak FLOP/s of ONE device: a GPU's datasheet figure, or one CPU core's share of the measured peak."""
-    device, dtype = check_device(device), check_dtype(dtype)
+    device, dtype = device_and_dtype(device, dtype)
     if device == "cpu":
         entry = cpu_peak(threads)
         return float(entry[dtype]) / entry["threads"]
@@ -207,21 +190,16 @@ class StageCost:
         return out
 
     def to_dict(self, reference_mfu: float = REFERENCE_MFU) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "device_hours": self.device_hours,
-            "dollars": self.dollars,
-            "mfu": self.mfu,
-            "gpu_equivalent": self.gpu_equivalent(reference_mfu),
-        }
+        return {**asdict(self), "device_hours": self.device_hours, "dollars": self.dollars, "mfu": self.mfu,
+                "gpu_equivalent": self.gpu_equivalent(reference_mfu)}
 
 
+@dataclass
 class _StageTimer:
     """What `CostLedger.stage` yields: add tokens and FLOPs as the stage runs."""
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.flops = 0.0
+    tokens: int = 0
+    flops: float = 0.0
 
     def add(self, tokens: int = 0, flops: float = 0.0) -> None:
         self.tokens += int(tokens)
@@ -241,23 +219,11 @@ class CostLedger:
         self.reference_mfu = reference_mfu
         self.stages: list[StageCost] = []
 
-    def record(
-        self,
-        stage: str,
-        seconds: float,
-        flops: float,
-        tokens: int = 0,
-        devices: int = 1,
-        device: str = "cpu",
-        dtype: str | None = None,
-        peak_per_device: float | None = None,
-    ) -> StageCost:
-        """Add one stage. On "cpu", `devices` is the number of threads (cores) the stage used.
-
-        `dtype` picks the peak MFU is measured against: default bf16 on GPUs, fp32 on the CPU.
-        """
-        device = check_device(device)
-        dtype = check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    def record(self, stage: str, seconds: float, flops: float, tokens: int = 0, devices: int = 1,
+               device: str = "cpu", dtype: str | None = None, peak_per_device: float | None = None) -> StageCost:
+        """Add one stage. On "cpu", `devices` is the number of threads (cores) the stage used; `dtype`
+        picks the peak MFU is measured against (see `device_and_dtype`)."""
+        device, dtype = device_and_dtype(device, dtype)
         if seconds < 0 or flops < 0 or tokens < 0:
             raise SeeklingError(f"stage {stage!r}: seconds, flops and tokens must be >= 0")
         if devices <= 0:
@@ -278,15 +244,11 @@ class CostLedger:
         self.record(name, time.perf_counter() - start, timer.flops, timer.tokens, **record_kwargs)
 
     def totals(self) -> dict[str, float]:
-        return {
-            "seconds": sum(s.seconds for s in self.stages),
-            "flops": sum(s.flops for s in self.stages),
-            "tokens": sum(s.tokens for s in self.stages),
-            "device_hours": sum(s.device_hours for s in self.stages),
-            "dollars": sum(s.dollars for s in self.stages),
-            "h800_hours_equivalent": sum(s.gpu_equivalent(self.reference_mfu)["h800"]["gpu_hours"]
-                                         for s in self.stages),
-        }
+        totals = {key: sum(getattr(s, key) for s in self.stages)
+                  for key in ("seconds", "flops", "tokens", "device_hours", "dollars")}
+        totals["h800_hours_equivalent"] = sum(s.gpu_equivalent(self.reference_mfu)["h800"]["gpu_hours"]
+                                              for s in self.stages)
+        return totals
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -297,9 +259,7 @@ class CostLedger:
         }
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json_atomic(path, self.to_dict())
 
     def to_markdown(self) -> str:
         ref = f"{self.reference_mfu:.0%}"
@@ -330,29 +290,17 @@ class CostLedger:
 DEFAULT_SEQ_LEN = 4096  # DeepSeek-V3's pre-training length; capped at a config's max_position_embeddings
 
 
-def estimate(
-    config: Any,
-    tokens: float,
-    seq_len: int | None = None,
-    device: str = "h800",
-    devices: int = 1,
-    mfu: float | None = None,
-    device_hours: float | None = None,
-    dtype: str | None = None,
-    price: float | None = None,
-    training: bool = True,
-    include_mtp: bool = True,
-) -> dict[str, Any]:
+def estimate(config: Any, tokens: float, seq_len: int | None = None, device: str = "h800", devices: int = 1,
+             mfu: float | None = None, device_hours: float | None = None, dtype: str | None = None,
+             price: float | None = None, training: bool = True, include_mtp: bool = True) -> dict[str, Any]:
     """What processing `tokens` tokens with `config` takes on `devices` x `device`.
 
     Give `mfu` to get device-hours, or `device_hours` to get the MFU they imply; with neither,
-    REFERENCE_MFU is assumed. `dtype` picks the peak (default bf16 on GPUs, fp32 on the CPU, whose
-    per-core peak is measured on this machine). Returns FLOPs per token by part, total FLOPs, MFU,
-    device-hours, wall-clock days and dollars.
+    REFERENCE_MFU is assumed. `dtype` picks the peak (see `device_and_dtype`; the CPU's per-core peak
+    is measured on this machine). Returns FLOPs per token by part, total FLOPs, MFU, device-hours,
+    wall-clock days and dollars.
     """
-
-    device = check_device(device)
-    dtype = check_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    device, dtype = device_and_dtype(device, dtype)
     if not (isinstance(tokens, (int, float)) and tokens > 0 and math.isfinite(tokens)):
         raise SeeklingError(f"tokens must be positive, got {tokens!r}")
     if not isinstance(devices, int) or isinstance(devices, bool) or devices <= 0:
@@ -362,7 +310,8 @@ def estimate(
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise SeeklingError(f"seq_len must be a positive integer, got {seq_len!r}")
     if seq_len > config.max_position_embeddings:
-        raise SeeklingError(f"seq_len {seq_len} is past the model's max_position_embeddings={config.max_position_embeddings}")
+        raise SeeklingError(f"seq_len {seq_len} is past the model's "
+                            f"max_position_embeddings={config.max_position_embeddings}")
     if mfu is not None and device_hours is not None:
         raise SeeklingError("give either an MFU (to get device-hours) or device-hours (to get the MFU), not both")
     if mfu is not None and not 0 < mfu <= 1:
@@ -395,37 +344,25 @@ def estimate(
 
 # ------------------------------------------------------------------------- DeepSeek-V3's bill
 # Table 1 of the DeepSeek-V3 report (arXiv 2412.19437): H800 GPU-hours by stage, at $2 per GPU-hour.
-DEEPSEEK_V3_GPU_HOURS: dict[str, float] = {
-    "pre-training": 2_664_000,
-    "context extension": 119_000,
-    "post-training": 5_000,
-}
+DEEPSEEK_V3_GPU_HOURS: dict[str, float] = {"pre-training": 2_664_000, "context extension": 119_000,
+                                           "post-training": 5_000}
 DEEPSEEK_V3_TOTAL_GPU_HOURS = 2_788_000
 DEEPSEEK_V3_TOTAL_DOLLARS = 5.576e6
 DEEPSEEK_V3_PRICE = 2.0  # $/H800-hour
 DEEPSEEK_V3_GPUS = 2048
-DEEPSEEK_V3_PRETRAIN_TOKENS = 14.8e12
-DEEPSEEK_V3_PRETRAIN_SEQ_LEN = 4096
+DEEPSEEK_V3_PRETRAIN_TOKENS = 14.8e12  # in sequences of DEFAULT_SEQ_LEN
 
 
 def deepseek_v3_table() -> str:
     """DeepSeek-V3's training cost as a Markdown table, with the wall-clock days on 2,048 H800s."""
-    lines = [
-        "| stage | H800 GPU-hours | USD at $2/GPU-hour | days on 2,048 H800s |",
-        "|---|---:|---:|---:|",
-    ]
-    rows = [*DEEPSEEK_V3_GPU_HOURS.items(), ("total", DEEPSEEK_V3_TOTAL_GPU_HOURS)]
-    for stage, hours in rows:
-        label = "**total**" if stage == "total" else stage
+    lines = ["| stage | H800 GPU-hours | USD at $2/GPU-hour | days on 2,048 H800s |", "|---|---:|---:|---:|"]
+    for stage, hours in [*DEEPSEEK_V3_GPU_HOURS.items(), ("**total**", DEEPSEEK_V3_TOTAL_GPU_HOURS)]:
         days = hours / DEEPSEEK_V3_GPUS / 24
-        lines.append(f"| {label} | {hours / 1e3:,.0f}K | ${hours * DEEPSEEK_V3_PRICE / 1e6:.3f}M | {days:.1f} |")
+        lines.append(f"| {stage} | {hours / 1e3:,.0f}K | ${hours * DEEPSEEK_V3_PRICE / 1e6:.3f}M | {days:.1f} |")
     per_trillion = DEEPSEEK_V3_GPU_HOURS["pre-training"] / (DEEPSEEK_V3_PRETRAIN_TOKENS / 1e12)
-    lines.append("")
-    lines.append(
-        f"Pre-training: {format_count(DEEPSEEK_V3_PRETRAIN_TOKENS)} tokens, {per_trillion / 1e3:.0f}K GPU-hours "
-        f"per trillion tokens ({per_trillion / DEEPSEEK_V3_GPUS / 24:.1f} days on the cluster). "
-        "Excludes research and ablations."
-    )
+    lines += ["", f"Pre-training: {format_count(DEEPSEEK_V3_PRETRAIN_TOKENS)} tokens, {per_trillion / 1e3:.0f}K "
+              f"GPU-hours per trillion tokens ({per_trillion / DEEPSEEK_V3_GPUS / 24:.1f} days on the cluster). "
+              "Excludes research and ablations."]
     return "\n".join(lines)
 
 
@@ -447,46 +384,38 @@ def parse_count(text: str | float | int, what: str = "count") -> float:
     return value
 
 
+# Each formatter is a table of (threshold, unit, format): the first threshold |x| reaches prints x / unit,
+# and x below them all is printed with the last format.
+_COUNT = ((1e12, 1e12, "{:.3g}T"), (1e9, 1e9, "{:.3g}B"), (1e6, 1e6, "{:.3g}M"), (1e3, 1e3, "{:.3g}K"))
+_FLOPS = ((1e15, 1e15, "{:.4g} PFLOP"), (1e12, 1e12, "{:.4g} TFLOP"), (1e9, 1e9, "{:.4g} GFLOP"),
+          (1e6, 1e6, "{:.4g} MFLOP"), (1e3, 1e3, "{:.4g} KFLOP"))
+_DOLLARS = ((1e6, 1e6, "${:.3f}M"), (100, 1, "${:,.0f}"), (0.01, 1, "${:.2f}"))
+_HOURS = ((1e5, 1e3, "{:,.0f}K"), (100, 1, "{:,.0f}"))
+_SECONDS = ((2 * 86400, 86400, "{:,.1f} days"), (2 * 3600, 3600, "{:.1f} hours"), (120, 60, "{:.1f} min"))
+
+
+def _scaled(x: float, table: tuple[tuple[float, float, str], ...], last: str) -> str:
+    return next((fmt.format(x / unit) for threshold, unit, fmt in table if abs(x) >= threshold), last.format(x))
+
+
 def format_count(x: float) -> str:
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{suffix}"
-    return f"{x:.3g}" if x != int(x) else str(int(x))
+    return _scaled(x, _COUNT, "{:.3g}" if x != int(x) else "{:.0f}")
 
 
 def format_flops(x: float) -> str:
-    for suffix, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.4g} {suffix}"
-    return f"{x:.4g} FLOP"
+    return _scaled(x, _FLOPS, "{:.4g} FLOP")
 
 
 def format_dollars(x: float) -> str:
-    if x >= 1e6:
-        return f"${x / 1e6:.3f}M"
-    if x >= 100:
-        return f"${x:,.0f}"
-    if x >= 0.01:
-        return f"${x:.2f}"
-    return f"${x:.2g}"
+    return _scaled(x, _DOLLARS, "${:.2g}")
 
 
 def format_hours(h: float) -> str:
-    if h >= 1e5:
-        return f"{h / 1e3:,.0f}K"
-    if h >= 100:
-        return f"{h:,.0f}"
-    return f"{h:.3g}"
+    return _scaled(h, _HOURS, "{:.3g}")
 
 
 def format_seconds(s: float) -> str:
-    if s >= 2 * 86400:
-        return f"{s / 86400:,.1f} days"
-    if s >= 2 * 3600:
-        return f"{s / 3600:.1f} hours"
-    if s >= 120:
-        return f"{s / 60:.1f} min"
-    return f"{s:.3g} s"
+    return _scaled(s, _SECONDS, "{:.3g} s")
 
 
 if __name__ == "__main__":

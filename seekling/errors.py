@@ -15,3 +15,10 @@ class CheckpointError(SeeklingError):
 
 class DataError(SeeklingError, ValueError):
     """A malformed data file: the message names the file and the line."""
+
+
+def check_choice(value, choices, what: str, error: type[SeeklingError] = ConfigError):
+    """`value` when it is one of `choices`, else `error`: "unknown WHAT 'value'; known: a, b"."""
+    if value not in choices:
+        raise error(f"unknown {what} {value!r}; known: {', '.join(map(str, choices))}")
+    return value

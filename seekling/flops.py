@@ -16,12 +16,13 @@ This is the numerator of every MFU and every dollar figure in `seekling.cost`. C
 - Multi-token prediction (MTP): the module at depth k sees the first T-k positions (it predicts token
   t+k+1 from the hidden state at t and the embedding of t+k), and costs eh_proj (2h -> h), one decoder
   block (layer index num_hidden_layers + k - 1, so an MoE block whenever the model has routed experts,
-  as in released checkpoints and vLLM) and the shared output head. Its cost is spread over the T tokens of the sequence, so every figure is "per token of training data".
+  as in released checkpoints and vLLM) and the shared output head. Its cost is spread over the T
+  tokens of the sequence, so every figure is "per token of training data".
 - Training = 3 x forward: the backward pass does two matmuls of the forward's size for each forward
   matmul (gradient with respect to the input and to the weight). Activation recomputation is *not*
   counted: these are model FLOPs (MFU), not hardware FLOPs (HFU).
 
-    >>> from seekling.config import ModelConfig
+    >>> from seekling.config import ModelConfig, matmul_weights
     >>> f = flops_per_token(ModelConfig.from_name("deepseek-v3"), seq_len=4096)
     >>> round(f["total"] / 1e9)  # training FLOPs per token, about 6 x 37B active parameters + attention
     261
@@ -35,7 +36,11 @@ import contextlib
 import math
 from typing import Any
 
-from seekling.config import ModelConfig
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from seekling.config import ModelConfig, matmul_weights
 from seekling.errors import SeeklingError
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward)
@@ -64,51 +69,21 @@ def _linear(in_features: int, out_features: int) -> float:
     return 2.0 * in_features * out_features
 
 
-def _swiglu(hidden: int, intermediate: int) -> float:
-    return 3 * _linear(hidden, intermediate)  # gate_proj, up_proj, down_proj
-
-
-def _attention_flops(c: ModelConfig, context: float) -> dict[str, float]:
-    """One MLA layer, per token, forward; `context` is the number of keys this token attends to."""
-    h, nh = c.hidden_size, c.num_attention_heads
-    if c.q_lora_rank is None:
-        q = _linear(h, nh * c.qk_head_dim)
-    else:
-        q = _linear(h, c.q_lora_rank) + _linear(c.q_lora_rank, nh * c.qk_head_dim)
-    return {
-        "q_proj": q,
-        "kv_a_proj": _linear(h, c.kv_lora_rank + c.qk_rope_head_dim),
-        "kv_b_proj": _linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim)),
-        "o_proj": _linear(nh * c.v_head_dim, h),
-        "attn_scores": 2.0 * nh * c.qk_head_dim * context,
-        "attn_values": 2.0 * nh * c.v_head_dim * context,
-    }
-
-
-def _mlp_flops(c: ModelConfig, moe: bool) -> dict[str, float]:
-    h = c.hidden_size
-    if not moe:
-        return {"dense_mlp": _swiglu(h, c.intermediate_size)}
-    expert = _swiglu(h, c.moe_intermediate_size)
-    return {
-        "moe_gate": _linear(h, c.n_routed_experts),
-        "moe_routed": c.num_experts_per_tok * expert,
-        "moe_shared": c.n_shared_experts * expert,
-    }
-
-
 def block_flops(c: ModelConfig, moe: bool, context: float) -> dict[str, float]:
-    """One decoder block (MLA + dense MLP or MoE), per token, forward."""
-    return {**_attention_flops(c, context), **_mlp_flops(c, moe)}
+    """One decoder block (MLA + dense MLP or MoE), per token, forward; `context` is the number of keys
+    this token attends to. In the order of PARTS."""
+    parts = {name: 2.0 * weights for name, weights in matmul_weights(c, moe).items()}
+    parts["attn_scores"] = 2.0 * c.num_attention_heads * c.qk_head_dim * context
+    parts["attn_values"] = 2.0 * c.num_attention_heads * c.v_head_dim * context
+    return {name: parts[name] for name in PARTS if name in parts}
 
 
 def _average_context(seq_len: int, causal: bool) -> float:
     return (seq_len + 1) / 2 if causal else float(seq_len)
 
 
-def forward_flops_per_token(
-    config: ModelConfig, seq_len: int, include_mtp: bool = True, causal: bool = True
-) -> dict[str, float]:
+def forward_flops_per_token(config: ModelConfig, seq_len: int, include_mtp: bool = True,
+                            causal: bool = True) -> dict[str, float]:
     """Forward FLOPs per token of a length-`seq_len` sequence, by part (summed over layers) and "total"."""
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise SeeklingError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -121,15 +96,10 @@ def forward_flops_per_token(
     parts["lm_head"] = _linear(c.hidden_size, c.vocab_size)
 
     if include_mtp:
-        for depth in range(1, c.num_nextn_predict_layers + 1):
-            # The depth-k block is layer num_hidden_layers + k - 1 (as in released checkpoints and vLLM),
-            # so it is an MoE block whenever the model has routed experts, even if every main layer is dense.
-            mtp_moe = c.is_moe_layer(c.num_hidden_layers + depth - 1)
+        for depth in range(1, min(c.num_nextn_predict_layers, seq_len - 1) + 1):
             positions = seq_len - depth
-            if positions <= 0:
-                break
             share = positions / seq_len  # its per-position cost, spread over all seq_len tokens
-            block = block_flops(c, mtp_moe, _average_context(positions, causal))
+            block = block_flops(c, c.is_moe_layer(c.num_hidden_layers + depth - 1), _average_context(positions, causal))
             parts["mtp_eh_proj"] += share * _linear(2 * c.hidden_size, c.hidden_size)
             parts["mtp_block"] += share * sum(block.values())
             parts["mtp_head"] += share * _linear(c.hidden_size, c.vocab_size)
@@ -138,27 +108,16 @@ def forward_flops_per_token(
     return parts
 
 
-def flops_per_token(
-    config: ModelConfig,
-    seq_len: int,
-    training: bool = True,
-    include_mtp: bool = True,
-    causal: bool = True,
-) -> dict[str, float]:
+def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True, include_mtp: bool = True,
+                    causal: bool = True) -> dict[str, float]:
     """FLOPs per token by part plus "total": forward only, or forward + backward (3x) when training."""
     forward = forward_flops_per_token(config, seq_len, include_mtp=include_mtp, causal=causal)
     multiplier = TRAINING_MULTIPLIER if training else 1
     return {name: multiplier * value for name, value in forward.items()}
 
 
-def model_flops(
-    config: ModelConfig,
-    tokens: float,
-    seq_len: int,
-    training: bool = True,
-    include_mtp: bool = True,
-    causal: bool = True,
-) -> float:
+def model_flops(config: ModelConfig, tokens: float, seq_len: int, training: bool = True, include_mtp: bool = True,
+                causal: bool = True) -> float:
     """Total FLOPs to process `tokens` tokens in sequences of `seq_len` (training: forward + backward)."""
     if not tokens > 0:
         raise SeeklingError(f"tokens must be positive, got {tokens!r}")
@@ -166,18 +125,16 @@ def model_flops(
     return per_token["total"] * float(tokens)
 
 
+# The coarser view `seekling cost` prints: label -> the PARTS it sums.
+GROUPS = {"attention projections": ("q_proj", "kv_a_proj", "kv_b_proj", "o_proj"),
+          "attention QK^T + AV": ("attn_scores", "attn_values"), "dense MLP": ("dense_mlp",),
+          "MoE gate": ("moe_gate",), "MoE routed experts (active)": ("moe_routed",),
+          "MoE shared experts": ("moe_shared",), "output head": ("lm_head",),
+          "MTP": ("mtp_eh_proj", "mtp_block", "mtp_head")}
+
+
 def group_parts(parts: dict[str, float]) -> dict[str, float]:
-    """Coarser view for printing: attention projections, attention quadratic term, MLP/MoE, head, MTP."""
-    return {
-        "attention projections": sum(parts[k] for k in ("q_proj", "kv_a_proj", "kv_b_proj", "o_proj")),
-        "attention QK^T + AV": parts["attn_scores"] + parts["attn_values"],
-        "dense MLP": parts["dense_mlp"],
-        "MoE gate": parts["moe_gate"],
-        "MoE routed experts (active)": parts["moe_routed"],
-        "MoE shared experts": parts["moe_shared"],
-        "output head": parts["lm_head"],
-        "MTP": parts["mtp_eh_proj"] + parts["mtp_block"] + parts["mtp_head"],
-    }
+    return {label: sum(parts[name] for name in names) for label, names in GROUPS.items()}
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -195,10 +152,6 @@ def measure_flops(fn: Any, *args: Any, math_attention: bool = True, **kwargs: An
     full T x T square (the fused CPU kernel is invisible to it): compare with `causal=False`.
     `torch._grouped_mm` (the model's MoE kernel) is counted too, which the stock counter does not do.
     """
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     aten = torch.ops.aten
     mapping = {aten._grouped_mm: _grouped_mm_flops} if hasattr(aten, "_grouped_mm") else {}
     backend = sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext()

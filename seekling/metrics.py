@@ -58,10 +58,7 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
     if not votes:
         return None
     best = max(votes.values())
-    for answer, key in zip(answers, keys):  # first occurrence breaks ties
-        if key is not None and votes[key] == best:
-            return answer
-    return None  # unreachable
+    return next(answer for answer, key in zip(answers, keys) if key is not None and votes[key] == best)
 
 
 def cons_at_k(

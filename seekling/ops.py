@@ -47,8 +47,8 @@ def _grouped_weight_grad(x_ND: torch.Tensor, grad_NF: torch.Tensor, counts_E: to
     try:
         return torch._grouped_mm(x_ND.t(), grad_NF, offs=counts_E.cumsum(0).to(torch.int32))
     except (RuntimeError, NotImplementedError, AttributeError):
-        grads = [xe.t() @ ge for xe, ge in zip(torch.split(x_ND, counts_E.tolist()), torch.split(grad_NF, counts_E.tolist()))]
-        return torch.stack(grads)
+        splits = counts_E.tolist()
+        return torch.stack([xe.t() @ ge for xe, ge in zip(torch.split(x_ND, splits), torch.split(grad_NF, splits))])
 
 
 @torch.library.custom_op("seekling::grouped_weight_grad", mutates_args=())

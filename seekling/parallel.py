@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, check_choice
 
 
 @dataclass
@@ -77,8 +77,7 @@ def barrier() -> None:
 def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     """Data parallelism applied after the model is built (and weights loaded): DDP, or FSDP2
     `fully_shard` on each block and MTP module, then on the root. A no-op in one process."""
-    if mode not in ("ddp", "fsdp"):
-        raise ConfigError(f"unknown --distributed mode {mode!r}; choose ddp or fsdp")
+    check_choice(mode, ("ddp", "fsdp"), "--distributed mode")
     if info.world_size == 1:
         return model
     if mode == "ddp":

@@ -24,6 +24,7 @@ Run: `seekling tokenizer train --tasks arithmetic,countdown --num-examples 2000 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from seekling.errors import ConfigError, DataError
+from seekling.files import write_json_atomic
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
@@ -90,24 +92,14 @@ class Tokenizer:
         ])
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
+            vocab_size=vocab_size, min_frequency=min_frequency, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             # The trainer puts these first, in order, which fixes ids 0..9.
-            special_tokens=[AddedToken(t, special=True, normalized=False) for t in FIXED_TOKENS],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        seen = {"texts": 0}
-
-        def non_empty(stream: Iterable[str]) -> Iterable[str]:
-            for text in stream:
-                if text.strip():
-                    seen["texts"] += 1
-                    yield text
-
-        backend.train_from_iterator(non_empty(texts), trainer)
-        if seen["texts"] == 0:
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in FIXED_TOKENS], show_progress=False)
+        non_empty = (text for text in texts if text.strip())
+        first = next(non_empty, None)
+        if first is None:
             raise DataError("cannot train a tokenizer on an empty corpus (no non-blank text)")
+        backend.train_from_iterator(itertools.chain([first], non_empty), trainer)
         # The trainer marks every reserved token special; the reasoning tags must not be, or
         # decode(skip_special=True) would delete them. `add_tokens` would flip the flag but not the
         # set decode consults, so edit the serialised form instead (ids stay as they are).
@@ -137,15 +129,10 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(out / "tokenizer.json"))
         special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **special_map,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "padding_side": "right",
-        }
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+        write_json_atomic(out / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", **special_map, "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "padding_side": "right"})
+        write_json_atomic(out / "special_tokens_map.json", special_map)
         return out
 
     # -- ids and text --------------------------------------------------------------------------

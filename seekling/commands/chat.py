@@ -16,6 +16,7 @@ Ctrl-C stops an answer and keeps the session. MODEL_DIR is a model directory or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import sys
@@ -25,6 +26,8 @@ from seekling.commands.generate import DTYPES, add_sampling_arguments
 from seekling.errors import SeeklingError
 from seekling.generate import SamplingParams
 from seekling.serving import Engine, Job, ReasoningSplitter, load_for_serving
+from seekling.tasks import render_prompt_ids
+from seekling.tokenizer import THINK_CLOSE
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset, /temp VALUE, /max TOKENS, /quit"
@@ -45,7 +48,8 @@ class ChatSession:
     def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None, color: bool = False,
                  out=None):
         self.engine, self.tokenizer = engine, engine.tokenizer
-        self.params, self.system, self.color = params, system, color
+        self.params, self.system = params, system
+        self.dim, self.reset = (DIM, RESET) if color else ("", "")
         self.out = out or sys.stdout
         self.messages: list[dict[str, str]] = []
 
@@ -81,8 +85,7 @@ class ChatSession:
     def reply(self, text: str) -> str:
         """Send a user turn, stream the answer, keep it in the history; returns the raw completion."""
         self.messages.append({"role": "user", "content": text})
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        prompt = self.tokenizer.render_prompt(system + self.messages)
+        prompt = render_prompt_ids(self.tokenizer, self.messages, system=self.system)
         events: queue.Queue = queue.Queue()
         try:
             (handle,) = self.engine.submit([Job(prompt, self.params)], lambda i, ev: events.put(ev))
@@ -101,27 +104,21 @@ class ChatSession:
                     r2, c2 = splitter.finish()
                     reasoning, content = reasoning + r2, content + c2
                 if reasoning:
-                    if mode != "reasoning":
-                        self.write(DIM if self.color else "")
-                        mode = "reasoning"
-                    self.write(reasoning)
+                    self.write(("" if mode == "reasoning" else self.dim) + reasoning)
+                    mode = "reasoning"
                 if content:
-                    if mode == "reasoning":
-                        self.write((RESET if self.color else "") + "\n\n")
+                    self.write((self.reset + "\n\n" if mode == "reasoning" else "") + content)
                     mode = "content"
-                    self.write(content)
                 if finish == "error":
                     self.write(f"\nerror: {ev.error}")
         except KeyboardInterrupt:
             handle.cancel()
             finish = "interrupted"
-        if mode == "reasoning" and self.color:
-            self.write(RESET)
         notes = {"length": f" [stopped at {self.params.max_new_tokens} tokens]", "interrupted": " [stopped]"}
-        self.write(notes.get(finish, "") + "\n")
+        self.write((self.reset if mode == "reasoning" else "") + notes.get(finish, "") + "\n")
         completion = "".join(raw)
         # What follows </think> (the answer with its tags) becomes the assistant turn.
-        self.messages.append({"role": "assistant", "content": completion.split("</think>")[-1].strip()})
+        self.messages.append({"role": "assistant", "content": completion.split(THINK_CLOSE)[-1].strip()})
         return completion
 
 
@@ -135,10 +132,8 @@ def run(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
     interactive = sys.stdin.isatty()
     if interactive:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
     engine = Engine(model, tokenizer, max_concurrent=1, max_queue=0).start()
     session = ChatSession(engine, params, args.system, color)
     print(f"seekling chat with {model_dir} ({model.config.max_position_embeddings} tokens of context). {HELP}")

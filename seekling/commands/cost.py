@@ -13,40 +13,28 @@ from __future__ import annotations
 
 import argparse
 
+from seekling.commands.params import add_model_flags, model_config
 from seekling.config import PRESETS, ModelConfig, count_parameters
-from seekling.cost import (
-    DEVICE_UNIT,
-    DEVICES,
-    PEAK_FLOPS,
-    REFERENCE_MFU,
-    deepseek_v3_table,
-    estimate,
-    format_count,
-    format_dollars,
-    format_flops,
-    format_seconds,
-    format_hours,
-    parse_count,
-)
+from seekling.cost import (DEFAULT_SEQ_LEN, DEVICE_UNIT, DEVICES, DTYPES, PEAK_FLOPS, REFERENCE_MFU, deepseek_v3_table,
+                           estimate, format_count, format_dollars, format_flops, format_hours, format_seconds,
+                           parse_count)
 from seekling.errors import SeeklingError
 from seekling.flops import group_parts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model")
-    model.add_argument("--preset", help=f"a named model size: {', '.join(PRESETS)}")
-    model.add_argument("--config", help="path to a config.json (or a checkpoint directory holding one)")
+    add_model_flags(parser.add_argument_group("model"))
     run = parser.add_argument_group("run")
     run.add_argument("--tokens", help="training tokens, e.g. 14.8T, 2e9, 500M, 1,000,000")
-    run.add_argument("--seq-len", type=int, default=None,
-                     help="sequence length (default: 4096, or the model's max_position_embeddings if smaller)")
+    run.add_argument("--seq-len", type=int, default=None, help=f"sequence length (default: {DEFAULT_SEQ_LEN}, "
+                     "or the model's max_position_embeddings if smaller)")
     run.add_argument("--no-mtp", action="store_true", help="leave the multi-token-prediction modules out")
     run.add_argument("--forward-only", action="store_true",
                      help="count the forward pass only (scoring, prefill), not forward + backward")
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--device", default="h800", help=f"device type: {', '.join(DEVICES)} (cpu: one device = one core)")
     hw.add_argument("--devices", default="1", help="number of devices (GPUs, or CPU cores) working together")
-    hw.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+    hw.add_argument("--dtype", default=None, choices=DTYPES,
                     help="which peak MFU is measured against (default bf16 on GPUs, fp32 on the CPU)")
     hw.add_argument("--price", type=float, default=None,
                     help="dollars per device-hour (default: the table in seekling/cost.py; H800 $2 as DeepSeek)")
@@ -59,16 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print DeepSeek-V3's reported training cost table (H800 GPU-hours and dollars)")
 
 
-def _load_config(args: argparse.Namespace) -> ModelConfig | None:
-    if args.preset and args.config:
-        raise SeeklingError("give --preset or --config, not both")
-    if args.preset:
-        return ModelConfig.from_name(args.preset)  # unknown names raise ConfigError listing the presets
-    if args.config:
-        return ModelConfig.from_file(args.config)
-    return None
-
-
 def _positive_int(text: str, flag: str) -> int:
     value = parse_count(text, flag)
     if value != int(value):
@@ -77,7 +55,7 @@ def _positive_int(text: str, flag: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = model_config(args)
     if args.deepseek_table:
         print("DeepSeek-V3 training cost (technical report, Table 1):\n")
         print(deepseek_v3_table())
@@ -93,11 +71,9 @@ def run(args: argparse.Namespace) -> int:
     device_hours = parse_count(args.device_hours, "--gpu-hours") if args.device_hours is not None else None
     if args.seq_len is not None and args.seq_len <= 0:
         raise SeeklingError(f"--seq-len must be positive, got {args.seq_len}")
-    est = estimate(
-        config, tokens, seq_len=args.seq_len, device=args.device, devices=devices, mfu=args.mfu,
-        device_hours=device_hours, dtype=args.dtype, price=args.price,
-        training=not args.forward_only, include_mtp=not args.no_mtp,
-    )
+    est = estimate(config, tokens, seq_len=args.seq_len, device=args.device, devices=devices, mfu=args.mfu,
+                   device_hours=device_hours, dtype=args.dtype, price=args.price, training=not args.forward_only,
+                   include_mtp=not args.no_mtp)
     print(render(est, config, args.preset or args.config))
     return 0
 

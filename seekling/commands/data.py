@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = actions.add_parser("build", help="tokenize sources into train/val token shards", formatter_class=fmt)
     build.add_argument("--tokenizer", required=True, help="tokenizer directory (from `seekling tokenizer train`)")
     build.add_argument("--out", required=True, help="directory to write index.json and the .bin shards into")
-    _add_task_flags(build)
+    add_task_flags(build)
     build.add_argument("--text", nargs="*", default=[], metavar="FILE", help="UTF-8 text files, one document each")
     build.add_argument("--jsonl", nargs="*", default=[], metavar="FILE", help="JSONL files, one document a record")
     build.add_argument("--field", default="text", help="the JSON field holding each record's text")
@@ -41,16 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sft = actions.add_parser("sft", help="write task problems as chat JSONL for SFT", formatter_class=fmt)
     sft.add_argument("--out", required=True, help="JSONL file to write")
-    _add_task_flags(sft)
+    add_task_flags(sft)
     sft.add_argument("--split", default="train", choices=["train", "test"], help="which split of the tasks")
 
     show = actions.add_parser("show", help="print the index of a data directory", formatter_class=fmt)
     show.add_argument("--data", required=True, help="data directory (from `seekling data build`)")
 
 
-def _add_task_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default="", help="comma-separated built-in tasks, e.g. arithmetic,countdown")
-    parser.add_argument("--num-examples", type=int, default=1000, help="problems per task")
+def add_task_flags(parser: argparse.ArgumentParser, num_examples: int = 1000,
+                   tasks_help: str = "comma-separated built-in tasks, e.g. arithmetic,countdown") -> None:
+    """The flags that pick generated task problems (also used by `seekling tokenizer train`)."""
+    parser.add_argument("--tasks", default="", help=tasks_help)
+    parser.add_argument("--num-examples", type=int, default=num_examples, help="problems per task")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="task difficulty settings, e.g. arithmetic.digits=3 linear.both_sides=true")
     parser.add_argument("--seed", type=int, default=0, help="seed for the generated problems")

@@ -12,9 +12,23 @@ from seekling.config import PRESETS, ModelConfig, count_parameters
 from seekling.errors import SeeklingError
 
 
+def add_model_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--preset and --config, the two ways to name a model (also used by `seekling cost`)."""
+    parser.add_argument("--preset", default=None, help=f"a named model size: {', '.join(PRESETS)}")
+    parser.add_argument("--config", default=None, help="a config.json (or a checkpoint directory holding one) instead")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig | None:
+    """The config --preset or --config names; None when neither is given."""
+    if args.preset and args.config:
+        raise SeeklingError("give --preset or --config, not both")
+    if args.config:
+        return ModelConfig.from_file(args.config)
+    return ModelConfig.from_name(args.preset) if args.preset else None  # unknown names list the presets
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=None, help=f"a named size: {', '.join(PRESETS)}")
-    parser.add_argument("--config", default=None, help="a config.json (or a directory holding one) instead")
+    add_model_flags(parser)
     parser.add_argument("--all", action="store_true", help="print every preset")
 
 
@@ -30,11 +44,6 @@ def run(args: argparse.Namespace) -> int:
         for name in PRESETS:
             print(describe(name, ModelConfig.from_name(name)))
         return 0
-    if args.preset and args.config:
-        raise SeeklingError("give --preset or --config, not both")
-    if args.config:
-        print(describe("config", ModelConfig.from_file(args.config)))
-    else:
-        name = args.preset or "cpu"
-        print(describe(name, ModelConfig.from_name(name)))
+    name = "config" if args.config else args.preset or "cpu"
+    print(describe(name, model_config(args) or ModelConfig.from_name(name)))
     return 0

@@ -16,10 +16,11 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
-from seekling.data import read_jsonl_texts, read_text_file
 from seekling.commands import HelpFormatter
+from seekling.commands.data import add_task_flags
+from seekling.data import read_jsonl_texts, read_text_file
 from seekling.errors import ConfigError
-from seekling.tasks import completion_text, make_mixture, parse_difficulty
+from seekling.tasks import TASKS, completion_text, make_mixture, parse_difficulty
 from seekling.tokenizer import Tokenizer
 
 
@@ -30,13 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
                        help="text files to train on (.jsonl files contribute the --field of each record)")
     train.add_argument("--field", default="text", help="the JSON field holding the text in .jsonl corpus files")
-    train.add_argument("--tasks", default="",
-                       help="comma-separated built-in tasks to add as training text "
-                            "(default when no --corpus: arithmetic,countdown,linear,wordproblem)")
-    train.add_argument("--num-examples", type=int, default=2000, help="problems per task to train on")
-    train.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
-                       help="task difficulty settings, e.g. arithmetic.digits=3")
-    train.add_argument("--seed", type=int, default=0, help="seed for the generated task problems")
+    add_task_flags(train, num_examples=2000, tasks_help="comma-separated built-in tasks to add as training text "
+                   f"(default when no --corpus: {','.join(TASKS)})")
     train.add_argument("--vocab-size", type=int, default=512, help="target vocabulary size (at least 266)")
     train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it")
     train.add_argument("--out", required=True, help="directory to write the tokenizer files into")
@@ -53,8 +49,7 @@ def _corpus_texts(args: argparse.Namespace) -> Iterator[str]:
         else:
             # Line by line keeps each training text small; BPE never merges across a newline anyway.
             yield from read_text_file(path).splitlines(keepends=True)
-    tasks = [t for t in args.tasks.split(",") if t] or ([] if args.corpus else
-                                                        ["arithmetic", "countdown", "linear", "wordproblem"])
+    tasks = [t for t in args.tasks.split(",") if t] or ([] if args.corpus else list(TASKS))
     if tasks:
         for problem in make_mixture(tasks, "train", args.num_examples, args.seed, parse_difficulty(args.difficulty)):
             yield problem.prompt

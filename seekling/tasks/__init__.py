@@ -19,13 +19,14 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, check_choice
 from seekling.tasks import arithmetic, countdown, linear, wordproblem
 from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
+from seekling.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
-__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat", "render_prompt_ids", "TEMPLATES", "check_template",
-           "to_sft_example", "completion_text", "parse_difficulty", "split_of", "stable_hash",
-           "R1_ZERO_PROMPT"]
+__all__ = ["TASKS", "Problem", "Task", "get_task", "make_problems", "make_mixture", "to_chat", "render_prompt_ids",
+           "TEMPLATES", "check_template", "to_sft_example", "completion_text", "parse_difficulty", "split_of",
+           "stable_hash", "R1_ZERO_PROMPT"]
 
 TASKS: dict[str, Task] = {t.name: t for t in (arithmetic.TASK, countdown.TASK, linear.TASK, wordproblem.TASK)}
 
@@ -46,9 +47,7 @@ MAX_REJECTS_IN_A_ROW = 20_000
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+    return TASKS[check_choice(name, TASKS, "task")]
 
 
 def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | None = None,
@@ -58,8 +57,7 @@ def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | N
     on for 'test', so an evaluation never counts a problem twice; off for 'train', where small
     difficulty settings have fewer distinct problems than one wants examples)."""
     spec = get_task(task)
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose from {SPLITS}")
+    check_choice(split, SPLITS, "split")
     unknown = set(difficulty) - set(spec.defaults)
     if unknown:
         raise ConfigError(f"{task}: unknown difficulty setting(s) {sorted(unknown)}; "
@@ -99,12 +97,11 @@ def make_mixture(tasks: list[str], split: str, n_per_task: int, seed: int = 0,
 
 def completion_text(problem: Problem) -> str:
     """The target assistant turn: worked solution in <think>, final answer in <answer>."""
-    return f"<think> {problem.solution} </think> <answer> {problem.answer} </answer>"
+    return f"{THINK_OPEN} {problem.solution} {THINK_CLOSE} {ANSWER_OPEN} {problem.answer} {ANSWER_CLOSE}"
 
 
 def check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown prompt template {template!r}; choose {' or '.join(map(repr, TEMPLATES))}")
+    check_choice(template, TEMPLATES, "prompt template")
 
 
 def to_chat(problem: Problem | str, template: str = "chat") -> list[dict[str, str]] | str:
@@ -137,8 +134,7 @@ def render_prompt_ids(tokenizer, prompt: Problem | str | Sequence[dict], templat
 
 def to_sft_example(problem: Problem) -> dict[str, list[dict[str, str]]]:
     """A chat example for supervised fine-tuning, in the JSONL layout the SFT loader reads."""
-    return {"messages": [{"role": "user", "content": problem.prompt},
-                         {"role": "assistant", "content": completion_text(problem)}]}
+    return {"messages": [*to_chat(problem), {"role": "assistant", "content": completion_text(problem)}]}
 
 
 def parse_difficulty(specs: list[str] | None) -> dict[str, dict[str, Any]]:

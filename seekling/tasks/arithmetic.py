@@ -30,6 +30,11 @@ def _digits_low_first(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
+def _column(terms: str, value: int, last: bool, written: str) -> str:
+    """One column's sentence: what is written (and carried or borrowed), or the last column whole."""
+    return f"{terms}={value}" if last else f"{terms}={value}, write {written}"
+
+
 def add_steps(a: int, b: int) -> list[str]:
     """Column addition; the last column is written whole (it may be two digits)."""
     da, db = _digits_low_first(a), _digits_low_first(b)
@@ -39,10 +44,7 @@ def add_steps(a: int, b: int) -> list[str]:
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         total = x + y + carry
         terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
-        if i < width - 1:
-            steps.append(f"{terms}={total}, write {total % 10}" + (" carry 1" if total >= 10 else ""))
-        else:
-            steps.append(f"{terms}={total}")
+        steps.append(_column(terms, total, i == width - 1, f"{total % 10}" + (" carry 1" if total >= 10 else "")))
         carry = total // 10
     return steps + [f"{a}+{b}={a + b}"]
 
@@ -58,10 +60,7 @@ def sub_steps(a: int, b: int) -> list[str]:
         need = x - borrow < y
         value = x - borrow + (10 if need else 0) - y
         terms = ("1" if need else "") + f"{x}" + ("-1" if borrow else "") + f"-{y}"
-        if i < len(da) - 1:
-            steps.append(f"{terms}={value}, write {value}" + (" borrow 1" if need else ""))
-        else:
-            steps.append(f"{terms}={value}")
+        steps.append(_column(terms, value, i == len(da) - 1, f"{value}" + (" borrow 1" if need else "")))
         borrow = int(need)
     return steps + [f"{a}-{b}={a - b}"]
 
@@ -84,11 +83,8 @@ def mul_steps(a: int, b: int) -> list[str]:
     for i in range(len(digits) if len(digits) > 1 else 0):
         product = digits[i] * multiplier + carry
         terms = f"{digits[i]}*{multiplier}" + (f"+{carry}" if carry else "")
-        if i < len(digits) - 1:
-            steps.append(f"{terms}={product}, write {product % 10}"
-                         + (f" carry {product // 10}" if product >= 10 else ""))
-        else:
-            steps.append(f"{terms}={product}")
+        carried = f" carry {product // 10}" if product >= 10 else ""
+        steps.append(_column(terms, product, i == len(digits) - 1, f"{product % 10}{carried}"))
         carry = product // 10
     return steps + [f"{a}*{b}={a * b}"]
 

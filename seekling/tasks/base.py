@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 TEST_BUCKET_PERMILLE = 100  # 10% of all possible problems belong to the test split
@@ -29,9 +29,6 @@ class Problem:
     answer: str
     solution: str
     meta: dict[str, Any] = field(default_factory=dict)  # always holds "key", see `make_problem`
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from seekling.report import write_report
 from seekling.rundir import STATE_FILE, check_run_dir, new_state, read_state
 from seekling.sft import make_cold_start, train_sft
 from seekling.tasks import completion_text, make_mixture, make_problems, parse_difficulty, render_prompt_ids
+from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 from seekling.parallel import barrier, destroy_distributed, init_distributed
 from seekling.train_state import latest_checkpoint, list_checkpoints, read_trainer_state
@@ -380,7 +381,7 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
     run_dir = Path(out)
     info = init_distributed(device)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or (free_cores() if info.device.type == "cpu" else previous_threads))
+    choose_threads(threads, log=say if info.is_main else (lambda _: None))
     try:
         state = check_run_dir(run_dir, preset) if info.is_main else None
         if info.is_main:
@@ -411,13 +412,3 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         torch.set_num_threads(previous_threads)
         destroy_distributed(info)
 
-
-def free_cores() -> int:
-    """torch's thread count less the cores other programs keep busy (1-minute load average), at least 1.
-
-    On cores shared with other jobs, torch's spinning threads make a step several times slower than one
-    thread alone (measured 4x with 2 threads on a 2-core machine under load 4); on an idle machine this is
-    torch's default."""
-    cores = torch.get_num_threads()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))

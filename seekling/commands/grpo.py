@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, add_threads, from_args
 from seekling.data import read_problems
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
 from seekling.tasks import TEMPLATES, make_mixture, parse_difficulty
+from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 
 SETTINGS = (GRPOConfig,)
@@ -73,12 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "weight_decay", "grad_clip", "steps")
     g.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
     add(g, "save_every", "max_bad_steps", "seed")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads(g)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     cfg = from_args(GRPOConfig, args, rewards=dict(args.rewards))
     cfg.validate()  # G < 2, unknown rewards and friends fail before any loading
     combine_rewards(cfg.rewards)

@@ -297,10 +297,15 @@ def stage_grpo(ctx: Context) -> dict[str, Any]:
         flops += rows * length * per_token + 3 * trained * per_token
     last = summary["history"][-1] if summary["history"] else {}
     capped = summary["step"] < cfg.steps
+    health = summary["health"]
+    nothing = bool(health["steps"]) and not health["trained_steps"]
     return {"tokens": int(tokens), "flops": flops, "steps": summary["step"], "resumed_from_step": start_step,
             "time_capped": capped, "last_reward": last.get("reward"), "last_accuracy": last.get("accuracy"),
-            "summary": f"{summary['step']} steps, last reward {last.get('reward', float('nan')):.3f}, "
+            "trained_steps": health["trained_steps"], "health_warnings": len(health["warnings"]),
+            "summary": ("NOTHING TRAINED: no step updated the model; " if nothing else "")
+                       + f"{summary['step']} steps, last reward {last.get('reward', float('nan')):.3f}, "
                        f"train accuracy {last.get('accuracy', float('nan')):.2f}"
+                       + (f", {len(health['warnings'])} health warning(s)" if health["warnings"] else "")
                        + (f" (stopped by the {p.grpo_max_minutes} min cap)" if capped else "")}
 
 

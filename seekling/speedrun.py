@@ -155,7 +155,8 @@ def run_stage(ctx: Context, stage: Stage, tag: str) -> None:
         if "skipped" not in result:
             result["cost"] = {"seconds": result["seconds"], "tokens": int(result.get("tokens", 0)),
                               "flops": float(result.get("flops", 0.0)),
-                              **ledger_device(ctx, ctx.world_size if stage.all_ranks else 1)}
+                              **ledger_device(ctx, ctx.world_size if stage.all_ranks else 1),
+                              **({"dtype": result["dtype"]} if result.get("dtype") else {})}  # MFU at its peak
         ctx.state["stages"][stage.name] = result
         ctx.state["finished"].append(stage.name)
         ctx.save_state()
@@ -232,6 +233,7 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
     return {"tokens": summary["tokens"], "flops": summary["flops"], "steps_run": summary["steps_run"],
             "resumed_from": summary["resumed_from"], "final_loss": summary["final_loss"],
             "val_loss": summary["val_loss"], "tokens_per_s": summary["tokens_per_s"], "mfu": summary["mfu"],
+            "dtype": summary["dtype"],
             "summary": f"loss {summary['final_loss']:.3f}, val loss {summary['val_loss'] or float('nan'):.3f}, "
                        f"{summary['tokens']:,} tokens"}
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seekling.rl_health import health_summary
+from seekling.rl_health import health_mean, health_summary
 
 MODEL_STAGES = (("pretrain", "after pre-training"), ("sft", "after cold-start SFT"), ("grpo", "after GRPO"),
                 ("distill", "after distillation"))
@@ -274,9 +274,11 @@ def health_blocks(records: list[dict]) -> list[tuple]:
     first, last = records[0], records[-1]
     keys = list(HEALTH_SIGNALS) + [(k, f"reward `{k.split('/', 1)[1]}` (mean)") for k in last if k.startswith("reward/")]
     shown = lambda r, k: f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
+    means = {k: health_mean(records, k) for k, _ in keys}  # skipped steps have no entropy, clip or KL
     blocks: list[tuple] = [("h2", "GRPO health"),
-                           ("table", ["signal", f"step {first.get('step', 1)}", f"step {last.get('step', len(records))}"],
-                            [[label, shown(first, k), shown(last, k)] for k, label in keys])]
+                           ("table", ["signal", f"step {first.get('step', 1)}", f"step {last.get('step', len(records))}",
+                                      "mean of the steps that have it"],
+                            [[label, shown(first, k), shown(last, k), shown(means, k)] for k, label in keys])]
     trained = f"{health['trained_steps']} of {health['steps']} steps updated the model."
     if not health["trained_steps"]:
         trained = f"**Nothing was trained**: none of the {health['steps']} steps updated the model."

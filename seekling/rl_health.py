@@ -64,7 +64,8 @@ def trained(record: dict[str, Any]) -> bool:
     return not record.get("skipped") and not record.get("nan")
 
 
-def _mean(records: Sequence[dict], key: str) -> float | None:
+def health_mean(records: Sequence[dict], key: str) -> float | None:
+    """The mean of `key` over the records that have it as a number (None when none has)."""
     values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
     return sum(values) / len(values) if values else None
 
@@ -78,7 +79,7 @@ def _bad_signals(history: Sequence[dict], i: int, window: int) -> dict[str, str]
                                 "temperature")
     entropy = r.get("entropy")
     if isinstance(entropy, (int, float)):
-        start = _mean(history[: min(i + 1, window)], "entropy") or 0.0
+        start = health_mean(history[: min(i + 1, window)], "entropy") or 0.0
         if entropy < ENTROPY_FLOOR or (i >= window and entropy < ENTROPY_DROP * start):
             bad["entropy_collapse"] = (f"policy entropy {entropy:.3f} nats/token (it started at {start:.3f}): the "
                                        "policy samples nearly one completion, exploration has stopped; lower --lr or "
@@ -88,8 +89,8 @@ def _bad_signals(history: Sequence[dict], i: int, window: int) -> dict[str, str]
                                 "the cap, the answers are never reached; raise max_new_tokens or penalise length")
     if i + 1 >= 2 * window:
         before, after = history[i + 1 - 2 * window: i + 1 - window], history[i + 1 - window: i + 1]
-        fmt = (_mean(before, "format"), _mean(after, "format"))
-        acc = (_mean(before, "accuracy"), _mean(after, "accuracy"))
+        fmt = (health_mean(before, "format"), health_mean(after, "format"))
+        acc = (health_mean(before, "accuracy"), health_mean(after, "accuracy"))
         if None not in fmt and None not in acc and fmt[1] - fmt[0] >= FORMAT_RISE and acc[0] - acc[1] >= ACCURACY_FALL:
             bad["format_up_accuracy_down"] = (
                 f"format rose {fmt[0]:.0%} -> {fmt[1]:.0%} while accuracy fell {acc[0]:.0%} -> {acc[1]:.0%} over "

@@ -39,6 +39,7 @@ from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.generate import SamplingParams, generate, pad_right
 from seekling.model import LatentCache
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, grade, register_reward
+from seekling.rl_health import HealthMonitor, informative_groups, rollout_metrics
 from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
 
@@ -125,11 +126,6 @@ def group_advantages(rewards_PG: torch.Tensor, scale_std: bool = True, eps: floa
     return centred_PG / (rewards_PG.std(dim=1, keepdim=True) + eps)
 
 
-def informative_groups(rewards_PG: torch.Tensor) -> torch.Tensor:
-    """[P] bool: groups whose rewards are not all equal (DAPO's dynamic sampling keeps only these)."""
-    return (rewards_PG.max(dim=1).values - rewards_PG.min(dim=1).values) > 1e-9
-
-
 # ----------------------------------------------------------------------------- per-token terms
 def kl_to_reference(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor) -> torch.Tensor:
     """The unbiased, always non-negative KL estimator of R1 (Schulman's k3):
@@ -212,11 +208,12 @@ def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: to
     per_token_BT = -objective_BT
     n = mask_BT.sum().clamp(min=1)
     stats = {"clip_fraction": float((is_clipped_BT.to(mask_BT.dtype) * mask_BT).sum() / n)}
-    if beta > 0:
-        if ref_logp_BT is None:
-            raise ConfigError("beta > 0 needs the reference log-probabilities")
+    if beta > 0 and ref_logp_BT is None:
+        raise ConfigError("beta > 0 needs the reference log-probabilities")
+    if ref_logp_BT is not None:  # measured whatever beta: the drift from the start is a health signal
         kl_BT = kl_to_reference(logp_BT, ref_logp_BT)
-        per_token_BT = per_token_BT + beta * kl_BT
+        if beta > 0:
+            per_token_BT = per_token_BT + beta * kl_BT
         stats["kl"] = float((kl_BT.detach() * mask_BT).sum() / n)
     loss = LOSS_AGGREGATIONS[aggregation](per_token_BT, mask_BT, totals)
     return loss, stats
@@ -260,7 +257,6 @@ class Rollouts:
                         pick(self.old_logprobs), pick(self.texts), self.rewards_PG[keep_P],
                         {k: pick(v) for k, v in self.components.items()}, pick(self.correct),
                         pick(self.formatted), pick(self.finished), self.sample_seconds)
-
 
     @staticmethod
     def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
@@ -438,7 +434,7 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
         chunks.append(([rollouts.prompt_ids[g * G] for g in groups], completions, old_BT, advantages_B[rows]))
     totals = LossTotals(len(advantages_B), sum(len(c) for c in rollouts.completion_ids), cfg.max_new_tokens)
     ref_logps = []
-    if cfg.beta > 0:
+    if ref_model is not None:
         with torch.no_grad():
             ref_logps = [group_logprobs(ref_model, prompts, completions, G, cfg.temperature, pad_id)[0]
                          for prompts, completions, _, _ in chunks]
@@ -489,19 +485,6 @@ def problems_for_step(problems: Sequence[Problem], step: int, per_step: int, see
     return out
 
 
-def rollout_metrics(rollouts: Rollouts, reward: CombinedReward) -> dict[str, float]:
-    """Per-step means over every sampled completion (before dynamic sampling drops any group)."""
-    lengths = [len(c) for c in rollouts.completion_ids]
-    n = len(lengths)
-    out = {"reward": float(rollouts.rewards_PG.mean()), "accuracy": sum(rollouts.correct) / n,
-           "format": sum(rollouts.formatted) / n, "response_length": sum(lengths) / n,
-           "response_length_max": max(lengths), "truncated": 1 - sum(rollouts.finished) / n}
-    for name, values in rollouts.components.items():
-        out[f"reward/{name}"] = sum(values) / n
-    out["reward_failures"] = reward.stats.total
-    return out
-
-
 def build_reference(model, run_dir: Path, resume: bool):
     """The frozen reference policy: the starting weights, kept in `run_dir/reference` so a resumed
     run compares against the same model whatever became of the --init-from directory."""
@@ -539,7 +522,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
     reward = combine_rewards(cfg.rewards)  # unknown names raise here, listing the known ones
     set_seed(cfg.seed)
     checkpoint = resume_point(run_dir, resume)
-    ref_model = build_reference(model, run_dir, checkpoint is not None) if cfg.beta > 0 else None
+    ref_model = build_reference(model, run_dir, checkpoint is not None)  # KL to it is logged even at beta 0
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     bad_steps, last_good = 0, checkpoint
     run = start_run(run_dir, checkpoint, model, optimizer, steps=cfg.steps, save_every=cfg.save_every,
@@ -547,6 +530,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                     desc="grpo", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, log=log)
     step = run.step
     history: list[dict[str, float]] = []
+    health = HealthMonitor(log)
     with run:
         while step < cfg.steps:
             lr = lr_at(step, "constant", cfg.lr, cfg.warmup_steps, cfg.steps)
@@ -582,6 +566,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                 bad_steps += 1
                 log(f"step {step}: loss or gradient not finite, update skipped ({bad_steps} in a row)")
                 run.metrics.log(step, **record)
+                health.update({"step": step, **record})
                 if bad_steps >= cfg.max_bad_steps:
                     raise TrainingStopped(
                         f"the loss was not finite for {bad_steps} steps in a row (up to step {step}); stopped. "
@@ -591,6 +576,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             bad_steps = 0
             run.metrics.log(step, **record)
             history.append({"step": step, **record})
+            health.update(history[-1])
             run.bar.update(1)
             run.bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                                 len=f"{record['response_length']:.0f}")
@@ -603,5 +589,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                 log(f"stopped by on_step at step {step}")
                 break
         last_good, final = run.finish(step)
+        if health.history and not health.summary()["trained_steps"]:
+            log(f"warning: GRPO trained nothing: none of the {len(health.history)} steps updated the model")
         return {"step": step, "seconds": run.seconds(), "final": final, "checkpoint": last_good,
-                "history": history, "reward_failures": reward.stats.total}
+                "history": history, "reward_failures": reward.stats.total, "health": health.summary()}

@@ -34,7 +34,7 @@ class SpeedrunPreset:
     about: str
     # model and hardware (model presets live in seekling.config)
     model: str = "cpu"
-    dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    dtype: str | None = None  # pre-training; None: auto (bf16 where measured faster, see seekling.precision)
     distributed: str = "ddp"  # pre-training under torchrun: ddp, or fsdp (FSDP2) for models too big to replicate
     seed: int = 0
     # task data: pre-training sees worked solutions of several tasks (as a base model has seen math);
@@ -73,7 +73,7 @@ class SpeedrunPreset:
     distill_problems: int = 300
     distill_steps: int = 40
     # evaluation after every model stage
-    eval_n: int = 200
+    eval_n: int = 1000  # held-out problems per stage (x eval_k samples: about 20 s on 2 cores)
     eval_k: int = 4
     eval_batch_size: int = 512
 
@@ -127,7 +127,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         pretrain_batch_size=8, seq_len=64, pretrain_warmup=2, pretrain_checkpoints=4, sft_examples=64,
         sft_steps=6, sft_batch_size=8, sft_seq_len=96, grpo_steps=3, prompts_per_step=4, group_size=4,
         max_new_tokens=24, grpo_save_every=1, grpo_max_minutes=None, grpo_problems=200, distill_problems=16, distill_samples=2, distill_steps=6,
-        eval_n=12, eval_k=2, eval_batch_size=64),
+        eval_n=12, eval_k=2, eval_batch_size=64, dtype="fp32"),  # fp32 pinned: the golden file's numbers
     "gpu": SpeedrunPreset(
         name="gpu", about="one GPU: the `gpu` model (~1.2B total, ~0.24B active), longer stages",
         model="gpu", tokenizer_examples=20000, vocab_size=4096, pretrain_examples=100000,

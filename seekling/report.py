@@ -27,6 +27,7 @@ import torch
 
 from seekling import __version__
 from seekling.cost import CostLedger, cpu_model, format_count, format_dollars, format_hours, format_seconds
+from seekling.rl_health import health_mean, health_summary
 
 MODEL_STAGES = (("pretrain", "after pre-training"), ("sft", "after cold-start SFT"), ("grpo", "after GRPO"),
                 ("distill", "after distillation"))
@@ -258,6 +259,36 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+HEALTH_SIGNALS = (("entropy", "policy entropy (nats/token)"), ("clip_fraction", "clip fraction"),
+                  ("kl", "KL to the starting policy"), ("zero_variance_groups", "groups with equal rewards"),
+                  ("truncated", "truncated at the cap"), ("response_length", "mean length (tokens)"))
+
+
+def health_blocks(records: list[dict]) -> list[tuple]:
+    """The "GRPO health" section: the signals at the first and last step, and `seekling.rl_health`'s
+    warnings (none: a line that says so); nothing before GRPO has run."""
+    if not records:
+        return []
+    health = health_summary(records)
+    first, last = records[0], records[-1]
+    keys = list(HEALTH_SIGNALS) + [(k, f"reward `{k.split('/', 1)[1]}` (mean)") for k in last if k.startswith("reward/")]
+    shown = lambda r, k: f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
+    means = {k: health_mean(records, k) for k, _ in keys}  # skipped steps have no entropy, clip or KL
+    blocks: list[tuple] = [("h2", "GRPO health"),
+                           ("table", ["signal", f"step {first.get('step', 1)}", f"step {last.get('step', len(records))}",
+                                      "mean of the steps that have it"],
+                            [[label, shown(first, k), shown(last, k), shown(means, k)] for k, label in keys])]
+    trained = f"{health['trained_steps']} of {health['steps']} steps updated the model."
+    if not health["trained_steps"]:
+        trained = f"**Nothing was trained**: none of the {health['steps']} steps updated the model."
+    if health["warnings"]:
+        blocks.append(("p", trained + " Warnings:"))
+        blocks.append(("ul", [f"step {w['step']}, {w['signal']}: {w['message']}" for w in health["warnings"]]))
+    else:
+        blocks.append(("p", trained + " No warnings: no signal stayed bad (`seekling.rl_health`)."))
+    return blocks
+
+
 def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p"|"pre", text), ("table", header, rows), ("img", file, alt)."""
 
@@ -311,6 +342,8 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
                         f"at most {config['max_new_tokens']} new tokens). pass@1 is the mean correctness of the "
                         f"samples, cons@{k} grades the majority answer, format is the share of samples written as "
                         "`<think> ... </think> <answer> ... </answer>`."))
+
+    blocks += health_blocks(read_jsonl(run_dir / "grpo" / "metrics.jsonl"))
 
     blocks.append(("h2", "Cost per stage"))
     cost_rows = [[s.stage, f"{s.devices} x {s.device} ({s.dtype})", format_seconds(s.seconds),

@@ -54,6 +54,7 @@ from seekling.report import write_report
 from seekling.rundir import STATE_FILE, check_run_dir, new_state, read_state
 from seekling.sft import make_cold_start, train_sft
 from seekling.tasks import completion_text, make_mixture, make_problems, parse_difficulty, render_prompt_ids
+from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 from seekling.parallel import barrier, destroy_distributed, init_distributed
 from seekling.train_state import latest_checkpoint, list_checkpoints, read_trainer_state
@@ -155,7 +156,8 @@ def run_stage(ctx: Context, stage: Stage, tag: str) -> None:
         if "skipped" not in result:
             result["cost"] = {"seconds": result["seconds"], "tokens": int(result.get("tokens", 0)),
                               "flops": float(result.get("flops", 0.0)),
-                              **ledger_device(ctx, ctx.world_size if stage.all_ranks else 1)}
+                              **ledger_device(ctx, ctx.world_size if stage.all_ranks else 1),
+                              **({"dtype": result["dtype"]} if result.get("dtype") else {})}  # MFU at its peak
         ctx.state["stages"][stage.name] = result
         ctx.state["finished"].append(stage.name)
         ctx.save_state()
@@ -232,6 +234,7 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
     return {"tokens": summary["tokens"], "flops": summary["flops"], "steps_run": summary["steps_run"],
             "resumed_from": summary["resumed_from"], "final_loss": summary["final_loss"],
             "val_loss": summary["val_loss"], "tokens_per_s": summary["tokens_per_s"], "mfu": summary["mfu"],
+            "dtype": summary["dtype"],
             "summary": f"loss {summary['final_loss']:.3f}, val loss {summary['val_loss'] or float('nan'):.3f}, "
                        f"{summary['tokens']:,} tokens"}
 
@@ -297,10 +300,15 @@ def stage_grpo(ctx: Context) -> dict[str, Any]:
         flops += rows * length * per_token + 3 * trained * per_token
     last = summary["history"][-1] if summary["history"] else {}
     capped = summary["step"] < cfg.steps
+    health = summary["health"]
+    nothing = bool(health["steps"]) and not health["trained_steps"]
     return {"tokens": int(tokens), "flops": flops, "steps": summary["step"], "resumed_from_step": start_step,
             "time_capped": capped, "last_reward": last.get("reward"), "last_accuracy": last.get("accuracy"),
-            "summary": f"{summary['step']} steps, last reward {last.get('reward', float('nan')):.3f}, "
+            "trained_steps": health["trained_steps"], "health_warnings": len(health["warnings"]),
+            "summary": ("NOTHING TRAINED: no step updated the model; " if nothing else "")
+                       + f"{summary['step']} steps, last reward {last.get('reward', float('nan')):.3f}, "
                        f"train accuracy {last.get('accuracy', float('nan')):.2f}"
+                       + (f", {len(health['warnings'])} health warning(s)" if health["warnings"] else "")
                        + (f" (stopped by the {p.grpo_max_minutes} min cap)" if capped else "")}
 
 
@@ -379,7 +387,7 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
     run_dir = Path(out)
     info = init_distributed(device)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or (free_cores() if info.device.type == "cpu" else previous_threads))
+    choose_threads(threads, log=say if info.is_main else (lambda _: None))
     try:
         state = check_run_dir(run_dir, preset) if info.is_main else None
         if info.is_main:
@@ -410,13 +418,3 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         torch.set_num_threads(previous_threads)
         destroy_distributed(info)
 
-
-def free_cores() -> int:
-    """torch's thread count less the cores other programs keep busy (1-minute load average), at least 1.
-
-    On cores shared with other jobs, torch's spinning threads make a step several times slower than one
-    thread alone (measured 4x with 2 threads on a 2-core machine under load 4); on an idle machine this is
-    torch's default."""
-    cores = torch.get_num_threads()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))

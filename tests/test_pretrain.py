@@ -26,9 +26,9 @@ from seekling.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
-# tiny model, 4 x 32 tokens a step: ~15 ms a step on one thread
+# tiny model, 4 x 32 tokens a step: ~15 ms a step on one thread; fp32 pinned, as the runs are compared bitwise
 COMMON = dict(preset="tiny", steps=STEPS, batch_size=4, seq_len=32, warmup=4, lr=3e-3, eval_every=20,
-              eval_batches=2, save_every=4, keep_last=2, log_every=1000, seed=3, quiet=True)
+              eval_batches=2, save_every=4, keep_last=2, log_every=1000, seed=3, quiet=True, dtype="fp32")
 
 
 def cli_flags(**kw) -> list[str]:

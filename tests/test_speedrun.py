@@ -67,6 +67,13 @@ def test_smoke_preset_runs_every_stage_and_fills_the_report(smoke_run):
     # the environment and the cost table
     assert f"| torch / python | {torch.__version__}" in md
     assert "| torch threads / ranks | 1 / 1 |" in md
+    # GRPO's health: the signals of its first and last step, and what it concluded
+    assert "## GRPO health" in md and re.search(r"^\| groups with equal rewards \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$",
+                                                  md, re.M)
+    trained = sum(not r.get("skipped") for r in map(json.loads, (run_dir / "grpo" / "metrics.jsonl").open()))
+    assert (f"{trained} of 3 steps updated the model" if trained else "**Nothing was trained**") in md
+    if trained:  # KL to the start is measured at beta 0 on the steps that trained
+        assert re.search(r"^\| KL to the starting policy \| .* \| [0-9.]+ \|$", md, re.M)
     for stage in ("pretrain", "sft", "grpo", "eval_pretrain"):
         assert re.search(rf"^\| {stage} \| 1 x cpu \(fp32\) \|", md, re.M)
 

@@ -3,6 +3,7 @@ generation is deterministic, and the train and test splits never share a problem
 
 import ast
 import operator
+import random
 import re
 from collections import Counter
 from fractions import Fraction
@@ -218,3 +219,42 @@ def test_one_renderer_for_problems_texts_and_conversations():
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     with pytest.raises(ConfigError, match="unknown prompt template 'alpaca'"):
         render_prompt_ids(tok, p, "alpaca")
+
+
+def _digits(problem) -> int:
+    return sum(len(x) for x in re.findall(r"\d+", problem.prompt.split("is", 1)[1]))
+
+
+def _arithmetic_bin(problem) -> str:
+    """A difficulty bin: the operator and the operands' digits together (the rare 1-digit pairs pooled)."""
+    operator = re.search(r"[-+*]", problem.prompt.split("is", 1)[1]).group()
+    return f"{operator}{_digits(problem)}" if _digits(problem) > 2 else "small"
+
+
+def _chi_square(sample, population, bin_of) -> tuple[float, int]:
+    """Pearson's statistic of `sample`'s bin counts against its share of `population`'s, and the df."""
+    counts, expected = Counter(map(bin_of, sample)), Counter(map(bin_of, population))
+    share = len(sample) / len(population)
+    return sum((counts[b] - share * e) ** 2 / (share * e) for b, e in expected.items()), len(expected) - 1
+
+
+CHI2_999 = {6: 22.46, 7: 24.32, 8: 26.12}  # the chi-square distribution's 99.9% points
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_any_n_held_out_problems_follow_one_difficulty_distribution(seed):
+    """The first 200 test problems are a sample of the first 1,000, not their easy end (a score must not
+    depend on how many problems were asked for); the rejection order itself fails the same test."""
+    from seekling.tasks import UNIQUE_POOL, _draw, get_task
+
+    first_1000 = make_problems("arithmetic", "test", 1000, seed)
+    assert [p.id for p in make_problems("arithmetic", "test", 200, seed)] == [p.id for p in first_1000[:200]]
+    assert len({p.id for p in first_1000}) == 1000 and UNIQUE_POOL >= 1000
+    stat, df = _chi_square(first_1000[:200], first_1000, _arithmetic_bin)
+    assert stat < CHI2_999[df], f"first 200 differ from the first 1000: chi2 {stat:.1f} on {df} df"
+    mean_digits = lambda ps: sum(map(_digits, ps)) / len(ps)  # noqa: E731
+    assert abs(mean_digits(first_1000[:200]) - mean_digits(first_1000)) < 0.15
+    spec = get_task("arithmetic")  # the draw before the shuffle: its first 200 are the easy end
+    raw = _draw(spec, "test", random.Random(f"arithmetic/test/{seed}"), 1000, set(), **spec.defaults)
+    assert {p.id for p in raw} == {p.id for p in first_1000}
+    assert _chi_square(raw[:200], raw, _arithmetic_bin)[0] > CHI2_999[df]

@@ -60,3 +60,11 @@ def from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """`config` built from the parsed flags named like its fields, then `overrides`."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
     return config(**{**values, **overrides})
+
+
+def add_threads(parser: argparse.ArgumentParser | Any) -> argparse.Action:
+    """The --threads flag every command shares; the command passes its value to
+    `seekling.threads.choose_threads`."""
+    return parser.add_argument("--threads", type=int, default=0, metavar="N",
+                               help="torch CPU threads (0: measured by a short probe of the free cores, "
+                                    "see seekling.threads)")

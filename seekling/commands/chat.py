@@ -28,6 +28,7 @@ from seekling.generate import SamplingParams
 from seekling.serving import Engine, Job, ReasoningSplitter, load_for_serving
 from seekling.tasks import render_prompt_ids
 from seekling.tokenizer import THINK_CLOSE
+from seekling.threads import choose_threads
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset, /temp VALUE, /max TOKENS, /quit"
@@ -125,6 +126,7 @@ class ChatSession:
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    choose_threads(args.threads)
     model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop_token_ids=(tokenizer.eos_id,), seed=args.seed)

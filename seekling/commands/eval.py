@@ -16,13 +16,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, add_threads, from_args
 from seekling.errors import ConfigError
 from seekling.evaluate import EvalSettings, evaluate, format_table, known_tasks
 from seekling.tasks import TEMPLATES, parse_difficulty
+from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 
 SETTINGS = (EvalSettings,)
@@ -45,12 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, EvalSettings, "seed")
     parser.add_argument("--keep-samples", type=int, default=3, help="problems per task whose completions go in the JSON")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     tasks = [t for t in args.tasks.split(",") if t]
     paths = {}
     for spec in args.path:

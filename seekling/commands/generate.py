@@ -20,10 +20,12 @@ import sys
 
 import torch
 
+from seekling.commands import add_threads
 from seekling.errors import SeeklingError
 from seekling.generate import SamplingParams, generate
 from seekling.serving import load_for_serving, split_reasoning
 from seekling.tasks import render_prompt_ids
+from seekling.threads import choose_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,6 +46,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random seed; with several --prompt, prompt i uses seed + i (default: unseeded)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights dtype (default: %(default)s)")
+    add_threads(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    choose_threads(args.threads)
     texts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     model, tokenizer, _ = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
     prompts = [render_prompt_ids(tokenizer, t, "raw" if args.raw else "chat", args.system) for t in texts]

@@ -5,8 +5,11 @@ rule-based rewards (--reward NAME=WEIGHT, a registered name or your own `module:
 takes --mu optimiser steps on the clipped surrogate with group-relative advantages. Problems come
 from the train split of the built-in tasks (--tasks) or from a JSONL file (--data, one
 {"prompt", "answer", ["task", "meta"]} a line). Checkpoints in OUT/checkpoints, a JSON line of
-metrics per step in OUT/metrics.jsonl (reward components, accuracy, format rate, lengths, KL, clip
-fraction, entropy, tokens/s), the final model in OUT/final. --resume continues exactly. Examples:
+metrics per step in OUT/metrics.jsonl (reward components, accuracy, format rate, lengths, truncation,
+groups with equal rewards, KL to the starting model even at --beta 0, clip fraction, entropy,
+tokens/s), the final model in OUT/final. A signal that stays bad (nothing to learn, entropy collapse,
+lengths at the cap, a gamed format reward, a failing reward) is warned about (seekling.rl_health); a
+run in which no step updated the model exits with status 1. --resume continues exactly. Examples:
 
     seekling grpo --init-from runs/sft/final --tasks countdown --steps 50 --out runs/grpo
     seekling grpo --init-from runs/sft/final --tasks arithmetic --beta 0.001 --eps-high 0.2 \\
@@ -19,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, add_threads, from_args
 from seekling.data import read_problems
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
 from seekling.tasks import TEMPLATES, make_mixture, parse_difficulty
+from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 
 SETTINGS = (GRPOConfig,)
@@ -73,12 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "weight_decay", "grad_clip", "steps")
     g.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
     add(g, "save_every", "max_bad_steps", "seed")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads(g)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     cfg = from_args(GRPOConfig, args, rewards=dict(args.rewards))
     cfg.validate()  # G < 2, unknown rewards and friends fail before any loading
     combine_rewards(cfg.rewards)
@@ -92,8 +93,15 @@ def run(args: argparse.Namespace) -> int:
     summary = train_grpo(model, Tokenizer.load(tokenizer_dir), problems, cfg, args.out, tokenizer_dir=tokenizer_dir,
                          resume=args.resume, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     last = summary["history"][-1] if summary["history"] else {}
+    health = summary["health"]
+    if health["steps"] and not health["trained_steps"]:
+        print(f"GRPO trained nothing: none of the {health['steps']} steps updated the model (see the warnings "
+              f"above); {summary['final']} holds the starting weights")
+        return 1
     print(f"step {summary['step']} in {summary['seconds']:.0f}s: reward {last.get('reward', float('nan')):.3f}, "
           f"accuracy {last.get('accuracy', float('nan')):.3f}; final model in {summary['final']}")
     if summary["reward_failures"]:
         print(f"warning: {summary['reward_failures']} reward evaluations failed and scored 0")
+    if health["warnings"]:
+        print(f"{len(health['warnings'])} health warning(s) during the run (above; signals in metrics.jsonl)")
     return 0

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-from seekling.commands import add_setting
+from seekling.commands import add_setting, add_threads
 from seekling.config import PRESETS
 from seekling.pretrain import DISTRIBUTED, DTYPES, PretrainArgs, pretrain
+from seekling.threads import choose_threads
 from seekling.training import SCHEDULES
 
 SETTINGS = (PretrainArgs,)
@@ -59,11 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(run, "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "quiet")
     hw = parser.add_argument_group("hardware")
     add(hw, "device")
+    add_threads(hw)
     add(hw, "dtype", choices=DTYPES)
     add(hw, "compile")
     add(hw, "distributed", choices=DISTRIBUTED)
 
 
 def run(args: argparse.Namespace) -> int:
+    choose_threads(args.threads)
     pretrain(args)
     return 0

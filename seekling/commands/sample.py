@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, add_threads, from_args
 from seekling.distill import (SampleSettings, format_keep_stats, load_problems, load_teacher, rejection_sample,
                               stats_path_for)
 from seekling.errors import ConfigError
 from seekling.tasks import TEMPLATES, Problem, parse_difficulty
+from seekling.threads import choose_threads
 
 SETTINGS = (SampleSettings,)
 
@@ -49,7 +48,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, SampleSettings, name)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing samples file instead of resuming it")
     parser.add_argument("--device", default="cpu", help="device for the models (cpu, cuda)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_and_problems(args: argparse.Namespace) -> tuple[SampleSettings, list[Problem]]:
     """The sampling settings (checked) and the problems to sample, from the flags `seekling distill` shares."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     settings = from_args(SampleSettings, args)
     settings.validate()
     tasks = [t for t in args.tasks.split(",") if t]

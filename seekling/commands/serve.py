@@ -20,11 +20,11 @@ import ipaddress
 import os
 import sys
 
-import torch
-
+from seekling.commands import add_threads
 from seekling.commands.generate import DTYPES
 from seekling.errors import SeeklingError
 from seekling.serving import Engine, load_for_serving
+from seekling.threads import choose_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a slot; more get 429 (default: %(default)s)")
     engine.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights dtype (default: %(default)s)")
-    engine.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice; 1 is often fastest for small "
-                             "models on a busy machine)")
+    add_threads(engine)
     limits = parser.add_argument_group("limits per request")
     limits.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longest prompt in tokens (default: the model's context minus one)")
@@ -69,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise SeeklingError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.max_queue < 0:
         raise SeeklingError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
     name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model_dir)))
     engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue)

@@ -18,10 +18,11 @@ import argparse
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, add_threads, from_args
 from seekling.errors import ConfigError
 from seekling.sft import SFTConfig, make_cold_start, train_sft
 from seekling.tasks import parse_difficulty
+from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 from seekling.training import SCHEDULES
 
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, SFTConfig, name)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
     add_setting(parser, SFTConfig, "seed")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads(parser)
     cold = parser.add_argument_group("cold-start data")
     cold.add_argument("--make-cold-start", action="store_true",
                       help="write R1-format SFT data from the reasoning tasks to --out and exit")
@@ -64,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None or args.init_from is None:
         raise ConfigError("training needs --data FILE.jsonl and --init-from MODEL_DIR (or use --make-cold-start)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     cfg = from_args(SFTConfig, args)
     model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer)
     torch.manual_seed(args.seed)

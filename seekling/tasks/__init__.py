@@ -5,8 +5,9 @@
     linear       Solve for x: 3x+5=20.               3x=20-5=15. x=15/3=5
     wordproblem  Ana buys 3 pens for 4 dollars ...   3*4=12. 12+12=24
 
-`make_problems(task, split, n, seed, **difficulty)` is deterministic in its arguments, and its first
-n problems do not depend on n. The train and test splits are disjoint by construction (see
+`make_problems(task, split, n, seed, **difficulty)` is deterministic in its arguments, its first
+n problems do not depend on n, and any n of them follow the same difficulty distribution (the unique
+test draw comes in shuffled pools: see `make_problems`). The train and test splits are disjoint by construction (see
 `base.split_of`). Prompts are kept short: these train models of a few million parameters with
 sequences of about 256 tokens.
 
@@ -15,6 +16,7 @@ Try: `python -c "from seekling.tasks import *; p = make_problems('arithmetic', '
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -55,7 +57,13 @@ def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | N
     """`n` problems of `task` from `split` ('train' or 'test'), drawn by rejection: a candidate is
     kept only if its canonical key belongs to the split. `unique` drops repeated problems (default:
     on for 'test', so an evaluation never counts a problem twice; off for 'train', where small
-    difficulty settings have fewer distinct problems than one wants examples)."""
+    difficulty settings have fewer distinct problems than one wants examples).
+
+    Draws with repeats are independent, so any n of them follow the task's distribution. Unique draws
+    are not: the few distinct small problems come early and run out, so the later ones are harder
+    (the first 200 of a test split scored 29.5% where its first 1,000 scored 18.9%). They are taken
+    in pools of `UNIQUE_POOL` problems, each shuffled with its own seed (`unique_pools`): any n up to
+    UNIQUE_POOL is a uniform sample of the first pool, whatever n is; beyond it, the next pools."""
     spec = get_task(task)
     check_choice(split, SPLITS, "split")
     unknown = set(difficulty) - set(spec.defaults)
@@ -64,24 +72,57 @@ def make_problems(task: str, split: str, n: int, seed: int = 0, unique: bool | N
                           f"valid: {', '.join(f'{k}={v}' for k, v in spec.defaults.items())}")
     settings = {**spec.defaults, **difficulty}
     unique = split == "test" if unique is None else unique
-    # Seeding with a string is stable across processes (random hashes it with sha512).
-    rng = random.Random(f"{task}/{split}/{seed}")
+    if unique:
+        problems = unique_pools(task, split, seed, settings, n)
+    else:
+        problems = _draw(spec, split, random.Random(f"{task}/{split}/{seed}"), n, None, **settings)
+    if len(problems) >= n:
+        return problems[:n]
+    raise ConfigError(f"{task}: found only {len(problems)} of {n} {'distinct ' if unique else ''}{split} "
+                      f"problems with {settings}; make the task harder or ask for fewer")
+
+
+def _draw(spec: Task, split: str, rng: random.Random, n: int, seen: set[str] | None, **settings: Any) -> list[Problem]:
+    """Up to `n` problems of `split` from `rng` (fewer when `MAX_REJECTS_IN_A_ROW` draws in a row are
+    rejected); with `seen`, only keys not in it, which are added to it."""
     problems: list[Problem] = []
-    seen: set[str] = set()
     rejects = 0
     while len(problems) < n and rejects < MAX_REJECTS_IN_A_ROW:
         problem = spec.generate(rng, **settings)
         key = problem.meta["key"]
-        if split_of(task, key) != split or (unique and key in seen):
+        if split_of(spec.name, key) != split or (seen is not None and key in seen):
             rejects += 1
             continue
         rejects = 0
-        seen.add(key)
+        if seen is not None:
+            seen.add(key)
         problems.append(problem)
-    if len(problems) == n:
-        return problems
-    raise ConfigError(f"{task}: found only {len(problems)} of {n} {'distinct ' if unique else ''}{split} "
-                      f"problems with {settings}; make the task harder or ask for fewer")
+    return problems
+
+
+# Unique problems come in shuffled pools of this many: the speedrun evaluates 1,000 problems, and any n
+# up to this is a uniform sample of one pool.
+UNIQUE_POOL = 1_000
+_POOLS: dict[tuple, dict[str, Any]] = {}  # (task, split, seed, settings) -> draw state, the most recent few
+
+
+def unique_pools(task: str, split: str, seed: int, settings: dict[str, Any], n: int) -> list[Problem]:
+    """At least `n` distinct problems (fewer if the split runs out): pool k is the next `UNIQUE_POOL`
+    distinct problems of the seeded rejection draw, shuffled by its own seed. Pools are kept for the
+    process (the first one takes a few seconds), and each call gets its own copies."""
+    spec = get_task(task)
+    key = (task, split, seed, tuple(sorted(settings.items())))
+    state = _POOLS.pop(key, None) or {"rng": random.Random(f"{task}/{split}/{seed}"), "seen": set(), "problems": [],
+                                      "exhausted": False}
+    _POOLS[key] = state  # most recently used last
+    while len(_POOLS) > 16:
+        _POOLS.pop(next(iter(_POOLS)))
+    while len(state["problems"]) < n and not state["exhausted"]:
+        pool = _draw(spec, split, state["rng"], UNIQUE_POOL, state["seen"], **settings)
+        state["exhausted"] = len(pool) < UNIQUE_POOL
+        random.Random(f"{task}/{split}/{seed}/pool{len(state['problems']) // UNIQUE_POOL}").shuffle(pool)
+        state["problems"] += pool
+    return [dataclasses.replace(p, meta=dict(p.meta)) for p in state["problems"][:n]]
 
 
 def make_mixture(tasks: list[str], split: str, n_per_task: int, seed: int = 0,

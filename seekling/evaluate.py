@@ -5,7 +5,7 @@ each is graded by the task's verifier (`seekling.rewards.grade`). Per task this 
 
     pass@1        mean over problems of the share of the k samples that are correct (R1's pass@1)
     pass@k        the unbiased estimator of Chen et al. 2021 from the same k samples (= any correct)
-    cons@k        correctness of the majority-vote answer among the k samples
+    cons@k        correctness of the majority-vote answer among the k samples (as the verifier read them)
     format        share of completions that are exactly `<think> ... </think> <answer> ... </answer>`
     mean_length   mean completion length in tokens (the closing end-of-text included)
 
@@ -27,8 +27,8 @@ from seekling.config import setting
 from seekling.errors import ConfigError
 from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
-from seekling.metrics import majority_answer, pass_at_1_mean, pass_at_k_mean
-from seekling.rewards import extract_answer, format_reward, grade
+from seekling.metrics import consensus_correct, pass_at_1_mean, pass_at_k_mean
+from seekling.rewards import format_reward, grade, graded_answer
 from seekling.tasks import TASKS, Problem, check_template, make_problems, render_prompt_ids
 
 GenerateFn = Callable[[Any, list[list[int]], SamplingParams], list[Completion]]
@@ -76,8 +76,9 @@ def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[
                lengths_PK: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Metrics of one task from k completion texts per problem (pure: no model involved).
 
-    cons@k grades the majority answer (answers normalised so "5.0" and "5" vote together) with the
-    task's own verifier, by wrapping it as `<answer> ... </answer>`.
+    cons@k votes over the answers the task's verifier read (`graded_answer`; normalised so "5.0" and
+    "5" vote together) and takes that verifier's verdict on the winning group's first sample, so it
+    grades exactly what pass@k grades and cons@k <= pass@k.
     """
     if len(problems) != len(completions_PK) or not problems:
         raise ConfigError(f"{task}: {len(problems)} problems but {len(completions_PK)} rows of completions")
@@ -85,10 +86,8 @@ def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[
     if k == 0 or any(len(row) != k for row in completions_PK):
         raise ConfigError(f"{task}: every problem needs the same number k >= 1 of completions")
     correct_PK = [[grade(task, c, p) for c in row] for p, row in zip(problems, completions_PK)]
-    consensus = []
-    for p, row in zip(problems, completions_PK):
-        winner = majority_answer([extract_answer(c) for c in row])
-        consensus.append(winner is not None and grade(task, f"<answer> {winner} </answer>", p))
+    consensus = [consensus_correct([graded_answer(task, c) for c in row], correct)
+                 for row, correct in zip(completions_PK, correct_PK)]
     flat = [c for row in completions_PK for c in row]
     out = {
         "n": len(problems), "k": k,

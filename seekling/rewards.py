@@ -481,3 +481,14 @@ def grade(task_name: str, completion: str, problem: Any) -> bool:
         answer, meta = str(problem.answer), problem.meta or {}
     verifier = GRADERS.get(task_name, accuracy_reward)
     return verifier(completion, answer, **meta) == 1.0
+
+
+def graded_answer(task_name: str, completion: str) -> str | None:
+    """The answer the task's verifier reads from `completion`, or None (what majority voting counts).
+
+    The number-comparing tasks read `extract_answer` in every mode; countdown and the math sets read
+    only a tagged answer (`<answer>` or `\\boxed{}`), so a stray number in an untagged completion
+    never votes for an answer the verifier would not accept."""
+    if GRADERS.get(task_name, accuracy_reward) is accuracy_reward:
+        return extract_answer(completion)
+    return extract_answer(completion, "answer") or extract_answer(completion, "boxed")

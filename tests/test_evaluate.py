@@ -11,7 +11,9 @@ from seekling.errors import ConfigError
 from seekling.evaluate import evaluate, format_table, score_task
 from seekling.generate import Completion
 from seekling.model import Transformer
-from seekling.tasks import make_problems
+from seekling.tasks import Problem, make_problems
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +40,41 @@ def test_score_task_hand_computed():
     assert m["format"] == pytest.approx(10 / 12)  # the untagged and the unclosed ones fail
     assert m["mean_length"] == 2.5
     assert m["correct"][0] == [True, True, True, False]
+
+
+def test_cons_at_k_votes_over_what_the_verifier_grades():
+    """math500/9: gold 4. Two badly formatted completions hold a "#### 4" that the math verifier does
+    not accept (it reads the last formula, 5); they must not vote 4 in: cons@4 above pass@4 was the bug."""
+    problem = Problem(id="math500/9", task="math500", prompt="How many values?", answer="4", solution="")
+    untagged = "<think> count them </think> #### 4\n so $5$"
+    completions = [[untagged, untagged, "<think> a </think> <answer> 3 </answer>",
+                    "<think> b </think> <answer> 7 </answer>"]]
+    m = score_task("math500", [problem], completions)
+    assert m["correct"] == [[False, False, False, False]]
+    assert m["pass@4"] == 0.0 and m["cons@4"] == 0.0
+    # the same answer inside <answer> tags is graded correct, so it votes and wins
+    m = score_task("math500", [problem], [[completions[0][2], "<answer> 4 </answer>", "<answer> 4 </answer>"]])
+    assert m["cons@3"] == 1.0 and m["pass@3"] == 1.0
+
+
+_ANSWERS = st.sampled_from(["3", "4", "4.0", "$4$", "\\frac{8}{2}", "5", "x"])
+_COMPLETION = st.one_of(
+    _ANSWERS.map(lambda a: f"<think> t </think> <answer> {a} </answer>"),
+    _ANSWERS.map(lambda a: f"<think> t </think> \\boxed{{{a}}}"),
+    st.tuples(_ANSWERS, _ANSWERS).map(lambda ab: f"#### {ab[0]}\n then ${ab[1]}$"),
+    _ANSWERS.map(lambda a: f"so it is {a} or so"),
+    _ANSWERS.map(lambda a: f"<answer> {a}"),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(task=st.sampled_from(["math500", "arithmetic", "gsm8k"]), rows=st.lists(st.lists(_COMPLETION, min_size=3, max_size=3),
+                                                                             min_size=1, max_size=3))
+def test_cons_at_k_never_exceeds_pass_at_k(task, rows):
+    problems = [Problem(id=f"p{i}", task=task, prompt="q", answer="4", solution="") for i in range(len(rows))]
+    m = score_task(task, problems, rows)
+    assert m["cons@3"] <= m["pass@3"] + 1e-12
+    assert m["pass@1"] <= m["pass@3"] + 1e-12
 
 
 def test_score_task_rejects_ragged_rows():

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if not file:
             raise ConfigError(f"--path {spec!r}: expected TASK=FILE, e.g. gsm8k=data/gsm8k.jsonl")
         paths[task] = file
-    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.model, args.tokenizer)
+    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.model, args.tokenizer, say=print)
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = load_pretrained(model_dir)
     result = evaluate(model, tokenizer, tasks, n=args.n or None, **dataclasses.asdict(from_args(EvalSettings, args)),

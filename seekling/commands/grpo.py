@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_args(GRPOConfig, args, rewards=dict(args.rewards))
     cfg.validate()  # G < 2, unknown rewards and friends fail before any loading
     combine_rewards(cfg.rewards)
-    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer)
+    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer, say=print)
     if args.data:
         problems = read_problems(args.data)
     else:

@@ -298,8 +298,8 @@ def choose_model_dir(path: str | os.PathLike) -> tuple[str, str]:
         stage, score, scores = best
         others = ", ".join(f"{s} {100 * v:.1f}%" for s, v in scores.items() if s != stage)
         return (os.path.join(path, stage, "final"),
-                f"the {stage} stage, best held-out pass@1 of this run's evaluations: {100 * score:.1f}%"
-                + (f" (also evaluated: {others})" if others else "") + f"; pass {stage}/final to choose another")
+                f"{stage}: the best held-out pass@1 of this run, {100 * score:.1f}%"
+                + (f"; also evaluated: {others}" if others else "") + "; give STAGE/final for another")
     candidates = []
     for root, dirs, _ in os.walk(path):
         depth = os.path.relpath(root, path).count(os.sep) + (root != path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from seekling.config import setting
+from seekling.data import read_problems
 from seekling.errors import ConfigError
 from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
@@ -60,8 +61,10 @@ def known_tasks() -> list[str]:
 
 def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None = None,
                        difficulty: dict[str, Any] | None = None) -> list[Problem]:
-    """`n` held-out problems of `task`: the test split of a synthetic task or a published set."""
-    if task in TASKS:
+    """`n` held-out problems of `task`: the test split of a synthetic task, a published set, or (any
+    other name with a `path`) a JSONL of `{prompt, answer, [task, meta]}` rows, the file `grpo --data`
+    and `sample` read, each row graded as GRPO grades it (by its own `task`'s verifier, else by number)."""
+    if task in TASKS and path is None:
         if n is None:
             raise ConfigError(f"{task}: give the number of problems (synthetic tasks have no fixed size)")
         return make_problems(task, "test", n, seed, **(difficulty or {}))
@@ -69,7 +72,12 @@ def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None
         if difficulty:
             raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks")
         return load_evalset(task, path=path, limit=n)
-    raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}")
+    if path is not None:
+        if difficulty:
+            raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks, not to {path}")
+        return read_problems(path)[:n]
+    raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}, or any name "
+                      f"with a JSONL of {{prompt, answer}} rows (seekling eval --path {task}=FILE)")
 
 
 def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[Sequence[str]],
@@ -85,9 +93,11 @@ def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[
     k = len(completions_PK[0])
     if k == 0 or any(len(row) != k for row in completions_PK):
         raise ConfigError(f"{task}: every problem needs the same number k >= 1 of completions")
-    correct_PK = [[grade(task, c, p) for c in row] for p, row in zip(problems, completions_PK)]
-    consensus = [consensus_correct([graded_answer(task, c) for c in row], correct)
-                 for row, correct in zip(completions_PK, correct_PK)]
+    # each problem is graded by its own task's verifier (a file may mix tasks), as GRPO's reward does
+    verifiers = [p.task or task for p in problems]
+    correct_PK = [[grade(v, c, p) for c in row] for v, p, row in zip(verifiers, problems, completions_PK)]
+    consensus = [consensus_correct([graded_answer(v, c) for c in row], correct)
+                 for v, row, correct in zip(verifiers, completions_PK, correct_PK)]
     flat = [c for row in completions_PK for c in row]
     out = {
         "n": len(problems), "k": k,
@@ -163,7 +173,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], n: int | None = 100, k: int
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    keys = ["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]
+    keys = list(dict.fromkeys(["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]))
     mean = {key: sum(r[key] for r in results.values()) / len(results) for key in keys}
     return {"settings": vars(settings), "tasks": results, "mean": mean}
 
@@ -171,7 +181,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], n: int | None = 100, k: int
 def format_table(result: dict[str, Any]) -> str:
     """The per-task metrics as a fixed-width text table (percentages, lengths in tokens)."""
     k = result["settings"]["k"]
-    columns = ["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]
+    columns = list(dict.fromkeys(["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]))  # k = 1: one pass@1
     header = f"{'task':<12} {'n':>5} " + " ".join(f"{c:>11}" for c in columns)
     lines = [header, "-" * len(header)]
     rows = list(result["tasks"].items()) + ([("mean", {"n": "", **result["mean"]})] if len(result["tasks"]) > 1 else [])

@@ -144,3 +144,51 @@ def test_published_set_from_any_path(tmp_path, tokenizer):
     result = evaluate(object(), tokenizer, ["gsm8k"], n=None, k=2, paths={"gsm8k": str(path)},
                       generate_fn=fake_generate)
     assert result["tasks"]["gsm8k"]["pass@1"] == 1.0 and result["tasks"]["gsm8k"]["n"] == 1
+
+
+def test_any_task_name_with_a_prompt_answer_file_is_graded_as_grpo_grades_it(tmp_path, tokenizer):
+    """`--tasks mysum --path mysum=FILE`: the {prompt, answer} rows `grpo --data` takes; a row naming
+    its own task is graded by that task's verifier (countdown checks the expression), others by number."""
+    path = tmp_path / "mysum.jsonl"
+    rows = [{"prompt": "What is 2+3?", "answer": "5"}, {"prompt": "What is 4+4?", "answer": "8"},
+            {"prompt": "Use 3, 8 to make 24.", "answer": "24", "task": "countdown", "meta": {"numbers": [3, 8]}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    replies = {"What is 2+3?": "5", "What is 4+4?": "9", "Use 3, 8 to make 24.": "3*8"}
+    by_prompt = {tuple(tokenizer.render_prompt([{"role": "user", "content": q}])): a for q, a in replies.items()}
+
+    def fake_generate(model, prompts, params):
+        return [Completion(tokenizer.encode(f"<think> t </think> <answer> {by_prompt[tuple(ids)]} </answer>"), [], "stop")
+                for ids in prompts]
+
+    result = evaluate(object(), tokenizer, ["mysum"], n=None, k=2, paths={"mysum": str(path)},
+                      generate_fn=fake_generate, keep_samples=3)
+    m = result["tasks"]["mysum"]
+    assert m["n"] == 3 and m["pass@1"] == pytest.approx(2 / 3)  # 5 right, 9 wrong, 3*8 = 24 with 3 and 8
+    assert [s["correct"] for s in m["samples"]] == [[True, True], [False, False], [True, True]]
+    with pytest.raises(ConfigError, match="--path mysum=FILE"):
+        evaluate(object(), tokenizer, ["mysum"], n=None, k=1, generate_fn=fake_generate)
+
+
+def test_eval_command_on_a_speedrun_directory(tmp_path, tokenizer, capsys):
+    """`seekling eval RUN_DIR` finds the run's best stage and its tokenizer, and evaluates the task
+    the run trained on unless --tasks says otherwise; other tasks come from {prompt, answer} files."""
+    from seekling.checkpoint import save_pretrained
+    from seekling.cli import main
+
+    run = tmp_path / "speedrun-cpu"
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size))
+    for stage, score in (("sft", 0.1), ("grpo", 0.3)):
+        save_pretrained(model, str(run / stage / "final"))
+        (run / "eval").mkdir(exist_ok=True)
+        (run / "eval" / f"{stage}.json").write_text(json.dumps({"mean": {"pass@1": score}}))
+    tokenizer.save(run / "tokenizer")
+    (run / "state.json").write_text(json.dumps({"format": "seekling-speedrun-v1", "config": {"rl_task": "linear"},
+                                                "finished": ["eval_sft", "eval_grpo"]}))
+    fast = ["--n", "2", "--k", "1", "--max-new-tokens", "2"]
+    assert main(["eval", str(run), *fast]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {run / 'grpo' / 'final'}" in out and "30.0%" in out
+    assert "tasks: linear" in out and "\nlinear " in out and "countdown" not in out
+    (tmp_path / "mysum.jsonl").write_text(json.dumps({"prompt": "What is 2+3?", "answer": "5"}) + "\n")
+    assert main(["eval", str(run), "--tasks", "mysum", "--path", f"mysum={tmp_path / 'mysum.jsonl'}", *fast]) == 0
+    assert "\nmysum " in capsys.readouterr().out

@@ -17,6 +17,7 @@ from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, cl
                            kl_to_reference, pad_rollouts, seq_mean_token_mean,
                            seq_sum_constant, token_logprobs, token_mean, train_grpo)
 from seekling.model import Transformer
+from seekling.rewards import RewardError
 from seekling.data import read_problems
 from seekling.tasks import make_problems, render_prompt_ids
 from seekling.train_state import list_checkpoints
@@ -228,7 +229,10 @@ def user_rewards(tmp_path, monkeypatch):
         "def constant(completion, answer, **meta):\n    return 1.0\n"
         "def distinct(completion, answer, **meta):\n    return float(len(set(completion)) % 3)\n"
         "def broken(completion, answer, **meta):\n    raise RuntimeError('boom')\n"
-        "def not_a_number(completion, answer, **meta):\n    return 'high'\n")
+        "def not_a_number(completion, answer, **meta):\n    return 'high'\n"
+        "calls = 0\n"
+        "def flaky(completion, answer, **meta):\n    global calls\n    calls += 1\n"
+        "    if calls == 1:\n        raise RuntimeError('once')\n    return True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
@@ -248,13 +252,23 @@ def test_dynamic_sampling_drops_all_equal_groups(tmp_path, tokenizer):
 
 
 def test_failing_user_rewards_score_zero_and_are_counted(tmp_path, tokenizer):
-    cfg = small_cfg(steps=1, rewards={"tests_grpo_rewards:broken": 1.0, "tests_grpo_rewards:not_a_number": 1.0,
-                                      "tests_grpo_rewards:by_length": 1.0})
+    cfg = small_cfg(steps=1, rewards={"tests_grpo_rewards:flaky": 1.0, "tests_grpo_rewards:by_length": 1.0})
     summary = train_grpo(tiny(tokenizer), tokenizer, make_problems("arithmetic", "train", 4, 0), cfg,
                          tmp_path / "r", log=lambda s: None)
-    assert summary["reward_failures"] == 2 * 2 * 4  # two bad rewards x P*G samples
+    assert summary["reward_failures"] == 1  # the first sample; the other P*G - 1 returned True
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["reward/tests_grpo_rewards:broken"] == 0.0 and record["reward_failures"] == 16
+    n = cfg.prompts_per_step * cfg.group_size
+    assert record["reward/tests_grpo_rewards:flaky"] == pytest.approx((n - 1) / n) and record["reward_failures"] == 1
+
+
+@pytest.mark.parametrize("broken", ["broken", "not_a_number"])
+def test_a_reward_failing_on_every_sample_stops_the_run(tmp_path, tokenizer, broken):
+    """Not `reward 0.000, groups_kept 0` as if it had trained: a clear error naming the reward."""
+    cfg = small_cfg(steps=2, rewards={"correct": 1.0, f"tests_grpo_rewards:{broken}": 1.0})
+    with pytest.raises(RewardError, match=f"tests_grpo_rewards:{broken}' failed on all"):
+        train_grpo(tiny(tokenizer), tokenizer, make_problems("arithmetic", "train", 4, 0), cfg,
+                   tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r" / "final").exists()
 
 
 def test_resume_equals_uninterrupted(tmp_path, tokenizer):

@@ -13,6 +13,19 @@ fraction, entropy, tokens/s), the final model in OUT/final. --resume continues e
         --loss seq_sum_constant --no-scale-std --out runs/drgrpo
     seekling grpo --init-from base --data problems.jsonl --template r1zero --reward correct=1 format=0.5 \\
         my_rewards:brevity=0.1 --out runs/r1zero
+
+Rewards: the registered ones are accuracy, correct, countdown, format, math and overlong
+(seekling/rewards.py). Your own is a function in a module on sys.path or in the current directory,
+given as MODULE:FUNCTION=WEIGHT; it takes the completion text, the problem's answer and its meta
+(task, the problem's meta fields, length) and returns a number or a bool. In ./my_rewards.py:
+
+    def exact(completion: str, answer: str, **meta) -> bool:
+        return completion.strip().endswith(f"<answer> {answer} </answer>")
+
+    seekling grpo --init-from runs/sft --tasks arithmetic --reward correct=1 my_rewards:exact=0.5 --out runs/g
+
+A sample whose reward raises or returns a non-number scores 0 (counted and reported); a reward that
+fails on every sample of a step stops the run.
 """
 
 from __future__ import annotations

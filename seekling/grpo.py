@@ -83,13 +83,15 @@ class GRPOConfig:
     steps: int = setting(100, "GRPO steps")
     seed: int = setting(0, "seed for problems and sampling")
     save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
+    log_every: int = setting(10, "print a line of reward, accuracy, format rate and length every N steps")
     max_bad_steps: int = setting(3, "stop after this many non-finite losses in a row")
 
     def validate(self) -> None:
         if self.group_size < 2:
             raise ConfigError(f"group_size (G) must be >= 2: a group of {self.group_size} has no relative "
                               "advantage (every reward minus its own mean is 0)")
-        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps"):
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps",
+                     "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.refill_rounds < 0:
@@ -589,6 +591,10 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             run.bar.update(1)
             run.bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                                 len=f"{record['response_length']:.0f}")
+            if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:  # also where no bar shows
+                log(f"grpo step {step}/{cfg.steps} | reward {record['reward']:.3f} | accuracy {record['accuracy']:.2f} "
+                    f"| format {record['format']:.2f} | length {record['response_length']:.0f} | groups kept "
+                    f"{record['groups_kept']}/{cfg.prompts_per_step} | {record['seconds']:.0f} s")
             stop = bool(on_step(step, record)) if on_step is not None else False
             if run.save_due(step) and not stop:
                 last_good = run.save(step)

@@ -211,9 +211,12 @@ def test_train_grpo_end_to_end_with_truncated_completions(tmp_path, tokenizer):
     # a random tiny model never closes its tags in 6 tokens: scored 0 on format, not a crash
     cfg = small_cfg(rewards={"format": 1.0, "correct": 1.0, "tests_grpo_rewards:by_length": 0.1,
                              "tests_grpo_rewards:distinct": 1.0})
-    summary = train_grpo(model, tokenizer, problems, cfg, tmp_path / "run", log=lambda s: None)
+    lines = []
+    summary = train_grpo(model, tokenizer, problems, cfg, tmp_path / "run", log=lines.append)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    progress = [line for line in lines if line.startswith("grpo step")]  # printed even where no bar shows
+    assert len(progress) == 2 and progress[1].startswith("grpo step 2/2 | reward ") and "| accuracy " in progress[1]
     for key in ("reward", "reward/format", "reward/correct", "accuracy", "format", "response_length",
                 "response_length_max", "clip_fraction", "entropy", "sample_tokens_per_s", "train_tokens_per_s"):
         assert key in records[0], key

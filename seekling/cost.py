@@ -462,6 +462,15 @@ def format_flops(x: float) -> str:
     return f"{x:.4g} FLOP"
 
 
+def _plain(x: float, digits: int) -> str:
+    """`x` to `digits` significant digits as a plain decimal, never in scientific notation: a person
+    reads $0.0000039 at a glance, $3.9e-06 not."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
 def format_dollars(x: float) -> str:
     if x >= 1e6:
         return f"${x / 1e6:.3f}M"
@@ -469,7 +478,7 @@ def format_dollars(x: float) -> str:
         return f"${x:,.0f}"
     if x >= 0.01:
         return f"${x:.2f}"
-    return f"${x:.2g}"
+    return f"${_plain(x, 2)}"
 
 
 def format_hours(h: float) -> str:
@@ -477,7 +486,7 @@ def format_hours(h: float) -> str:
         return f"{h / 1e3:,.0f}K"
     if h >= 100:
         return f"{h:,.0f}"
-    return f"{h:.3g}"
+    return _plain(h, 3)
 
 
 def format_seconds(s: float) -> str:

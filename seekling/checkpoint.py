@@ -315,7 +315,7 @@ def choose_model_dir(path: str | os.PathLike) -> tuple[str, str]:
             f"config.json + {WEIGHTS_NAME} or {INDEX_NAME})"
             + (f"; found {', '.join(pickled)}, but pickled weights are never loaded" if pickled else ""))
     return max(candidates, key=lambda d: (_step_number(os.path.basename(d)), os.path.getmtime(d))), \
-        "the latest checkpoint in it"
+        "the newest model directory in it (highest step)"
 
 
 def run_state(path: str | os.PathLike) -> tuple[str, dict] | None:

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -241,20 +242,64 @@ def _step_number(name: str) -> int:
     return int(numbers[-1]) if numbers else -1
 
 
-def resolve_model_dir(path: str | os.PathLike) -> str:
-    """The model directory in `path`, by the same rules for every command: `path` itself when it is a
-    model directory (an HF directory, a final/ or a checkpoint), else `path/final`, else the checkpoint
-    directory up to two levels down (e.g. `RUN/checkpoints/step_0000500`) with the highest step number
-    in its name, the most recently written one on a tie. Hidden directories (`.tmp-*`, saves in
-    progress) and `*.old` ones are skipped. A CheckpointError says what was looked for."""
+def best_evaluated_stage(run_dir: str | os.PathLike) -> tuple[str, float, dict[str, float]] | None:
+    """(stage, its pass@1, every evaluated stage's pass@1) of the stage in `run_dir` whose final model
+    scored best in the run's own held-out evaluations (`eval/STAGE.json`, as `seekling speedrun`
+    writes them, with a `STAGE/final` model beside them); None when there are none. Ties go to the
+    stage evaluated later in the run (its state.json order), which trained the longest. Unreadable
+    result files are passed over: they do not say which model is better."""
+    run_dir = os.fspath(run_dir)
+    scores: dict[str, float] = {}
+    eval_dir = os.path.join(run_dir, "eval")
+    for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
+        stage = name[:-len(".json")]
+        if not name.endswith(".json") or not is_model_dir(os.path.join(run_dir, stage, "final")):
+            continue
+        try:
+            with open(os.path.join(eval_dir, name)) as f:
+                score = json.load(f)["mean"]["pass@1"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(score, (int, float)) and not isinstance(score, bool) and score == score:
+            scores[stage] = float(score)
+    if not scores:
+        return None
+    try:
+        with open(os.path.join(run_dir, "state.json")) as f:
+            finished = list(json.load(f).get("finished", []))
+    except (OSError, ValueError, AttributeError):
+        finished = []
+    order = {stage: finished.index(f"eval_{stage}") if f"eval_{stage}" in finished else -1 for stage in scores}
+    best = max(scores, key=lambda stage: (scores[stage], order[stage]))
+    return best, scores[best], scores
+
+
+def choose_model_dir(path: str | os.PathLike) -> tuple[str, str]:
+    """(model directory, why it was chosen) in `path`, by the same rules for every command:
+
+    1. `path` itself when it is a model directory (an HF directory, a final/ or a checkpoint);
+    2. `path/final`;
+    3. in a run directory holding several stages' models and their held-out evaluations (a speedrun:
+       `eval/STAGE.json` beside `STAGE/final`), the final model of the stage with the best pass@1;
+    4. the checkpoint directory up to two levels down (e.g. `RUN/checkpoints/step_0000500`) with the
+       highest step number in its name, the most recently written one on a tie.
+    Hidden directories (`.tmp-*`, saves in progress) and `*.old` ones are skipped. A CheckpointError
+    says what was looked for."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such directory")
     if is_model_dir(path):
-        return path
+        return path, "the model directory given"
     final = os.path.join(path, "final")
     if is_model_dir(final):
-        return final
+        return final, "the run's final model"
+    best = best_evaluated_stage(path)
+    if best is not None:
+        stage, score, scores = best
+        others = ", ".join(f"{s} {100 * v:.1f}%" for s, v in scores.items() if s != stage)
+        return (os.path.join(path, stage, "final"),
+                f"{stage}: the best held-out pass@1 of this run, {100 * score:.1f}%"
+                + (f"; also evaluated: {others}" if others else "") + "; give STAGE/final for another")
     candidates = []
     for root, dirs, _ in os.walk(path):
         depth = os.path.relpath(root, path).count(os.sep) + (root != path)
@@ -269,7 +314,37 @@ def resolve_model_dir(path: str | os.PathLike) -> str:
             f"a seekling / DeepSeek-V3 Hugging Face directory and a transformers causal LM directory (each: "
             f"config.json + {WEIGHTS_NAME} or {INDEX_NAME})"
             + (f"; found {', '.join(pickled)}, but pickled weights are never loaded" if pickled else ""))
-    return max(candidates, key=lambda d: (_step_number(os.path.basename(d)), os.path.getmtime(d)))
+    return max(candidates, key=lambda d: (_step_number(os.path.basename(d)), os.path.getmtime(d))), \
+        "the newest model directory in it (highest step)"
+
+
+def run_state(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(run directory, its state.json) of the speedrun that `path` is or lies in (a stage's final model
+    or checkpoint, up to three levels down), or None."""
+    directory = os.path.abspath(os.fspath(path))
+    for _ in range(4):
+        try:
+            with open(os.path.join(directory, "state.json")) as f:
+                state = json.load(f)
+            if isinstance(state, dict) and str(state.get("format", "")).startswith("seekling-speedrun"):
+                return directory, state
+        except (OSError, ValueError):
+            pass
+        directory = os.path.dirname(directory)
+    return None
+
+
+def trained_tasks(path: str | os.PathLike) -> list[str] | None:
+    """The reasoning tasks the model in `path` was trained to answer in the chat format (a speedrun's
+    cold-start, GRPO and evaluation task), when its run says so; None when it does not."""
+    found = run_state(path)
+    task = (found[1].get("config") or {}).get("rl_task") if found else None
+    return [task] if isinstance(task, str) and task else None
+
+
+def resolve_model_dir(path: str | os.PathLike) -> str:
+    """The model directory in `path` by `choose_model_dir`'s rules."""
+    return choose_model_dir(path)[0]
 
 
 def model_kind(model_dir: str | os.PathLike) -> str:
@@ -297,7 +372,11 @@ def find_tokenizer_dir(model_dir: str, given_path: str) -> str:
                           "(or save the tokenizer into the model directory)")
 
 
-def resolve_model_and_tokenizer(path: str, tokenizer: str | None = None) -> tuple[str, str]:
-    """(model directory, tokenizer directory) of a model, run or checkpoint directory; `tokenizer` wins."""
-    model_dir = resolve_model_dir(path)
+def resolve_model_and_tokenizer(path: str, tokenizer: str | None = None,
+                                say: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """(model directory, tokenizer directory) of a model, run or checkpoint directory; `tokenizer` wins.
+    `say`, when given, is told which model was chosen and why."""
+    model_dir, why = choose_model_dir(path)
+    if say is not None:
+        say(f"model: {model_dir} ({why})")
     return model_dir, tokenizer or find_tokenizer_dir(model_dir, path)

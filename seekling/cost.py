@@ -406,12 +406,21 @@ def format_flops(x: float) -> str:
     return _scaled(x, _FLOPS, "{:.4g} FLOP")
 
 
+def _plain(x: float, digits: int) -> str:
+    """`x` to `digits` significant digits as a plain decimal, never in scientific notation: a person
+    reads $0.0000039 at a glance, $3.9e-06 not."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
 def format_dollars(x: float) -> str:
-    return _scaled(x, _DOLLARS, "${:.2g}")
+    return _scaled(x, _DOLLARS, "$" + _plain(x, 2))  # below a cent: a plain decimal, never 3.9e-06
 
 
 def format_hours(h: float) -> str:
-    return _scaled(h, _HOURS, "{:.3g}")
+    return _scaled(h, _HOURS, _plain(h, 3))
 
 
 def format_seconds(s: float) -> str:

@@ -5,7 +5,7 @@ each is graded by the task's verifier (`seekling.rewards.grade`). Per task this 
 
     pass@1        mean over problems of the share of the k samples that are correct (R1's pass@1)
     pass@k        the unbiased estimator of Chen et al. 2021 from the same k samples (= any correct)
-    cons@k        correctness of the majority-vote answer among the k samples
+    cons@k        correctness of the majority-vote answer among the k samples (as the verifier read them)
     format        share of completions that are exactly `<think> ... </think> <answer> ... </answer>`
     mean_length   mean completion length in tokens (the closing end-of-text included)
 
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from seekling.config import setting
+from seekling.data import read_problems
 from seekling.errors import ConfigError
 from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
-from seekling.metrics import majority_answer, pass_at_1_mean, pass_at_k_mean
-from seekling.rewards import extract_answer, format_reward, grade
+from seekling.metrics import consensus_correct, pass_at_1_mean, pass_at_k_mean
+from seekling.rewards import format_reward, grade, graded_answer
 from seekling.tasks import TASKS, Problem, check_template, make_problems, render_prompt_ids
 
 GenerateFn = Callable[[Any, list[list[int]], SamplingParams], list[Completion]]
@@ -60,8 +61,10 @@ def known_tasks() -> list[str]:
 
 def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None = None,
                        difficulty: dict[str, Any] | None = None) -> list[Problem]:
-    """`n` held-out problems of `task`: the test split of a synthetic task or a published set."""
-    if task in TASKS:
+    """`n` held-out problems of `task`: the test split of a synthetic task, a published set, or (any
+    other name with a `path`) a JSONL of `{prompt, answer, [task, meta]}` rows, the file `grpo --data`
+    and `sample` read, each row graded as GRPO grades it (by its own `task`'s verifier, else by number)."""
+    if task in TASKS and path is None:
         if n is None:
             raise ConfigError(f"{task}: give the number of problems (synthetic tasks have no fixed size)")
         return make_problems(task, "test", n, seed, **(difficulty or {}))
@@ -69,26 +72,32 @@ def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None
         if difficulty:
             raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks")
         return load_evalset(task, path=path, limit=n)
-    raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}")
+    if path is not None:
+        if difficulty:
+            raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks, not to {path}")
+        return read_problems(path)[:n]
+    raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}, or any name "
+                      f"with a JSONL of {{prompt, answer}} rows (seekling eval --path {task}=FILE)")
 
 
 def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[Sequence[str]],
                lengths_PK: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Metrics of one task from k completion texts per problem (pure: no model involved).
 
-    cons@k grades the majority answer (answers normalised so "5.0" and "5" vote together) with the
-    task's own verifier, by wrapping it as `<answer> ... </answer>`.
+    cons@k votes over the answers the task's verifier read (`graded_answer`; normalised so "5.0" and
+    "5" vote together) and takes that verifier's verdict on the winning group's first sample, so it
+    grades exactly what pass@k grades and cons@k <= pass@k.
     """
     if len(problems) != len(completions_PK) or not problems:
         raise ConfigError(f"{task}: {len(problems)} problems but {len(completions_PK)} rows of completions")
     k = len(completions_PK[0])
     if k == 0 or any(len(row) != k for row in completions_PK):
         raise ConfigError(f"{task}: every problem needs the same number k >= 1 of completions")
-    correct_PK = [[grade(task, c, p) for c in row] for p, row in zip(problems, completions_PK)]
-    consensus = []
-    for p, row in zip(problems, completions_PK):
-        winner = majority_answer([extract_answer(c) for c in row])
-        consensus.append(winner is not None and grade(task, f"<answer> {winner} </answer>", p))
+    # each problem is graded by its own task's verifier (a file may mix tasks), as GRPO's reward does
+    verifiers = [p.task or task for p in problems]
+    correct_PK = [[grade(v, c, p) for c in row] for v, p, row in zip(verifiers, problems, completions_PK)]
+    consensus = [consensus_correct([graded_answer(v, c) for c in row], correct)
+                 for v, row, correct in zip(verifiers, completions_PK, correct_PK)]
     flat = [c for row in completions_PK for c in row]
     out = {
         "n": len(problems), "k": k,
@@ -164,7 +173,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], n: int | None = 100, k: int
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    keys = ["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]
+    keys = list(dict.fromkeys(["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]))
     mean = {key: sum(r[key] for r in results.values()) / len(results) for key in keys}
     return {"settings": vars(settings), "tasks": results, "mean": mean}
 
@@ -172,7 +181,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], n: int | None = 100, k: int
 def format_table(result: dict[str, Any]) -> str:
     """The per-task metrics as a fixed-width text table (percentages, lengths in tokens)."""
     k = result["settings"]["k"]
-    columns = ["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]
+    columns = list(dict.fromkeys(["pass@1", f"pass@{k}", f"cons@{k}", "format", "mean_length"]))  # k = 1: one pass@1
     header = f"{'task':<12} {'n':>5} " + " ".join(f"{c:>11}" for c in columns)
     lines = [header, "-" * len(header)]
     rows = list(result["tasks"].items()) + ([("mean", {"n": "", **result["mean"]})] if len(result["tasks"]) > 1 else [])

@@ -31,6 +31,10 @@ from seekling.model import LatentCache, Transformer
 
 MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would overflow the sampler's int64 tensors
 MAX_SEED = 2**63 - 1
+# What `seekling generate`, `chat` and the server sample with unless told otherwise: DeepSeek's
+# suggestion for R1 (temperature 0.6, top-p 0.95).
+CHAT_TEMPERATURE = 0.6
+CHAT_TOP_P = 0.95
 
 
 @dataclass

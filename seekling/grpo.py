@@ -38,7 +38,7 @@ from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.generate import SamplingParams, generate, pad_right
 from seekling.model import LatentCache
-from seekling.rewards import CombinedReward, combine_rewards, format_reward, grade, register_reward
+from seekling.rewards import CombinedReward, combine_rewards, correct_reward, format_reward
 from seekling.rl_health import HealthMonitor, informative_groups, rollout_metrics
 from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
@@ -59,7 +59,8 @@ class GRPOConfig:
     temperature: float = setting(1.0, "sampling temperature (R1-Zero samples at 1)")
     top_p: float = setting(1.0, "nucleus sampling threshold")
     template: str = setting("chat", "prompt format: the chat template, or R1-Zero's plain-text prompt")
-    rewards: dict[str, float] = setting(help="rewards and weights; names from seekling.rewards or module:function",
+    rewards: dict[str, float] = setting(help="rewards and weights: registered names or your own MODULE:FUNCTION "
+                                             "(found in the current directory too; see above)",
                                         factory=lambda: {"correct": 1.0, "format": 0.2})
     dynamic_sampling: bool = setting(True, "drop groups whose rewards are all equal (DAPO); the flag keeps them")
     refill_rounds: int = setting(0, "dynamic sampling: up to this many extra batches of P prompts per step to "
@@ -83,13 +84,15 @@ class GRPOConfig:
     steps: int = setting(100, "GRPO steps")
     seed: int = setting(0, "seed for problems and sampling")
     save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
+    log_every: int = setting(10, "print a line of reward, accuracy, format rate and length every N steps")
     max_bad_steps: int = setting(3, "stop after this many non-finite losses in a row")
 
     def validate(self) -> None:
         if self.group_size < 2:
             raise ConfigError(f"group_size (G) must be >= 2: a group of {self.group_size} has no relative "
                               "advantage (every reward minus its own mean is 0)")
-        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps"):
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps",
+                     "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.refill_rounds < 0:
@@ -219,14 +222,6 @@ def grpo_loss(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: to
     return loss, stats
 
 
-# ----------------------------------------------------------------------------- the correctness reward
-@register_reward("correct")
-def correct_reward(completion: str, answer: str, **meta) -> float:
-    """1.0 iff the task's own verifier accepts the answer (`seekling.rewards.grade` with meta
-    `task`): countdown checks the expression, math sets use math_verify, the rest compare numbers."""
-    return 1.0 if grade(meta.get("task", ""), completion, {"answer": answer, "meta": meta}) else 0.0
-
-
 # ----------------------------------------------------------------------------- rollouts
 @dataclass
 class Rollouts:
@@ -308,6 +303,7 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
     texts = [tokenizer.decode(c.token_ids, skip_special=True) for c in completions]
     totals, components = [], {name: [] for name in reward.weights}
     correct, formatted = [], []
+    failures_before = reward.failure_counts()
     for r, (c, text) in enumerate(zip(completions, texts)):
         problem = problems[r // G]
         meta = {**problem.meta, "task": problem.task, "length": len(c.token_ids), "max_length": cfg.max_new_tokens}
@@ -318,6 +314,7 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
             components[name].append(value)
         correct.append(bool(correct_reward(text, problem.answer, **meta)))
         formatted.append(format_reward(text) == 1.0)
+    reward.check_not_all_failed(failures_before, len(texts))  # a broken reward stops the run here
     return Rollouts(list(problems), rows, [c.token_ids for c in completions], [c.logprobs for c in completions],
                     texts, torch.tensor(totals, dtype=torch.float32).view(len(problems), G), components,
                     correct, formatted, [c.finish_reason == "stop" for c in completions], seconds)
@@ -580,6 +577,10 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             run.bar.update(1)
             run.bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                                 len=f"{record['response_length']:.0f}")
+            if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:  # also where no bar shows
+                log(f"grpo step {step}/{cfg.steps} | reward {record['reward']:.3f} | accuracy {record['accuracy']:.2f} "
+                    f"| format {record['format']:.2f} | length {record['response_length']:.0f} | groups kept "
+                    f"{record['groups_kept']}/{cfg.prompts_per_step} | {record['seconds']:.0f} s")
             stop = bool(on_step(step, record)) if on_step is not None else False
             if run.save_due(step) and not stop:
                 last_good = run.save(step)

@@ -50,15 +50,33 @@ def pass_at_k_mean(correct_matrix: Sequence[Sequence[bool]], k: int) -> float:
     return sum(pass_at_k(len(row), sum(map(bool, row)), k) for row in correct_matrix) / len(correct_matrix)
 
 
-def majority_answer(answers: Sequence[str | None]) -> str | None:
-    """The most common answer after normalisation ("5.0" and "5" vote together); ties go to the one
-    seen first; missing answers (None) do not vote. Returns the first raw answer of the winning group."""
+def majority_index(answers: Sequence[str | None]) -> int | None:
+    """Index of the first answer of the most common group after normalisation ("5.0" and "5" vote
+    together); ties go to the group seen first; missing answers (None) do not vote."""
     keys = [normalize_answer(a) for a in answers]
     votes = Counter(key for key in keys if key is not None)
     if not votes:
         return None
     best = max(votes.values())
-    return next(answer for answer, key in zip(answers, keys) if key is not None and votes[key] == best)
+    return next(i for i, key in enumerate(keys) if key is not None and votes[key] == best)
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+    """The most common answer (see `majority_index`): the first raw answer of the winning group."""
+    i = majority_index(answers)
+    return None if i is None else answers[i]
+
+
+def consensus_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """cons@k of one problem from the grader's own verdicts: `answers[i]` is the answer the task's
+    verifier read from sample i (`seekling.rewards.graded_answer`) and `correct[i]` its verdict on
+    that sample. The vote is over those answers and the winner is right when the verifier accepted
+    the sample that cast the group's first vote, so cons@k never exceeds pass@k (a group can only
+    win for a correct answer through a sample graded correct)."""
+    if len(answers) != len(correct):
+        raise ConfigError(f"consensus needs one verdict per answer, got {len(answers)} and {len(correct)}")
+    i = majority_index(answers)
+    return i is not None and bool(correct[i])
 
 
 def cons_at_k(

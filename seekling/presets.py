@@ -43,7 +43,7 @@ class SpeedrunPreset:
     rl_task: str = "arithmetic"
     difficulty: tuple[str, ...] = ()  # e.g. ("arithmetic.digits=3",): TASK.SETTING=VALUE
     tokenizer_examples: int = 3000  # problems per task the tokenizer learns from
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # at most: BPE stops earlier when the task text has no more pairs worth merging
     # pre-training (tokens per step = batch * seq_len * ranks)
     pretrain_examples: int = 8000  # problems per pre-training task
     pretrain_steps: int = 800

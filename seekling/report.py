@@ -18,7 +18,6 @@ import platform
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from seekling.rl_health import health_mean, health_summary
 MODEL_STAGES = (("pretrain", "after pre-training"), ("sft", "after cold-start SFT"), ("grpo", "after GRPO"),
                 ("distill", "after distillation"))
 PLOTS = ("pretrain_loss.png", "grpo.png", "expert_load.png", "pass_at_1.png")
+WIDE_PLOTS = ("grpo.png",)  # three panels side by side: shown at the page's full width, not the text's
 
 
 # ----------------------------------------------------------------------------- environment
@@ -159,7 +159,9 @@ def plot_grpo(metrics: list[dict], path: Path) -> bool:
               ("response_length", "mean response length", "tokens", None))
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    # drawn for the page's full width (WIDE_PLOTS): fonts sized to stay readable there
+    plt.rcParams.update({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 10})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     for ax, (key, title, ylabel, ylim) in zip(axes, panels):
         values = [r.get(key, float("nan")) for r in rows]
         if window > 1:
@@ -177,11 +179,12 @@ def plot_grpo(metrics: list[dict], path: Path) -> bool:
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("GRPO training (rollouts at temperature 1)")
+        ax.legend()
+    fig.suptitle("GRPO training (rollouts at temperature 1)", fontsize=14)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    plt.rcdefaults()
     return True
 
 
@@ -333,7 +336,7 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
             rows.append([label, _pct(m["pass@1"]), _pct(m[f"cons@{k}"]), _pct(m["format"]),
                          f"{m['mean_length']:.1f}"])
         elif "skipped" in stages.get(name, {}):
-            rows.append([label, f"skipped: {stages[name]['skipped']}", "", "", ""])
+            rows.append([label, "skipped (see Notes)", "", "", ""])
         else:
             rows.append([label, "not run yet", "", "", ""])
     blocks.append(("table", ["model", "pass@1", f"cons@{k}", "format", "mean length (tokens)"], rows))
@@ -360,6 +363,7 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
                         "is one core (a torch thread) and MFU is against its measured matmul peak "
                         "(`seekling.cost`). A resumed stage's row counts only its last attempt."))
 
+    # alt text only: each figure carries its own title, so a caption under it would say it twice
     captions = {"pretrain_loss.png": "Pre-training loss", "grpo.png": "GRPO reward, accuracy and length per step",
                 "expert_load.png": "Per-expert load over pre-training", "pass_at_1.png": "pass@1 by stage"}
     blocks.append(("h2", "Plots"))
@@ -382,6 +386,7 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
             lines += [f"  {'right' if ok else 'wrong'}: {c}" for ok, c in sorted(shown.items(), reverse=True)]
         blocks.append(("pre", "\n".join(lines)))
 
+    blocks += distill_blocks(stages.get("distill", {}))
     notes = [f"{name}: skipped ({s['skipped']})" for name, s in stages.items() if "skipped" in s]
     notes += [f"{name}: resumed from step {s['resumed_from_step']}" for name, s in stages.items()
               if s.get("resumed_from_step")]
@@ -396,10 +401,59 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     if notes:
         blocks.append(("h2", "Notes"))
         blocks.append(("ul", notes))
-    settings = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("name", "about"))
+    blocks += next_steps(run_dir, state)
+    settings = [(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in config.items()
+                if k not in ("name", "about")]
+    half = (len(settings) + 1) // 2  # two setting/value column pairs: half the length of one long table
+    pairs = [[*settings[i], *(settings[i + half] if i + half < len(settings) else ("", ""))] for i in range(half)]
     blocks.append(("h2", "Settings"))
-    blocks.append(("pre", textwrap.fill(settings, 100)))
+    blocks.append(("p", f"The `{state['preset']}` preset as this run used it (`seekling speedrun --list`; "
+                        "`--set FIELD=VALUE` changes one, in a new run directory)."))
+    blocks.append(("table", ["setting", "value", "setting", "value"], [[f"`{a}`", b, f"`{c}`" if c else "", d]
+                                                                       for a, b, c, d in pairs]))
     return blocks
+
+
+def distill_blocks(stage: dict[str, Any]) -> list[tuple]:
+    """The rejection-sampling funnel of the distillation stage: what was sampled, and what was kept."""
+    keep = stage.get("keep_stats") or {}
+    if not keep:
+        return []
+    rows = [[task or "problems", f"{s['prompts']:,}", f"{s['sampled']:,}", f"{s['well_formed']:,}", f"{s['correct']:,}",
+             f"{s['too_long']:,}", f"{s['duplicates']:,}", f"**{s['kept']:,}**", _pct(s["keep_rate"]),
+             f"{s['prompts_with_kept']:,}"] for task, s in keep.items()]
+    return [("h2", "Distillation data"),
+            ("table", ["task", "prompts", "sampled", "well-formed", "correct", "too long", "duplicates", "kept",
+                       "keep rate", "prompts with a kept sample"], rows),
+            ("p", "Rejection sampling of the GRPO model: a sample is kept when it is well formed, correct, fits the "
+                  "SFT length and is not a duplicate; the pre-trained base is then fine-tuned on the kept ones.")]
+
+
+def next_steps(run_dir: Path, state: dict[str, Any]) -> list[tuple]:
+    """Which model to talk to (the best evaluated stage, which `chat`, `serve` and `eval` load from the
+    run directory) and what to run next."""
+    from seekling.checkpoint import best_evaluated_stage
+
+    best = best_evaluated_stage(run_dir)
+    if best is None:
+        return []
+    stage, score, _ = best
+    run = str(run_dir)
+    task = state["config"]["rl_task"]
+    commands = [(f"seekling chat {run}", "talk to it in the terminal"),
+                (f"seekling serve {run}", "OpenAI-compatible API and a chat page on :8000"),
+                (f"seekling eval {run} --n 500 --k 8", f"a larger held-out evaluation of {task}"),
+                (f"seekling eval {run} --tasks gsm8k --n 50", "a published set (expect ~0% from a model this small)"),
+                (f"seekling grpo --init-from {run}/{stage}/final --tasks {task} --steps 200 --out runs/more-grpo",
+                 "more GRPO from the best model"),
+                (f"seekling speedrun --preset {state['preset']} --set grpo_steps=400 --out runs/longer-grpo",
+                 "the whole run again, with more GRPO")]
+    width = max((len(c) for c, _ in commands if len(c) <= 60), default=0)
+    return [("h2", "Next steps"),
+            ("p", f"The best model of this run is **{stage}** ({_pct(score)} held-out pass@1); `chat`, `generate`, "
+                  f"`serve` and `eval` load it when given the run directory (give `{run}/STAGE/final` for another). "
+                  f"It was trained on `{task}` problems only: ask it those, worded as they are above."),
+            ("pre", "\n".join(f"{command:<{width}}  # {why}" for command, why in commands))]
 
 
 def _inline_md_to_html(text: str) -> str:
@@ -435,7 +489,9 @@ def to_markdown(blocks: list[tuple]) -> str:
 HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
               "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
               "text-align:left}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1rem 0}"
-              "pre{background:#f6f6f6;padding:.8rem;overflow-x:auto;white-space:pre-wrap}code{background:#f3f3f3}")
+              "pre{background:#f6f6f6;padding:.8rem;overflow-x:auto;white-space:pre-wrap}code{background:#f3f3f3}"
+              "figure{margin:1rem 0}figure.wide{width:min(96vw,1430px);position:relative;left:50%;"
+              "transform:translateX(-50%)}figure.wide img{width:100%;max-width:none}")
 
 
 def to_html(blocks: list[tuple], run_dir: Path) -> str:
@@ -450,8 +506,8 @@ def to_html(blocks: list[tuple], run_dir: Path) -> str:
             body.append("<ul>" + "".join(f"<li>{_inline_md_to_html(i)}</li>" for i in block[1]) + "</ul>")
         elif kind == "img":
             data = base64.b64encode((run_dir / block[1]).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+            wide = ' class="wide"' if Path(block[1]).name in WIDE_PLOTS else ""
+            body.append(f'<figure{wide}><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}"></figure>')
         elif kind == "table":
             head = "".join(f"<th>{_inline_md_to_html(h)}</th>" for h in block[1])
             rows = "".join("<tr>" + "".join(f"<td>{_inline_md_to_html(str(c))}</td>" for c in row) + "</tr>"

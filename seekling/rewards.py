@@ -6,10 +6,18 @@ accuracy reward (the final answer checked by a verifier) and a format reward (re
 `fn(completion: str, answer: str, **meta) -> float` (extra meta keys ignored), a registry keyed by
 name, and `combine_rewards`, which turns `{"accuracy": 1.0, "format": 0.2}` into one callable.
 
-A user plugs their own reward with a `"module:function"` spec. A reward that raises (other than a
-`SeeklingError`, which means a misconfiguration and is re-raised) or returns something that is not a
-finite number scores that sample 0, and the failure is counted in `RewardStats`, so one bad sample
-never stops a run but the count is there to see.
+A user plugs their own reward with a `"module:function"` spec (the module on sys.path or in the
+current directory), a function `fn(completion: str, answer: str, **meta) -> float` (a bool counts as
+1/0; meta holds the problem's `task`, its meta fields and the completion's `length`), e.g. in
+./my_rewards.py, used as `seekling grpo ... --reward correct=1 my_rewards:exact=0.5`:
+
+    def exact(completion: str, answer: str, **meta) -> bool:
+        return completion.strip().endswith(f"<answer> {answer} </answer>")
+
+A reward that raises (other than a `SeeklingError`, which means a misconfiguration and is re-raised)
+or returns something that is not a finite number or a bool scores that sample 0, and the failure is
+counted in `RewardStats`, so one bad sample never stops a run but the count is there to see; a
+reward that fails on every sample of a step stops the run (`RewardError`).
 
 Try it:
     .venv/bin/python -c "from seekling.rewards import combine_rewards as c; \
@@ -23,7 +31,9 @@ import importlib
 import inspect
 import logging
 import math
+import os
 import re
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -212,22 +222,38 @@ def _accepting_meta(fn: RewardFn) -> RewardFn:
     return wrapper
 
 
+def _import_reward_module(name: str):
+    """The module of a `module:function` reward spec. The current directory is searched too (last, so
+    it never shadows an installed module): `--reward my_rewards:exact=1` finds ./my_rewards.py from
+    the console script, which, unlike `python -m`, does not put it on sys.path."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    return importlib.import_module(name)
+
+
 def load_reward(spec: str) -> RewardFn:
-    """A reward by registered name (`"accuracy"`) or by import path (`"my_pkg.rewards:length"`)."""
+    """A reward by registered name (`"accuracy"`) or by import path (`"my_pkg.rewards:length"`, the
+    module found on sys.path or in the current directory)."""
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_reward_module(module_name)
         except ImportError as exc:
-            raise ConfigError(f"reward {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+            raise ConfigError(f"reward {spec!r}: cannot import module {module_name!r} ({exc}); it is looked for "
+                              f"on sys.path and in the current directory {os.getcwd()}") from exc
         fn = getattr(module, attr, None)
         if not callable(fn):
             raise ConfigError(f"reward {spec!r}: module {module_name!r} has no function {attr!r}")
         return _accepting_meta(fn)
     if spec not in _REGISTRY:
         raise ConfigError(f"unknown reward {spec!r}; known: {', '.join(known_rewards())} "
-                          "(or give your own as 'module:function')")
+                          "(or your own as 'module:function', e.g. my_rewards:exact for exact() in ./my_rewards.py)")
     return _REGISTRY[spec]
+
+
+class RewardError(SeeklingError):
+    """A reward cannot score the samples (it failed on every one): a broken reward function."""
 
 
 @dataclass
@@ -267,8 +293,10 @@ class CombinedReward:
         except Exception as exc:  # noqa: BLE001 - a user function may fail in any way
             self._count(name, self.stats.errors, f"{type(exc).__name__}: {exc}")
             return 0.0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self._count(name, self.stats.bad_values, f"returned {value!r}, not a finite number")
+        if isinstance(value, bool):  # True/False: a verdict, scored 1/0
+            return float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            self._count(name, self.stats.bad_values, f"returned {value!r}, not a finite number or a bool")
             return 0.0
         return float(value)
 
@@ -279,6 +307,20 @@ class CombinedReward:
             self.stats.last_message[name] = message
         if first:  # warn once per reward; the counter keeps the rest
             logger.warning("reward %r scored a sample 0: %s (further failures only counted)", name, message)
+
+    def failure_counts(self) -> dict[str, int]:
+        """Samples each reward has failed on so far (raised, or returned a non-number)."""
+        return {name: self.stats.errors[name] + self.stats.bad_values[name] for name in self.weights}
+
+    def check_not_all_failed(self, before: dict[str, int], samples: int) -> None:
+        """RewardError when a reward failed on every one of the `samples` scored since `before`
+        (`failure_counts()` then): every sample would score 0 and training would learn nothing."""
+        for name, count in self.failure_counts().items():
+            if samples and count - before.get(name, 0) >= samples:
+                raise RewardError(
+                    f"reward {name!r} failed on all {samples} samples of this step, so every one scored 0 and there "
+                    f"is nothing to learn; stopped. Last failure: {self.stats.last_message.get(name, '?')}. "
+                    "A reward is fn(completion: str, answer: str, **meta) -> float (or bool)")
 
     def __call__(self, completion: str, answer: str, **meta) -> RewardResult:
         components = {name: self._score(name, completion, answer, meta) for name in self.weights}
@@ -481,3 +523,21 @@ def grade(task_name: str, completion: str, problem: Any) -> bool:
         answer, meta = str(problem.answer), problem.meta or {}
     verifier = GRADERS.get(task_name, accuracy_reward)
     return verifier(completion, answer, **meta) == 1.0
+
+
+@register_reward("correct")
+def correct_reward(completion: str, answer: str, **meta) -> float:
+    """1.0 iff the task's own verifier accepts the answer (`grade` with meta `task`): countdown checks
+    the expression, math sets use math_verify, the rest compare numbers."""
+    return 1.0 if grade(meta.get("task", ""), completion, {"answer": answer, "meta": meta}) else 0.0
+
+
+def graded_answer(task_name: str, completion: str) -> str | None:
+    """The answer the task's verifier reads from `completion`, or None (what majority voting counts).
+
+    The number-comparing tasks read `extract_answer` in every mode; countdown and the math sets read
+    only a tagged answer (`<answer>` or `\\boxed{}`), so a stray number in an untagged completion
+    never votes for an answer the verifier would not accept."""
+    if GRADERS.get(task_name, accuracy_reward) is accuracy_reward:
+        return extract_answer(completion)
+    return extract_answer(completion, "answer") or extract_answer(completion, "boxed")

@@ -23,14 +23,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seekling.errors import SeeklingError
-from seekling.generate import MAX_TOP_K, SamplingParams
+from seekling.generate import CHAT_TEMPERATURE, CHAT_TOP_P, MAX_TOP_K, SamplingParams
 from seekling.serving import Engine, Event, Job, QueueFullError, ReasoningSplitter
 from seekling.tokenizer import Tokenizer
 
@@ -142,8 +142,8 @@ def parse_sampling(body: dict, limits: Limits, max_tokens_field: str = "max_toke
     if max_tokens_field != "max_tokens" and max_tokens is None:
         max_tokens = _integer(body, "max_tokens", None, 1, limits.max_tokens_cap)
     return Sampling(
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        temperature=_number(body, "temperature", CHAT_TEMPERATURE, 0.0, 2.0),  # as `seekling chat` samples
+        top_p=_number(body, "top_p", CHAT_TOP_P, 0.0, 1.0, low_open=True),
         top_k=_integer(body, "top_k", 0, 0, MAX_TOP_K),
         max_tokens=max_tokens,
         n=_integer(body, "n", 1, 1, limits.max_n),
@@ -241,9 +241,13 @@ async def read_json(request: Request, max_bytes: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the app
+SUGGESTIONS_SLOT = "[/* suggestions */]"  # in web/index.html: the example questions, filled in per model
+
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               limits: Limits | None = None) -> FastAPI:
-    """The FastAPI app over a started or unstarted engine (its lifespan starts and closes it)."""
+               limits: Limits | None = None, suggestions: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app over a started or unstarted engine (its lifespan starts and closes it);
+    `suggestions` are the example questions the chat page offers (`seekling.serving.suggested_prompts`
+    of the tasks the model was trained on; none when that is not known)."""
     limits = limits or Limits()
     context = engine.max_len
     max_prompt = min(limits.max_prompt_tokens or context - 1, context - 1)
@@ -252,6 +256,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
     # long for certain: refused before any tokenizing, which for a big prompt would take seconds.
     max_token_bytes = max(1, tokenizer.max_token_bytes())
     names = (model_name, "seekling")
+    # `<` escaped so that no suggestion can close the page's <script>
+    page = resources.files("seekling").joinpath("web/index.html").read_text(encoding="utf-8").replace(
+        SUGGESTIONS_SLOT, json.dumps(list(suggestions)).replace("<", "\\u003c"))
 
     def check_model(body: dict) -> None:
         name = body.get("model")
@@ -298,7 +305,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(resources.files("seekling").joinpath("web/index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():

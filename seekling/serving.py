@@ -18,6 +18,7 @@ queue. The engine speaks token ids in and text deltas out: `TextStream` turns to
 from __future__ import annotations
 
 import collections
+import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from seekling.checkpoint import find_tokenizer_dir, load_pretrained, resolve_model_dir
+from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer, run_state
 from seekling.errors import CheckpointError, SeeklingError
 from seekling.generate import Decoder, SamplingParams
 from seekling.model import Transformer
+from seekling.tasks import make_problems
 from seekling.tokenizer import TAG_TOKENS as TAGS, THINK_CLOSE, THINK_OPEN, Tokenizer
 
 class QueueFullError(SeeklingError):
@@ -36,16 +38,37 @@ class QueueFullError(SeeklingError):
 
 
 # ----------------------------------------------------------------------------- finding and loading a model
-def load_for_serving(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32
-                     ) -> tuple[Transformer, Tokenizer, str]:
-    """(model in eval mode, tokenizer, model directory) from a model or run directory."""
-    model_dir = resolve_model_dir(path)
-    tokenizer = Tokenizer.load(find_tokenizer_dir(model_dir, path))
+def load_for_serving(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     say: Callable[[str], None] | None = None) -> tuple[Transformer, Tokenizer, str]:
+    """(model in eval mode, tokenizer, model directory) from a model or run directory (the model by
+    `seekling.checkpoint.choose_model_dir`'s rules; `say` is told which one and why)."""
+    model_dir, tokenizer_dir = resolve_model_and_tokenizer(path, say=say)
+    tokenizer = Tokenizer.load(tokenizer_dir)
     model = load_pretrained(model_dir, device=device, dtype=dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"vocab_size is {model.config.vocab_size}")
     return model, tokenizer, model_dir
+
+
+def served_model_name(model_dir: str) -> str:
+    """The model id the server reports: the run and stage rather than "final", e.g. speedrun-cpu-grpo
+    for runs/speedrun-cpu/grpo/final, grpo-step_000050 for a checkpoint, the directory name otherwise."""
+    parts = os.path.normpath(os.path.abspath(model_dir)).split(os.sep)
+    if parts[-1] == "final":
+        parts, name = parts[:-1], parts[-2]
+    elif len(parts) > 2 and parts[-2] == "checkpoints":
+        parts, name = parts[:-2], f"{parts[-3]}-{parts[-1]}"
+    else:
+        name = parts[-1]
+    in_speedrun = len(parts) > 2 and run_state(os.sep.join(parts[:-1])) is not None
+    return f"{parts[-2]}-{name}" if in_speedrun else name
+
+
+def suggested_prompts(tasks: Sequence[str] | None, per_task: int = 2) -> list[str]:
+    """Example questions for the chat page: held-out problems of the tasks the model was trained on
+    (in the very wording it learned), or none when it is not known what it was trained on."""
+    return [p.prompt for task in tasks or [] for p in make_problems(task, "test", per_task, seed=1)]
 
 
 # ----------------------------------------------------------------------------- tokens -> text

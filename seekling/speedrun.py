@@ -217,7 +217,9 @@ def stage_tokenizer(ctx: Context) -> dict[str, Any]:
     os.replace(ctx.path(".shards.tmp"), ctx.path("shards"))
     train, val = index["splits"]["train"]["tokens"], index["splits"]["val"]["tokens"]
     return {"vocab_size": tokenizer.vocab_size, "train_tokens": train, "val_tokens": val, "tokens": train + val,
-            "summary": f"vocabulary {tokenizer.vocab_size}, {train:,} train + {val:,} val tokens"}
+            "summary": f"vocabulary {tokenizer.vocab_size}"
+                       + (f" (of {p.vocab_size} asked: the task text has no more pairs worth merging)"
+                          if tokenizer.vocab_size < p.vocab_size else "") + f", {train:,} train + {val:,} val tokens"}
 
 
 def stage_pretrain(ctx: Context) -> dict[str, Any]:

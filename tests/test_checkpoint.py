@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from seekling.checkpoint import (load_pretrained, model_kind, resolve_model_and_tokenizer, resolve_model_dir,
-                                 save_pretrained)
+from seekling.checkpoint import (best_evaluated_stage, load_pretrained, model_kind, resolve_model_and_tokenizer,
+                                 resolve_model_dir, save_pretrained, trained_tasks)
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError
 from seekling.model import Transformer
@@ -130,3 +131,36 @@ def test_resolve_model_dir(tmp_path):
         resolve_model_dir(str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="no tokenizer.json in .*pass --tokenizer"):
         resolve_model_and_tokenizer(str(tmp_path / "qwen"))
+
+
+def test_speedrun_directory_serves_its_best_evaluated_stage(tmp_path, capsys):
+    """A speedrun directory holds four stages' final models; the one chosen is the stage with the best
+    held-out pass@1 in the run's own eval/*.json, whatever the files' modification times say."""
+    run = tmp_path / "speedrun-cpu"
+    scores = {"pretrain": 0.02, "sft": 0.181, "grpo": 0.295, "distill": 0.256}
+    for stage, score in scores.items():
+        d = run / stage / "final"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+        (d / "model.safetensors").write_text("")
+        (run / "eval").mkdir(exist_ok=True)
+        (run / "eval" / f"{stage}.json").write_text(json.dumps({"mean": {"pass@1": score}}))
+    os.utime(run / "distill" / "final", (2e9, 2e9))  # distill written last: the old tie-break chose it
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    (run / "state.json").write_text(json.dumps({"format": "seekling-speedrun-v1", "config": {"rl_task": "arithmetic"},
+                                                "finished": [f"eval_{s}" for s in scores]}))
+    assert resolve_model_dir(run) == str(run / "grpo" / "final")
+    said = []
+    assert resolve_model_and_tokenizer(str(run), say=said.append) == (str(run / "grpo" / "final"), str(run / "tokenizer"))
+    assert "grpo" in said[0] and "29.5%" in said[0] and "distill 25.6%" in said[0]
+    assert best_evaluated_stage(run)[:2] == ("grpo", 0.295)
+    # a tie goes to the stage evaluated later in the run; a damaged result file does not count
+    (run / "eval" / "distill.json").write_text(json.dumps({"mean": {"pass@1": 0.295}}))
+    (run / "eval" / "sft.json").write_text("{not json")
+    assert resolve_model_dir(run) == str(run / "distill" / "final")
+    # a stage named explicitly, or a run without evaluations, keeps the other rules
+    assert resolve_model_dir(run / "sft") == str(run / "sft" / "final")
+    shutil.rmtree(run / "eval")
+    assert resolve_model_dir(run) == str(run / "distill" / "final")  # newest of the final/ directories
+    assert trained_tasks(run / "grpo" / "final") == ["arithmetic"] and trained_tasks(tmp_path) is None

@@ -17,6 +17,7 @@ from seekling.grpo import (GRPOConfig, LossTotals, Rollouts, TrainingStopped, cl
                            kl_to_reference, pad_rollouts, seq_mean_token_mean,
                            seq_sum_constant, token_logprobs, token_mean, train_grpo)
 from seekling.model import Transformer
+from seekling.rewards import RewardError
 from seekling.data import read_problems
 from seekling.tasks import make_problems, render_prompt_ids
 from seekling.train_state import list_checkpoints
@@ -210,9 +211,12 @@ def test_train_grpo_end_to_end_with_truncated_completions(tmp_path, tokenizer):
     # a random tiny model never closes its tags in 6 tokens: scored 0 on format, not a crash
     cfg = small_cfg(rewards={"format": 1.0, "correct": 1.0, "tests_grpo_rewards:by_length": 0.1,
                              "tests_grpo_rewards:distinct": 1.0})
-    summary = train_grpo(model, tokenizer, problems, cfg, tmp_path / "run", log=lambda s: None)
+    lines = []
+    summary = train_grpo(model, tokenizer, problems, cfg, tmp_path / "run", log=lines.append)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+    progress = [line for line in lines if line.startswith("grpo step")]  # printed even where no bar shows
+    assert len(progress) == 2 and progress[1].startswith("grpo step 2/2 | reward ") and "| accuracy " in progress[1]
     for key in ("reward", "reward/format", "reward/correct", "accuracy", "format", "response_length",
                 "response_length_max", "clip_fraction", "entropy", "sample_tokens_per_s", "train_tokens_per_s"):
         assert key in records[0], key
@@ -228,7 +232,10 @@ def user_rewards(tmp_path, monkeypatch):
         "def constant(completion, answer, **meta):\n    return 1.0\n"
         "def distinct(completion, answer, **meta):\n    return float(len(set(completion)) % 3)\n"
         "def broken(completion, answer, **meta):\n    raise RuntimeError('boom')\n"
-        "def not_a_number(completion, answer, **meta):\n    return 'high'\n")
+        "def not_a_number(completion, answer, **meta):\n    return 'high'\n"
+        "calls = 0\n"
+        "def flaky(completion, answer, **meta):\n    global calls\n    calls += 1\n"
+        "    if calls == 1:\n        raise RuntimeError('once')\n    return True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
@@ -248,13 +255,23 @@ def test_dynamic_sampling_drops_all_equal_groups(tmp_path, tokenizer):
 
 
 def test_failing_user_rewards_score_zero_and_are_counted(tmp_path, tokenizer):
-    cfg = small_cfg(steps=1, rewards={"tests_grpo_rewards:broken": 1.0, "tests_grpo_rewards:not_a_number": 1.0,
-                                      "tests_grpo_rewards:by_length": 1.0})
+    cfg = small_cfg(steps=1, rewards={"tests_grpo_rewards:flaky": 1.0, "tests_grpo_rewards:by_length": 1.0})
     summary = train_grpo(tiny(tokenizer), tokenizer, make_problems("arithmetic", "train", 4, 0), cfg,
                          tmp_path / "r", log=lambda s: None)
-    assert summary["reward_failures"] == 2 * 2 * 4  # two bad rewards x P*G samples
+    assert summary["reward_failures"] == 1  # the first sample; the other P*G - 1 returned True
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["reward/tests_grpo_rewards:broken"] == 0.0 and record["reward_failures"] == 16
+    n = cfg.prompts_per_step * cfg.group_size
+    assert record["reward/tests_grpo_rewards:flaky"] == pytest.approx((n - 1) / n) and record["reward_failures"] == 1
+
+
+@pytest.mark.parametrize("broken", ["broken", "not_a_number"])
+def test_a_reward_failing_on_every_sample_stops_the_run(tmp_path, tokenizer, broken):
+    """Not `reward 0.000, groups_kept 0` as if it had trained: a clear error naming the reward."""
+    cfg = small_cfg(steps=2, rewards={"correct": 1.0, f"tests_grpo_rewards:{broken}": 1.0})
+    with pytest.raises(RewardError, match=f"tests_grpo_rewards:{broken}' failed on all"):
+        train_grpo(tiny(tokenizer), tokenizer, make_problems("arithmetic", "train", 4, 0), cfg,
+                   tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r" / "final").exists()
 
 
 def test_resume_equals_uninterrupted(tmp_path, tokenizer):

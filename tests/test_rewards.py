@@ -9,6 +9,7 @@ import pytest
 
 from seekling.errors import ConfigError, SeeklingError
 from seekling.rewards import (
+    RewardError,
     RewardStats,
     answers_match,
     combine_rewards,
@@ -227,7 +228,7 @@ def test_combine_rewards_total_and_components():
 def test_unknown_reward_lists_known_ones():
     with pytest.raises(SeeklingError) as info:
         combine_rewards({"acuracy": 1.0})
-    for name in ("accuracy", "format", "countdown", "math", "overlong"):
+    for name in ("accuracy", "correct", "format", "countdown", "math", "overlong"):
         assert name in str(info.value)
     assert set(known_rewards()) >= {"accuracy", "format", "countdown", "math", "overlong"}
 
@@ -264,14 +265,39 @@ def test_failing_user_reward_scores_zero_and_is_counted(user_module):
     stats = RewardStats()
     reward = combine_rewards({"accuracy": 1.0, "my_rewards:explodes": 1.0,
                               "my_rewards:not_a_number": 1.0}, stats=stats)
-    for value in ("high", math.nan, None, True):
+    for value in ("high", math.nan, None):
         total, parts = reward("<answer>4</answer>", "4", value=value)
         assert total == 1.0 and parts["my_rewards:explodes"] == 0.0
-    assert stats.errors["my_rewards:explodes"] == 4
-    assert stats.bad_values["my_rewards:not_a_number"] == 4  # str, NaN, None and bool all refused
-    assert stats.total == 8 and "boom" in stats.last_message["my_rewards:explodes"]
+    assert stats.errors["my_rewards:explodes"] == 3
+    assert stats.bad_values["my_rewards:not_a_number"] == 3  # str, NaN and None refused
+    assert stats.total == 6 and "boom" in stats.last_message["my_rewards:explodes"]
     total, parts = reward("<answer>4</answer>", "4", value=0.5)
-    assert parts["my_rewards:not_a_number"] == 0.5 and stats.total == 9
+    assert parts["my_rewards:not_a_number"] == 0.5 and stats.total == 7
+    for verdict in (True, False):  # a bool is a verdict: 1 or 0, not a failure
+        assert reward("<answer>4</answer>", "4", value=verdict).components["my_rewards:not_a_number"] == float(verdict)
+    assert stats.bad_values["my_rewards:not_a_number"] == 3
+
+
+def test_a_reward_that_fails_on_every_sample_stops_with_its_message(user_module):
+    reward = combine_rewards({"accuracy": 1.0, "my_rewards:explodes": 1.0})
+    before = reward.failure_counts()
+    for _ in range(4):
+        reward("<answer>4</answer>", "4")
+    with pytest.raises(RewardError, match=r"'my_rewards:explodes' failed on all 4 samples.*boom.*\*\*meta"):
+        reward.check_not_all_failed(before, 4)
+    reward.check_not_all_failed(before, 5)  # one of five samples scored: not every one failed
+
+
+def test_user_reward_from_the_current_directory(tmp_path, monkeypatch):
+    """The console script does not put the current directory on sys.path; rewards are looked for there."""
+    (tmp_path / "cwd_rewards_mod.py").write_text(
+        "def exact(completion: str, answer: str, **meta) -> bool:\n"
+        "    return completion.strip().endswith(f'<answer> {answer} </answer>')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    reward = combine_rewards({"cwd_rewards_mod:exact": 1.0})
+    assert reward("<think> t </think> <answer> 4 </answer>", "4").total == 1.0
+    assert reward("<answer> 5 </answer>", "4").total == 0.0 and reward.stats.total == 0
 
 
 def test_misconfigured_reward_is_loud_not_zero():

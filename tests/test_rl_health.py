@@ -6,7 +6,6 @@ was trained; the report card's health section."""
 import json
 
 import pytest
-import torch
 
 from seekling.checkpoint import save_pretrained
 from seekling.cli import main

@@ -6,6 +6,7 @@ and content are known), raw completion prompts get seeded random-model text.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import time
@@ -315,3 +316,30 @@ def test_disconnect_while_waiting_for_a_whole_response_cancels_it(server):
         httpx.post(url + "/v1/completions", json=body, timeout=0.1)
     assert wait_for(lambda: engine.stats()["active"] == 0, 3)
     assert engine.counters["finished_cancelled"] == cancelled + 8
+
+
+def test_defaults_match_the_cli_and_the_page_suggests_only_trained_tasks(loaded, tmp_path):
+    """The server samples as `seekling chat` does unless told otherwise; the chat page offers
+    questions of the tasks the model was trained on only; the model id names the run and stage."""
+    from fastapi.testclient import TestClient
+
+    from seekling.commands import chat
+    from seekling.server import parse_sampling
+    from seekling.serving import served_model_name, suggested_prompts
+
+    parser = argparse.ArgumentParser()
+    chat.add_arguments(parser)
+    cli = parser.parse_args(["somewhere"])
+    sampling = parse_sampling({"messages": ask()}, Limits())
+    assert (sampling.temperature, sampling.top_p) == (cli.temperature, cli.top_p) == (0.6, 0.95)
+    model, tok, _ = loaded
+    questions = suggested_prompts(["arithmetic"])
+    assert questions and all(q.startswith("What is") for q in questions)
+    page = TestClient(create_app(Engine(model, tok), tok, "x", suggestions=questions + ["</script>"])).get("/").text
+    assert json.dumps(questions)[1:-1] in page and "make 24" not in page and "</script>\"" not in page
+    assert "make 24" not in TestClient(create_app(Engine(model, tok), tok, "x")).get("/").text
+    run = tmp_path / "speedrun-cpu"
+    (run / "grpo" / "final").mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"format": "seekling-speedrun-v1"}))
+    assert served_model_name(str(run / "grpo" / "final")) == "speedrun-cpu-grpo"
+    assert served_model_name(str(tmp_path / "runs" / "grpo" / "final")) == "grpo"

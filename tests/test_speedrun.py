@@ -61,7 +61,7 @@ def test_smoke_preset_runs_every_stage_and_fills_the_report(smoke_run):
         assert m["mean_length"] > 0
     distill = state["stages"]["distill"]
     if "skipped" in distill:  # a teacher with no verified sample leaves nothing to distil: said so
-        assert f"| after distillation | skipped: {distill['skipped']} |" in md
+        assert "| after distillation | skipped (see Notes) |" in md and f"distill: skipped ({distill['skipped']})" in md
     else:
         assert (run_dir / "eval" / "distill.json").is_file() and distill["tokens"] > 0
     # the environment and the cost table
@@ -103,6 +103,24 @@ def test_smoke_report_plots_and_self_contained_html(smoke_run):
     assert page.count('src="data:image/png;base64,') == 4
     assert not re.search(r'src="(?!data:)', page)  # nothing to fetch: one file carries everything
     assert "<table>" in page and "after cold-start SFT" in page
+
+
+def test_smoke_report_reads_as_a_person_needs_it(smoke_run):
+    """Dollars and hours in plain decimals, the wide GRPO figure at full width without a caption that
+    repeats its title, the distillation funnel, the settings as a table, and what to run next."""
+    run_dir, state = smoke_run["dir"], smoke_run["state"]
+    md, page = (run_dir / "report.md").read_text(), (run_dir / "report.html").read_text()
+    cost = md[md.index("## Cost per stage"):md.index("## Plots")]
+    assert "$" in cost
+    for row in re.findall(r"^\| \w+ \| \d+ x .*$", cost, re.M):  # the stages' rows
+        hours, dollars = row.split(" | ")[-2:]
+        assert "e-" not in hours and "e-" not in dollars, row
+    assert "<figcaption>" not in page and page.count('<figure class="wide">') == 1
+    assert "## Distillation data" in md and "| arithmetic | 16 | 32 |" in md
+    assert "| setting | value | setting | value |" in md and "| `grpo_steps` | 3 |" in md
+    best = max(("pretrain", "sft", "grpo"), key=lambda s: (state["stages"][f"eval_{s}"]["metrics"]["pass@1"],
+                                                            ("pretrain", "sft", "grpo").index(s)))
+    assert f"The best model of this run is **{best}**" in md and f"seekling chat {run_dir}" in md
 
     # the per-expert load heatmap's data: every checkpoint, each token routed to top-k experts
     loads = json.loads((run_dir / "pretrain" / "expert_load.json").read_text())

@@ -14,13 +14,14 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written (a command's module docstring) and each flag's real default after
-    its help; none for required flags, switches, None, empty lists and flags whose help says it already."""
+    its help; none for required flags, switches, None, empty lists and strings (nothing to show) and
+    flags whose help says it already."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if (action.required or action.nargs == 0 or default is None or default is argparse.SUPPRESS
-                or default == [] or "default" in text):
+                or default in ([], "") or "default" in text):
             return text
         return text + " (default: %(default)s)"
 
@@ -68,3 +69,8 @@ def add_threads(parser: argparse.ArgumentParser | Any) -> argparse.Action:
     return parser.add_argument("--threads", type=int, default=0, metavar="N",
                                help="torch CPU threads (0: measured by a short probe of the free cores, "
                                     "see seekling.threads)")
+
+
+def add_action(actions: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A sub-command (`seekling data build`): listed with `text`, and its --help opens with it."""
+    return actions.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)

@@ -7,7 +7,8 @@ does, earlier answers are fed back without their reasoning. Commands at the prom
     /reset       forget the conversation          /temp 0.6   set the temperature (0: greedy)
     /max 512     set the most tokens per answer   /quit       leave (Ctrl-D too)
 
-Ctrl-C stops an answer and keeps the session. MODEL_DIR is a model directory or a run directory.
+Ctrl-C stops an answer and keeps the session. MODEL_DIR is a model directory or a run directory (of a
+speedrun: the stage with the best held-out pass@1; the model chosen is printed).
 
     seekling chat runs/main/final
     seekling chat runs/main --system "Answer briefly." --temperature 0
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     choose_threads(args.threads)
-    model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
+    model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype], say=print)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop_token_ids=(tokenizer.eos_id,), seed=args.seed)
     params.validate()

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from seekling.commands import HelpFormatter
+from seekling.commands import add_action
 from seekling.data import build_token_shards, load_index
 from seekling.errors import ConfigError
 from seekling.tasks import make_mixture, parse_difficulty, to_sft_example
@@ -25,9 +25,8 @@ from seekling.tokenizer import Tokenizer
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fmt = HelpFormatter
 
-    build = actions.add_parser("build", help="tokenize sources into train/val token shards", formatter_class=fmt)
+    build = add_action(actions, "build", "tokenize sources into train/val token shards")
     build.add_argument("--tokenizer", required=True, help="tokenizer directory (from `seekling tokenizer train`)")
     build.add_argument("--out", required=True, help="directory to write index.json and the .bin shards into")
     add_task_flags(build)
@@ -39,12 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "each text file, a hash bucket of JSONL records")
     build.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin shard file at most")
 
-    sft = actions.add_parser("sft", help="write task problems as chat JSONL for SFT", formatter_class=fmt)
+    sft = add_action(actions, "sft", "write task problems as chat JSONL for SFT")
     sft.add_argument("--out", required=True, help="JSONL file to write")
     add_task_flags(sft)
     sft.add_argument("--split", default="train", choices=["train", "test"], help="which split of the tasks")
 
-    show = actions.add_parser("show", help="print the index of a data directory", formatter_class=fmt)
+    show = add_action(actions, "show", "print the index of a data directory")
     show.add_argument("--data", required=True, help="data directory (from `seekling data build`)")
 
 

@@ -1,7 +1,8 @@
 """seekling generate: complete one or more prompts and print the result, for scripts.
 
 MODEL_DIR is a Hugging Face-format directory (config.json, model.safetensors, tokenizer files) or a
-seekling run directory (its final/ or latest checkpoint is used). Each prompt is a user message put
+seekling run directory: its final/, in a speedrun directory the stage with the best held-out pass@1
+in its eval/ results, else its latest checkpoint; which one is printed on stderr. Each prompt is a user message put
 through the chat template, unless --raw feeds the text as it is (after the bos token). The output
 is the completion as generated, reasoning tags included; --json prints one JSON object per prompt
 with the reasoning and the answer split apart. The same settings and --seed give the same text as
@@ -22,7 +23,7 @@ import torch
 
 from seekling.commands import add_threads
 from seekling.errors import SeeklingError
-from seekling.generate import SamplingParams, generate
+from seekling.generate import CHAT_TEMPERATURE, CHAT_TOP_P, SamplingParams, generate
 from seekling.serving import load_for_serving, split_reasoning
 from seekling.tasks import render_prompt_ids
 from seekling.threads import choose_threads
@@ -33,9 +34,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `generate` and `chat`."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=0.6,
+    group.add_argument("--temperature", type=float, default=CHAT_TEMPERATURE,
                        help="softmax temperature; 0 is greedy, DeepSeek suggests 0.6 for R1 (default: %(default)s)")
-    group.add_argument("--top-p", type=float, default=0.95,
+    group.add_argument("--top-p", type=float, default=CHAT_TOP_P,
                        help="nucleus sampling: keep the smallest set of tokens whose probability reaches this "
                             "(default: %(default)s)")
     group.add_argument("--top-k", type=int, default=0,
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     choose_threads(args.threads)
     texts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
-    model, tokenizer, _ = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
+    model, tokenizer, _ = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype],
+                                           say=lambda line: print(line, file=sys.stderr))
     prompts = [render_prompt_ids(tokenizer, t, "raw" if args.raw else "chat", args.system) for t in texts]
     params = [SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, stop_token_ids=(tokenizer.eos_id,),

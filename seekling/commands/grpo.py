@@ -16,6 +16,19 @@ run in which no step updated the model exits with status 1. --resume continues e
         --loss seq_sum_constant --no-scale-std --out runs/drgrpo
     seekling grpo --init-from base --data problems.jsonl --template r1zero --reward correct=1 format=0.5 \\
         my_rewards:brevity=0.1 --out runs/r1zero
+
+Rewards: the registered ones are accuracy, correct, countdown, format, math and overlong
+(seekling/rewards.py). Your own is a function in a module on sys.path or in the current directory,
+given as MODULE:FUNCTION=WEIGHT; it takes the completion text, the problem's answer and its meta
+(task, the problem's meta fields, length) and returns a number or a bool. In ./my_rewards.py:
+
+    def exact(completion: str, answer: str, **meta) -> bool:
+        return completion.strip().endswith(f"<answer> {answer} </answer>")
+
+    seekling grpo --init-from runs/sft --tasks arithmetic --reward correct=1 my_rewards:exact=0.5 --out runs/g
+
+A sample whose reward raises or returns a non-number scores 0 (counted and reported); a reward that
+fails on every sample of a step stops the run.
 """
 
 from __future__ import annotations
@@ -74,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(g, GRPOConfig, "warmup_steps", "--warmup")
     add(g, "weight_decay", "grad_clip", "steps")
     g.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
-    add(g, "save_every", "max_bad_steps", "seed")
+    add(g, "save_every", "log_every", "max_bad_steps", "seed")
     add_threads(g)
 
 
@@ -83,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_args(GRPOConfig, args, rewards=dict(args.rewards))
     cfg.validate()  # G < 2, unknown rewards and friends fail before any loading
     combine_rewards(cfg.rewards)
-    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer)
+    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer, say=print)
     if args.data:
         problems = read_problems(args.data)
     else:

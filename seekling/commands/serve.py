@@ -23,7 +23,8 @@ import sys
 from seekling.commands import add_threads
 from seekling.commands.generate import DTYPES
 from seekling.errors import SeeklingError
-from seekling.serving import Engine, load_for_serving
+from seekling.checkpoint import trained_tasks
+from seekling.serving import Engine, load_for_serving, served_model_name, suggested_prompts
 from seekling.threads import choose_threads
 
 
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--api-key", default=os.environ.get("SEEKLING_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1/* (default: $SEEKLING_API_KEY, else none)")
     net.add_argument("--model-name", default=None,
-                     help="the model id reported by /v1/models (default: the directory name)")
+                     help="the model id reported by /v1/models; requests may also name it 'seekling' "
+                          "(default: the run and stage, e.g. speedrun-cpu-grpo, else the directory name)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-concurrent", type=int, default=8,
                         help="requests decoded together, one cache slot each (default: %(default)s)")
@@ -68,12 +70,14 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise SeeklingError(f"--max-queue must be >= 0, got {args.max_queue}")
     choose_threads(args.threads)
-    model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
-    name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model_dir)))
+    model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype],
+                                                   say=lambda line: print(line, file=sys.stderr))
+    name = args.model_name or served_model_name(model_dir)
     engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue)
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
                     max_body_bytes=args.max_body_bytes, max_n=args.max_n)
-    app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits,
+                     suggestions=suggested_prompts(trained_tasks(model_dir)))
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

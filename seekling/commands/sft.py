@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("training needs --data FILE.jsonl and --init-from MODEL_DIR (or use --make-cold-start)")
     choose_threads(args.threads)
     cfg = from_args(SFTConfig, args)
-    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer)
+    model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer, say=print)
     torch.manual_seed(args.seed)
     model = load_pretrained(model_dir)
     summary = train_sft(model, Tokenizer.load(tokenizer_dir), args.data, cfg, args.out, tokenizer_dir=tokenizer_dir,

@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
-from seekling.commands import HelpFormatter
+from seekling.commands import add_action
 from seekling.commands.data import add_task_flags
 from seekling.data import read_jsonl_texts, read_text_file
 from seekling.errors import ConfigError
@@ -26,8 +26,7 @@ from seekling.tokenizer import Tokenizer
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    train = actions.add_parser("train", help="train a tokenizer and save it in a directory",
-                               formatter_class=HelpFormatter)
+    train = add_action(actions, "train", "train a tokenizer and save it in a directory")
     train.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
                        help="text files to train on (.jsonl files contribute the --field of each record)")
     train.add_argument("--field", default="text", help="the JSON field holding the text in .jsonl corpus files")
@@ -36,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vocab-size", type=int, default=512, help="target vocabulary size (at least 266)")
     train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it")
     train.add_argument("--out", required=True, help="directory to write the tokenizer files into")
-    encode = actions.add_parser("encode", help="print the tokens and ids of a text",
-                                formatter_class=HelpFormatter)
+    encode = add_action(actions, "encode", "print the tokens and ids of a text")
     encode.add_argument("--tokenizer", required=True, help="tokenizer directory")
     encode.add_argument("text", help="text to encode")
 

@@ -5,6 +5,7 @@ an answer, failing user rewards, tags never closed, NaN losses)."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -237,6 +238,9 @@ def user_rewards(tmp_path, monkeypatch):
         "def flaky(completion, answer, **meta):\n    global calls\n    calls += 1\n"
         "    if calls == 1:\n        raise RuntimeError('once')\n    return True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tests_grpo_rewards", raising=False)  # this test's copy, fresh counters
+    yield
+    sys.modules.pop("tests_grpo_rewards", None)
 
 
 @pytest.fixture(autouse=True)

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError
-from seekling.generate import SamplingParams, generate, pad_right
-from seekling.model import LatentCache
+from seekling.generate import SPECULATE, SPECULATE_HELP, SamplingParams, generate, pad_right
+from seekling.model import IGNORE_INDEX, LatentCache
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, grade, register_reward
 from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
@@ -57,6 +57,7 @@ class GRPOConfig:
     max_new_tokens: int = setting(128, "completion length limit")
     temperature: float = setting(1.0, "sampling temperature (R1-Zero samples at 1)")
     top_p: float = setting(1.0, "nucleus sampling threshold")
+    speculate: str = setting("auto", SPECULATE_HELP)
     template: str = setting("chat", "prompt format: the chat template, or R1-Zero's plain-text prompt")
     rewards: dict[str, float] = setting(help="rewards and weights; names from seekling.rewards or module:function",
                                         factory=lambda: {"correct": 1.0, "format": 0.2})
@@ -78,6 +79,9 @@ class GRPOConfig:
     warmup_steps: int = setting(0, "linear warm-up steps")
     weight_decay: float = setting(0.0, "AdamW weight decay on matrices")
     grad_clip: float = setting(1.0, "global gradient-norm clip (0: none)")
+    mtp_weight: float = setting(0.1, "weight of the MTP modules' loss on the sampled completions, the policy's "
+                                     "states detached so the policy gradient is unchanged (keeps speculative "
+                                     "drafts accurate; 0: MTP modules left as they are)")
     # run
     steps: int = setting(100, "GRPO steps")
     seed: int = setting(0, "seed for problems and sampling")
@@ -105,6 +109,8 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if self.speculate not in SPECULATE:
+            raise ConfigError(f"speculate must be one of {', '.join(SPECULATE)}, got {self.speculate!r}")
         if not self.rewards:
             raise ConfigError("give at least one reward, e.g. correct=1.0")
 
@@ -306,7 +312,7 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    completions = generate(model, rows, params)
+    completions = generate(model, rows, params, speculate=cfg.speculate)
     seconds = time.perf_counter() - start
     model.train(was_training)
     texts = [tokenizer.decode(c.token_ids, skip_special=True) for c in completions]
@@ -414,6 +420,27 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     return logp_BT, mask_BT, entropy_BT
 
 
+def mtp_backward(model, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int) -> float:
+    """Backward of mtp_weight x the MTP modules' cross-entropy on the completion tokens (the main model's
+    states, embedding and head held fixed: `Transformer.mtp_loss`), in micro-batches; returns the loss."""
+    rows = range(len(rollouts.completion_ids))
+    batches = [list(rows[i: i + cfg.micro_batch_size]) for i in range(0, len(rows), cfg.micro_batch_size)]
+    pieces = []
+    for batch in batches:
+        inputs_BT, targets_BT, mask_BT, _ = pad_rollouts(batch, rollouts, pad_id)
+        targets_BT = targets_BT.masked_fill(mask_BT == 0, IGNORE_INDEX)
+        pieces.append((inputs_BT, targets_BT, int((targets_BT[:, 1:] != IGNORE_INDEX).sum())))
+    total = sum(n for _, _, n in pieces)
+    loss_sum = 0.0
+    for inputs_BT, targets_BT, n in pieces:
+        if n == 0:
+            continue
+        loss = model.mtp_loss(inputs_BT, targets_BT) * (n / total)
+        (cfg.mtp_weight * loss).backward()
+        loss_sum += loss.item()
+    return loss_sum
+
+
 # ----------------------------------------------------------------------------- one optimisation step
 def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int,
               ref_model=None) -> dict[str, float]:
@@ -461,7 +488,12 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
             if entropy_BT is not None:
                 entropy_mean += float((entropy_BT * mask_BT).sum()) / max(totals.num_tokens, 1)
         sums["entropy"] = entropy_mean
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        mtp_params = [p for m in model.mtp for p in m.parameters()] if cfg.mtp_weight > 0 else []
+        if mtp_params:  # the MTP modules clipped apart, so they leave the policy's update as it was
+            sums["mtp_loss"] = mtp_backward(model, rollouts, cfg, pad_id)
+            clip_gradients(mtp_params, cfg.grad_clip)
+        mtp_ids = {id(p) for p in mtp_params}
+        grad_norm = clip_gradients([p for p in model.parameters() if id(p) not in mtp_ids], cfg.grad_clip)
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             return {**sums, "grad_norm": grad_norm, "nan": 1.0}

@@ -22,10 +22,11 @@ from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
 from seekling.commands import add_setting, from_args
 from seekling.errors import ConfigError
 from seekling.evaluate import EvalSettings, evaluate, format_table, known_tasks
+from seekling.generate import SPECULATE, DecodeSettings, speculating_generate
 from seekling.tasks import TEMPLATES, parse_difficulty
 from seekling.tokenizer import Tokenizer
 
-SETTINGS = (EvalSettings,)
+SETTINGS = (EvalSettings, DecodeSettings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, EvalSettings, name)
     add_setting(parser, EvalSettings, "template", choices=TEMPLATES)
     add_setting(parser, EvalSettings, "batch_size")
+    add_setting(parser, DecodeSettings, "speculate", choices=list(SPECULATE))
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
     parser.add_argument("--path", nargs="*", default=[], metavar="TASK=FILE",
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = load_pretrained(model_dir)
     result = evaluate(model, tokenizer, tasks, n=args.n or None, **dataclasses.asdict(from_args(EvalSettings, args)),
-                      difficulty=parse_difficulty(args.difficulty), paths=paths, keep_samples=args.keep_samples)
+                      difficulty=parse_difficulty(args.difficulty), paths=paths, keep_samples=args.keep_samples,
+                      generate_fn=speculating_generate(model, args.speculate, args.batch_size))
     result["model"] = str(args.model)
     print(format_table(result))
     if args.out:

@@ -22,7 +22,9 @@ import sys
 
 import torch
 
+from seekling.commands import add_setting
 from seekling.commands.generate import DTYPES
+from seekling.generate import SPECULATE, DecodeSettings
 from seekling.errors import SeeklingError
 from seekling.serving import Engine, load_for_serving
 
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a slot; more get 429 (default: %(default)s)")
     engine.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights dtype (default: %(default)s)")
+    add_setting(engine, DecodeSettings, "speculate", choices=list(SPECULATE))
     engine.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 is often fastest for small "
                              "models on a busy machine)")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype])
     name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model_dir)))
-    engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                    speculate=args.speculate, say=print)
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
                     max_body_bytes=args.max_body_bytes, max_n=args.max_n)
     app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits)

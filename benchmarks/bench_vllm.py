@@ -112,8 +112,10 @@ def main() -> None:
 
     hf = None
     if not args.skip_transformers:
+        import transformers
         from transformers import AutoModelForCausalLM
 
+        transformers.logging.set_verbosity_error()  # the MTP module's weights are not transformers' to load
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm, vllm_params = load_vllm(path, args.threads, max(batches))
     if llm is None:

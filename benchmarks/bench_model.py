@@ -2,11 +2,14 @@
 
 Prints tokens/s of both and their ratio for
   - training (forward + backward + AdamW step) on the CPU main-job preset, fp32 and bf16 autocast,
-  - sampling (new tokens/s) at batch 1, 8 and 64 with 128 new tokens,
+  - sampling (new tokens/s) at batch 1, 8 and 64 with 128 new tokens: transformers, seekling, and
+    seekling with MTP speculative decoding (its acceptance rate and speed-up over plain seekling),
+    against the bandwidth ceiling of this machine,
 and the training MFU against this machine's measured matmul peak.
 
     python benchmarks/bench_model.py            # full run (a few minutes on 2 cores)
     python benchmarks/bench_model.py --quick    # fewer steps, smaller sampling batches
+    python benchmarks/bench_model.py --no-train --checkpoint runs/main/grpo/final   # trained MTP drafts
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from seekling.checkpoint import save_pretrained  # noqa: E402
+from seekling.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from seekling.config import ModelConfig  # noqa: E402
 from seekling.cost import cpu_peak  # noqa: E402
 from seekling.decode import DecodeEngine  # noqa: E402
@@ -63,7 +66,9 @@ def train_rate(model, batches, steps: int, warmup: int, bf16: bool, is_hf: bool,
     return tokens / (time.perf_counter() - t0)
 
 
-def sample_rate(model, prompts, new_tokens: int, is_hf: bool) -> float:
+def sample_rate(model, prompts, new_tokens: int, is_hf: bool, speculate: bool = False,
+                stats: dict | None = None) -> float:
+    """New tokens/s of greedy sampling (`stats` receives seekling's speculation counters)."""
     model.eval()
     t0 = time.perf_counter()
     if is_hf:
@@ -73,9 +78,14 @@ def sample_rate(model, prompts, new_tokens: int, is_hf: bool) -> float:
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         produced = (out.shape[1] - x.shape[1]) * x.shape[0]
     else:
-        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
+        outs = generate(model, prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0),
+                        speculate=speculate, stats=stats)
         produced = sum(len(o.token_ids) for o in outs)
     return produced / (time.perf_counter() - t0)
+
+
+def acceptance(stats: dict) -> str:
+    return f"{stats['accepted'] / stats['drafted']:.0%}" if stats.get("drafted") else "-"
 
 
 def weight_bandwidth(threads: int) -> float:
@@ -119,6 +129,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt length for sampling")
     ap.add_argument("--quick", action="store_true", help="fewer steps and smaller batches (smoke run)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    ap.add_argument("--checkpoint", default=None,
+                    help="sample this seekling model (e.g. a speedrun's grpo/final: trained MTP drafts) instead of "
+                         "random weights of --preset; transformers loads the same files")
+    ap.add_argument("--no-train", action="store_true", help="skip the training comparison (sampling only)")
     ap.add_argument("--compile", action="store_true",
                     help="also measure seekling training under torch.compile (compile time excluded, reported apart)")
     args = ap.parse_args()
@@ -127,10 +141,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    # No MTP: transformers' DeepseekV3ForCausalLM has none, so both sides do the same work.
-    cfg = ModelConfig.from_name(args.preset, num_nextn_predict_layers=0)
-    ours = Transformer(cfg)
+    # Training without MTP: transformers' DeepseekV3ForCausalLM has none, so both sides do the same work.
+    # Sampling: the same main model; seekling's copy keeps one MTP module for speculative decoding.
     tmp = tempfile.mkdtemp()
+    if args.checkpoint:
+        drafting = load_pretrained(args.checkpoint)
+        cfg = drafting.config.replace(num_nextn_predict_layers=0)
+        ours = Transformer(cfg)
+        ours.load_state_dict(drafting.state_dict(), strict=False)
+    else:
+        cfg = ModelConfig.from_name(args.preset, num_nextn_predict_layers=0)
+        ours = Transformer(cfg)
+        drafting = Transformer(cfg.replace(num_nextn_predict_layers=1))
+        drafting.load_state_dict(ours.state_dict(), strict=False)  # the same main model, a random MTP module
     save_pretrained(ours, tmp)
     hf = load_transformers(tmp)
     peak = cpu_peak(args.threads)
@@ -146,8 +169,8 @@ def main() -> None:
         batches.append((seq[:, :-1], seq[:, 1:]))
     hf_batches = [(x, x.clone()) for x, _ in batches]  # transformers shifts labels itself
 
-    print("\ntraining (forward + backward + AdamW), tokens/s")
-    for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
+    print("\ntraining (forward + backward + AdamW), tokens/s" + (": skipped (--no-train)" if args.no_train else ""))
+    for name, bf16 in () if args.no_train else (("fp32", False), ("bf16 autocast", True)):
         dtype_peak = peak["bf16" if bf16 else "fp32"]
         b = train_rate(hf, hf_batches, args.steps, 2, bf16, True)
         a = train_rate(ours, batches, args.steps, 2, bf16, False)
@@ -159,7 +182,9 @@ def main() -> None:
             line += f"   seekling compiled {c:7.0f} ({c * fpt / dtype_peak:4.1%} MFU, {c / b:4.2f}x)"
         print(line, flush=True)
 
-    print(f"\nsampling ({args.new_tokens} new tokens, greedy), new tokens/s")
+    print(f"\nsampling ({args.new_tokens} new tokens, greedy), new tokens/s; seekling without and with MTP "
+          f"speculation ({'trained MTP module of ' + args.checkpoint if args.checkpoint else 'random weights: a random MTP module, whose drafts are rarely accepted'}), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     bandwidth = weight_bandwidth(args.threads)
     engine = DecodeEngine(ours)
     print(f"  (weights stream through a matrix-vector product at {bandwidth / 1e9:.1f} GB/s here: a decode step "
@@ -167,11 +192,16 @@ def main() -> None:
     for bs in [int(s) for s in args.sample_batches.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
         sample_rate(ours, prompts, 4, False)  # warm-up
+        sample_rate(drafting, prompts, 4, False, speculate=True)
         b = sample_rate(hf, prompts, args.new_tokens, True)
         a = sample_rate(ours, prompts, args.new_tokens, False)
+        stats: dict = {}
+        sp = sample_rate(drafting, prompts, args.new_tokens, False, speculate=True, stats=stats)
         floor = bs * bandwidth / decode_bytes(engine, bs)
         line = (f"  batch {bs:3d}   transformers {b:7.0f}   seekling {a:7.0f} ({a / b:5.2f}x)   "
-                f"bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most {floor / b:5.2f}x)")
+                f"speculative {sp:7.0f} ({sp / a:4.2f}x plain, {acceptance(stats)} accepted)   "
+                f"bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most {floor / b:5.2f}x, "
+                f"seekling at {a / floor:4.0%} of it)")
         print(line, flush=True)
 
 

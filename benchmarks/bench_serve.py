@@ -1,5 +1,5 @@
 """Load benchmark for `seekling serve`: aggregate generated tokens/s and time to first token (p50/p95)
-with 1, 4 and 16 concurrent streaming clients.
+with 1, 4 and 16 concurrent streaming clients, with MTP speculative decoding off and on (--speculate).
 
 The server runs as its own process (`python -m seekling.cli serve`), as it would in use; the clients
 are asyncio + httpx streaming /v1/completions with `ignore_eos`, so every request generates exactly
@@ -51,9 +51,9 @@ def build_random_model(directory: str, preset: str) -> str:
     return directory
 
 
-def start_server(model_dir: str, port: int, slots: int, threads: int | None) -> subprocess.Popen:
+def start_server(model_dir: str, port: int, slots: int, threads: int | None, speculate: str = "auto") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "seekling.cli", "serve", model_dir, "--port", str(port),
-           "--max-concurrent", str(slots), "--max-queue", "256"]
+           "--max-concurrent", str(slots), "--max-queue", "256", "--speculate", speculate]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, cwd=os.path.join(os.path.dirname(__file__), ".."))
@@ -116,6 +116,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--prompt-words", type=int, default=40, help="length of the prompt, in words")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
+    parser.add_argument("--speculate", nargs="+", default=["off", "on"], choices=["off", "on", "auto"],
+                        help="server runs to measure, one per --speculate value (MTP speculative decoding)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -125,33 +127,35 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     load_before = os.getloadavg()
-    server = start_server(model_dir, port, max(args.concurrency), args.threads)
     url = f"http://127.0.0.1:{port}"
     prompt = " ".join(["What is 47 plus 38, and then minus 9?"] * (args.prompt_words // 9 + 1)).split()
     prompt = " ".join(prompt[: args.prompt_words])
-    try:
-        asyncio.run(load(url, 1, 1, prompt, 8))  # warm-up: first calls allocate and pick kernels
-        rows = [asyncio.run(load(url, c, max(1, args.requests // c), prompt, args.max_tokens))
-                for c in args.concurrency]
-    finally:
-        server.terminate()
-        server.wait(30)
+    rows = []
+    for speculate in args.speculate:
+        server = start_server(model_dir, port, max(args.concurrency), args.threads, speculate)
+        try:
+            asyncio.run(load(url, 1, 1, prompt, 8))  # warm-up: first calls allocate and pick kernels
+            rows += [{"speculate": speculate, **asyncio.run(load(url, c, max(1, args.requests // c), prompt,
+                                                                  args.max_tokens))} for c in args.concurrency]
+        finally:
+            server.terminate()
+            server.wait(30)
     load_after = os.getloadavg()
 
     print(f"\nmodel: {args.model or 'preset ' + repr(args.preset) + ' (random weights)'}; "
           f"{args.max_tokens} tokens per request, prompt of {args.prompt_words} words, "
           f"{args.requests} requests per row; server torch threads: {args.threads or 'default'}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1-minute), on {os.cpu_count()} CPUs\n")
-    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'per client':>10} "
+    print(f"{'speculate':>9} {'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'per client':>10} "
           f"{'TTFT p50':>9} {'TTFT p95':>9}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['seconds']:>8.2f} "
+        print(f"{r['speculate']:>9} {r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['seconds']:>8.2f} "
               f"{r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / r['clients']:>10.1f} "
               f"{r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p95'] * 1000:>7.0f}ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "load_before": load_before, "load_after": load_after}, f, indent=2)
-    by_clients = {r["clients"]: r for r in rows}
+    by_clients = {r["clients"]: r for r in rows if r["speculate"] == args.speculate[0]}
     if 1 in by_clients and 16 in by_clients:
         speedup = by_clients[16]["tokens_per_s"] / by_clients[1]["tokens_per_s"]
         verdict = "ok" if speedup >= 4 else "BELOW the 4x target"

@@ -18,17 +18,30 @@ loop over it; the server's engine is a scheduler that lets sequences join and le
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from seekling.config import setting
 from seekling.decode import DecodeEngine
 from seekling.errors import SeeklingError
 from seekling.model import LatentCache, Transformer
+from seekling.speculative import Speculator
 
+SPECULATE = {"auto": None, "on": True, "off": False}  # the --speculate flag's values
+# Auto speculation: on CUDA up to this many rows a step (DeepSeek-V3 measured 1.8x tokens/s with one MTP
+# draft on GPUs; not measured by this project yet); never on a CPU, where the verify step ([B, 2] tokens)
+# plus the MTP step cost 1.7-2.1x a plain step at batch 1-64 on the `cpu` model (the step is bound by
+# kernel launches, not bytes), more than the 1 + acceptance tokens a step they bring.
+AUTO_SPECULATE_MAX_BATCH = 32
+SPECULATE_HELP = ("MTP speculative decoding (exact: the same distribution, greedy output identical): on, off, or "
+                  f"auto = on where measured faster (CUDA, batch <= {AUTO_SPECULATE_MAX_BATCH}; never on a CPU) "
+                  "when the model has MTP modules")
 MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would overflow the sampler's int64 tensors
 MAX_SEED = 2**63 - 1
 # What `seekling generate`, `chat` and the server sample with unless told otherwise: DeepSeek's
@@ -67,6 +80,44 @@ class SamplingParams:
         integer("top_k", 0, MAX_TOP_K)
         if self.seed is not None:
             integer("seed", 0, MAX_SEED)
+
+
+@dataclass
+class DecodeSettings:
+    """How the decoding core runs, whatever is sampled; each field's help is its flag's help."""
+
+    speculate: str = setting("auto", SPECULATE_HELP)
+
+
+_said: set[str] = set()
+
+
+def resolve_speculate(model: Transformer, speculate: bool | str | None, batch: int,
+                      say: Callable[[str], None] | None = None) -> bool:
+    """Whether to decode speculatively: True/False as given ("on"/"off"), None or "auto" by device and
+    batch size. "auto" (and "on" from a flag: `say` given) on a model without MTP modules is off, said
+    once through `say`; `speculate=True` from code on such a model is refused by the `Decoder`."""
+    if isinstance(speculate, str):
+        if speculate not in SPECULATE:
+            raise SeeklingError(f"speculate must be one of {', '.join(SPECULATE)}, got {speculate!r}")
+        speculate = SPECULATE[speculate]
+    has_mtp = len(model.mtp) > 0
+    if speculate is True and (has_mtp or say is None):
+        return True
+    if not has_mtp:
+        if speculate is True and "no-mtp" not in _said:
+            _said.add("no-mtp")
+            say("speculative decoding off: the model has no MTP modules (num_nextn_predict_layers = 0)")
+        return False
+    if speculate is False:
+        return False
+    return next(model.parameters()).device.type == "cuda" and batch <= AUTO_SPECULATE_MAX_BATCH
+
+
+def speculating_generate(model: Transformer, speculate: str, batch: int, say: Callable[[str], None] = print):
+    """`generate` with a --speculate flag resolved once for `model` at `batch` rows a call (a generate_fn
+    for evaluation and rejection sampling)."""
+    return functools.partial(generate, speculate=resolve_speculate(model, speculate, batch, say))
 
 
 @dataclass
@@ -149,6 +200,21 @@ def check_prompt(config, prompt_ids: Seq[int], where: str, max_len: int) -> None
         raise SeeklingError(f"{where} has a token id outside the vocabulary [0, {config.vocab_size})")
 
 
+def check_draft_depth(model: Transformer, depth: int) -> None:
+    """Speculative decoding drafts `depth` tokens with the first `depth` MTP modules: the model must have
+    them, and the decoder drafts one (depth 1)."""
+    n = len(model.mtp)
+    if n == 0:
+        raise SeeklingError("speculative decoding drafts with the MTP modules, and this model has none "
+                            "(num_nextn_predict_layers = 0)")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise SeeklingError(f"draft depth must be an integer >= 1, got {depth!r}")
+    if depth > n:
+        raise SeeklingError(f"draft depth {depth} exceeds the model's MTP depth {n} (num_nextn_predict_layers = {n})")
+    if depth > 1:
+        raise SeeklingError(f"draft depth {depth}: speculative decoding drafts one token a step (depth 1)")
+
+
 class Sequence:
     """One row being generated: prompt, settings, random stream (None: torch's global one), output so far."""
 
@@ -162,8 +228,6 @@ class Sequence:
         self.out = Completion()
         self.slot = -1
         self.done = self.budget == 0
-        self.draft: int | None = None  # speculative decoding: the MTP module's guess at the next token,
-        self.draft_probs: torch.Tensor | None = None  # and the distribution [V] it was drawn from
 
     @property
     def token_ids(self) -> list[int]:
@@ -186,22 +250,18 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer, slots: int, max_len: int | None = None, cache_len: int | None = None,
-                 speculate: bool = False):
+                 speculate: bool = False, draft_depth: int = 1):
         param = next(model.parameters())
         self.model, self.device = model, param.device
         self.max_len = max_len or model.config.max_position_embeddings  # the context: prompt + completion
         cache_len = cache_len or self.max_len
         self.cache = LatentCache(model.config, slots, cache_len, device=param.device, dtype=param.dtype)
         self.step_fn = DecodeEngine(model)
-        if speculate and not len(model.mtp):
-            raise SeeklingError("speculative decoding drafts with the MTP modules, and this model has none "
-                                "(num_nextn_predict_layers = 0)")
+        if speculate:
+            check_draft_depth(model, draft_depth)
         self.speculate = speculate
         self.counters = {"drafted": 0, "accepted": 0}
-        if speculate:  # the first MTP module keeps its own cache of its block's latents
-            L = model.config.num_hidden_layers
-            self.mtp_cache = LatentCache(model.config, slots, cache_len, device=param.device, dtype=param.dtype,
-                                         layers=range(L, L + 1))
+        self.speculator = Speculator(self, cache_len) if speculate else None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -253,24 +313,15 @@ class Decoder:
         if self.speculate:
             drafting = [(s, index[id(u)]) for s, u in zip(seqs, source) if not s.done]
             if drafting:
-                self._prefill_drafts(drafting, h_UTD)
-
-    def _prefill_drafts(self, drafting: list[tuple[Sequence, int]], h_UTD: torch.Tensor) -> None:
-        """The MTP module over each prompt (position t reads the state at t and token t+1, the last one
-        the token just sampled), which drafts the token after that."""
-        seqs = [s for s, _ in drafting]
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        self.mtp_cache.reset(slots)
-        tokens_BT, n_B = pad_right([s.prompt_ids[1:] + s.token_ids[:1] for s in seqs], device=self.device)
-        h_BTD = h_UTD[torch.tensor([u for _, u in drafting], device=self.device), : tokens_BT.shape[1]]
-        logits_BV, _ = self.model.mtp_forward_cached(1, tokens_BT, h_BTD, self.mtp_cache, rows=slots, num_new=n_B)
-        self._draft(seqs, logits_BV)
+                tokens_BT, n_B = pad_right([s.prompt_ids[1:] + s.token_ids[:1] for s, _ in drafting], device=self.device)
+                h_BTD = h_UTD[torch.tensor([u for _, u in drafting], device=self.device), : tokens_BT.shape[1]]
+                self.speculator.prefill([s for s, _ in drafting], tokens_BT, n_B, h_BTD)
 
     def step(self, seqs: Seq[Sequence]) -> None:
         """New tokens for each sequence (its last one goes into the cache), sampled and appended: one,
         or with speculative decoding one or two (the draft, if accepted, and the token after it)."""
         if self.speculate:
-            return self._speculative_step(seqs)
+            return self.speculator.step(seqs)
         tokens_B = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device)
         self._sample(seqs, self.step_fn.step(tokens_B, self.cache, rows=self._rows(seqs)))
 
@@ -285,79 +336,27 @@ class Decoder:
         for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             s.append(token, logprob)
 
-    def _distribution(self, seqs: Seq[Sequence], logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _distribution(self, seqs: Seq[Sequence], logits_BV: torch.Tensor, settings=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the distribution each row samples from [B, V] (one-hot for greedy rows), the log-probs it reports)."""
-        scaled_BV, masked_BV, greedy_B = truncate(logits_BV, *self._settings(seqs))
+        scaled_BV, masked_BV, greedy_B = truncate(logits_BV, *(settings or self._settings(seqs)))
         probs_BV = masked_BV.softmax(-1)
         if bool(greedy_B.any()):
             one_hot = F.one_hot(scaled_BV.argmax(-1), probs_BV.shape[1]).to(probs_BV.dtype)
             probs_BV = torch.where(greedy_B[:, None], one_hot, probs_BV)
         return probs_BV, torch.log_softmax(scaled_BV, dim=-1)
 
-    def _draw(self, seqs: Seq[Sequence], probs_BV: torch.Tensor) -> torch.Tensor:
-        return gumbel_argmax(probs_BV.log(), [s.generator for s in seqs])
-
-    def _draft(self, seqs: Seq[Sequence], logits_BV: torch.Tensor) -> None:
-        q_BV, _ = self._distribution(seqs, logits_BV)
-        for s, d, q_V in zip(seqs, self._draw(seqs, q_BV).tolist(), q_BV):
-            s.draft, s.draft_probs = d, q_V
-
-    def _speculative_step(self, seqs: Seq[Sequence]) -> None:
-        """Verify each row's draft d with one forward of [last token, d]: accept d with probability
-        min(1, p(d) / q(d)), else resample from normalise(max(0, p - q)); after an accepted draft the
-        token after it comes from the same forward. Every token is distributed exactly as without
-        speculation (the standard speculative-sampling rule), greedy rows take exactly the argmax,
-        and the log-probs reported are the model's own."""
-        B, rows = len(seqs), self._rows(seqs)
-        draft_B = torch.tensor([s.draft for s in seqs], device=self.device)
-        tokens_B2 = torch.stack([torch.tensor([s.token_ids[-1] for s in seqs], device=self.device), draft_B], 1)
-        start_B = self.cache.lengths[torch.arange(B, device=self.device) if rows is None else rows].clone()
-        logits_B2V, h_B2D = self.step_fn.step(tokens_B2, self.cache, rows=rows, hidden=True)
-        p_BV, logp_BV = self._distribution(seqs, logits_B2V[:, 0])
-        q_BV = torch.stack([s.draft_probs for s in seqs])
-        p_d, q_d = p_BV.gather(1, draft_B[:, None])[:, 0], q_BV.gather(1, draft_B[:, None])[:, 0]
-        uniform_B = torch.stack([torch.rand((), generator=s.generator, device=self.device) for s in seqs])
-        accept_B = uniform_B * q_d < p_d
-        residual_BV = (p_BV - q_BV).clamp_min(0)
-        residual_BV = torch.where(residual_BV.sum(-1, keepdim=True) > 0, residual_BV, p_BV)
-        resampled_B = self._draw(seqs, residual_BV)
-        next_B, next_logp_B = sample_tokens(logits_B2V[:, 1], *self._settings(seqs), [s.generator for s in seqs])
-        self.counters["drafted"] += B
-        self.counters["accepted"] += int(accept_B.sum())
-        new_tokens, n_new = [], []
-        for b, s in enumerate(seqs):
-            if bool(accept_B[b]):
-                s.append(int(draft_B[b]), float(logp_BV[b, draft_B[b]]))
-                if not s.done:
-                    s.append(int(next_B[b]), float(next_logp_B[b]))
-                new_tokens.append([int(draft_B[b]), s.token_ids[-1]])
-                n_new.append(2)
-            else:
-                r = int(resampled_B[b])
-                s.append(r, float(logp_BV[b, r]))
-                new_tokens.append([r, r])
-                n_new.append(1)
-        n_B = torch.tensor(n_new, device=self.device)
-        row_idx = torch.arange(B, device=self.device) if rows is None else rows
-        self.cache.lengths[row_idx] = start_B + n_B  # a rejected draft's latents are overwritten next step
-        live = [b for b, s in enumerate(seqs) if not s.done]
-        if live:
-            idx = torch.tensor(live, device=self.device)
-            live_rows = self._rows([seqs[b] for b in live])
-            logits_BV = self.step_fn.mtp_step(torch.tensor(new_tokens, device=self.device)[idx], h_B2D[idx],
-                                              self.mtp_cache, n_B[idx], rows=live_rows)
-            self._draft([seqs[b] for b in live], logits_BV)
-
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             progress=None, speculate: bool = False, stats: dict | None = None) -> list[Completion]:
+             progress=None, speculate: bool | str | None = None, stats: dict | None = None) -> list[Completion]:
     """Sample a completion for every prompt. `params` is one for all rows or one per row.
 
     A single seed seeds row b with seed + b, so a batch is reproducible and row b's sample does not
     depend on the other rows. `progress(n)` is called after each step with the tokens it sampled.
     `speculate`: draft with the MTP module and verify (same distribution, greedy output identical);
-    `stats`, when given, receives the decoder's counters (steps, drafted, accepted).
+    None or "auto": where it is faster (`resolve_speculate`). `stats`, when given, receives the
+    decoder's counters (drafted, accepted) and whether it speculated.
     """
     B = len(prompts)
     if B == 0:
@@ -371,6 +370,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     for b, prompt in enumerate(prompts):
         check_prompt(model.config, prompt, f"prompt {b}", max_pos)
     longest = max(len(prompt) + min(p.max_new_tokens, max_pos - len(prompt)) for prompt, p in zip(prompts, per_row))
+    speculate = resolve_speculate(model, speculate, B)
     decoder = Decoder(model, B, cache_len=max(longest, 1), speculate=speculate)
     seqs = []
     for b, (prompt, p) in enumerate(zip(prompts, per_row)):
@@ -388,5 +388,5 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         if live:
             decoder.step(live)
     if stats is not None:
-        stats.update(decoder.counters)
+        stats.update(decoder.counters, speculate=speculate)
     return [s.out for s in seqs]

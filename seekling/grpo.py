@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError
-from seekling.generate import SamplingParams, generate, pad_right
+from seekling.generate import SPECULATE, SPECULATE_HELP, SamplingParams, generate, pad_right
 from seekling.model import LatentCache
+from seekling.mtp import mtp_backward
 from seekling.rewards import CombinedReward, combine_rewards, correct_reward, format_reward
 from seekling.rl_health import HealthMonitor, informative_groups, rollout_metrics
 from seekling.tasks import Problem, check_template, render_prompt_ids
@@ -58,6 +59,7 @@ class GRPOConfig:
     max_new_tokens: int = setting(128, "completion length limit")
     temperature: float = setting(1.0, "sampling temperature (R1-Zero samples at 1)")
     top_p: float = setting(1.0, "nucleus sampling threshold")
+    speculate: str = setting("auto", SPECULATE_HELP)
     template: str = setting("chat", "prompt format: the chat template, or R1-Zero's plain-text prompt")
     rewards: dict[str, float] = setting(help="rewards and weights: registered names or your own MODULE:FUNCTION "
                                              "(found in the current directory too; see above)",
@@ -80,6 +82,9 @@ class GRPOConfig:
     warmup_steps: int = setting(0, "linear warm-up steps")
     weight_decay: float = setting(0.0, "AdamW weight decay on matrices")
     grad_clip: float = setting(1.0, "global gradient-norm clip (0: none)")
+    mtp_weight: float = setting(0.1, "weight of the MTP modules' loss on the sampled completions, the policy's "
+                                     "states detached so the policy gradient is unchanged (keeps speculative "
+                                     "drafts accurate; 0: MTP modules left as they are)")
     # run
     steps: int = setting(100, "GRPO steps")
     seed: int = setting(0, "seed for problems and sampling")
@@ -109,6 +114,8 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if self.speculate not in SPECULATE:
+            raise ConfigError(f"speculate must be one of {', '.join(SPECULATE)}, got {self.speculate!r}")
         if not self.rewards:
             raise ConfigError("give at least one reward, e.g. correct=1.0")
 
@@ -297,7 +304,7 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    completions = generate(model, rows, params)
+    completions = generate(model, rows, params, speculate=cfg.speculate)
     seconds = time.perf_counter() - start
     model.train(was_training)
     texts = [tokenizer.decode(c.token_ids, skip_special=True) for c in completions]
@@ -454,7 +461,13 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
             if entropy_BT is not None:
                 entropy_mean += float((entropy_BT * mask_BT).sum()) / max(totals.num_tokens, 1)
         sums["entropy"] = entropy_mean
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        mtp_params = [p for m in model.mtp for p in m.parameters()] if cfg.mtp_weight > 0 else []
+        if mtp_params:  # the MTP modules clipped apart, so they leave the policy's update as it was
+            sums["mtp_loss"] = mtp_backward(model, rollouts.prompt_ids, rollouts.completion_ids, cfg.mtp_weight,
+                                            cfg.micro_batch_size, pad_id)
+            clip_gradients(mtp_params, cfg.grad_clip)
+        mtp_ids = {id(p) for p in mtp_params}
+        grad_norm = clip_gradients([p for p in model.parameters() if id(p) not in mtp_ids], cfg.grad_clip)
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             return {**sums, "grad_norm": grad_norm, "nan": 1.0}

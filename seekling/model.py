@@ -507,20 +507,31 @@ class Transformer(nn.Module):
                 out.mtp_loss = self._mtp_loss(input_ids, targets, h, cos, sin, out)
         return out
 
-    def _mtp_loss(self, input_ids, targets, h, cos, sin, out: ModelOutput) -> torch.Tensor:
-        """Depth k predicts token t+k+1 from the depth k-1 state at t and the embedding of token t+k."""
+    def _mtp_loss(self, input_ids, targets, h, cos, sin, out: ModelOutput, detach_shared: bool = False) -> torch.Tensor:
+        """Depth k predicts token t+k+1 from the depth k-1 state at t and the embedding of token t+k.
+        With `detach_shared`, the shared embedding and output head get no gradient from it."""
         losses, T = [], input_ids.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 1:
                 break
             emb = self.embed_tokens(input_ids[:, k:])
-            h, s = module(emb, h[:, :-1], cos[: T - k], sin[: T - k])
-            logits = self.lm_head(module.shared_head.norm(h))
+            h, s = module(emb.detach() if detach_shared else emb, h[:, :-1], cos[: T - k], sin[: T - k])
+            normed = module.shared_head.norm(h)
+            logits = F.linear(normed, self.lm_head.weight.detach()) if detach_shared else self.lm_head(normed)
             losses.append(cross_entropy(logits, targets[:, k:]))
             if s is not None and out.balance_loss is not None:
                 out.balance_loss = out.balance_loss + s.balance_loss
                 out.expert_load = torch.cat([out.expert_load, s.load_E[None]])
         return torch.stack(losses).mean() if losses else torch.zeros((), device=input_ids.device)
+
+    def mtp_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The MTP modules' loss with the main model held fixed: its states, the shared embedding and head
+        carry no gradient, so only the MTP modules learn (GRPO trains them on its sampled completions
+        this way, leaving the policy gradient as it was). targets [B, T], -100 where no loss is taken."""
+        with torch.no_grad():
+            h = self(input_ids).hidden
+        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
+        return self._mtp_loss(input_ids, targets, h, cos, sin, ModelOutput(logits=h), detach_shared=True)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None,
                        num_new: torch.Tensor | None = None, naive: bool = False,

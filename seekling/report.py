@@ -333,18 +333,22 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     for name, label in MODEL_STAGES:
         if name in evals:
             m = evals[name]["mean"]
+            acceptance = evals[name].get("mtp_acceptance")
             rows.append([label, _pct(m["pass@1"]), _pct(m[f"cons@{k}"]), _pct(m["format"]),
-                         f"{m['mean_length']:.1f}"])
+                         f"{m['mean_length']:.1f}", "-" if acceptance is None else _pct(acceptance)])
         elif "skipped" in stages.get(name, {}):
-            rows.append([label, "skipped (see Notes)", "", "", ""])
+            rows.append([label, "skipped (see Notes)", "", "", "", ""])
         else:
-            rows.append([label, "not run yet", "", "", ""])
-    blocks.append(("table", ["model", "pass@1", f"cons@{k}", "format", "mean length (tokens)"], rows))
+            rows.append([label, "not run yet", "", "", "", ""])
+    blocks.append(("table", ["model", "pass@1", f"cons@{k}", "format", "mean length (tokens)",
+                             "MTP acceptance"], rows))
     blocks.append(("p", f"Task `{task}` ({', '.join(config['difficulty']) or 'default difficulty'}), test split: "
                         f"{config['eval_n']} problems, k = {k} samples each (temperature 0.6, top-p 0.95, "
                         f"at most {config['max_new_tokens']} new tokens). pass@1 is the mean correctness of the "
                         f"samples, cons@{k} grades the majority answer, format is the share of samples written as "
-                        "`<think> ... </think> <answer> ... </answer>`."))
+                        "`<think> ... </think> <answer> ... </answer>`. MTP acceptance is the share of the MTP "
+                        "module's drafts the model accepts in speculative decoding at these settings (first 16 "
+                        "problems): how much the module kept up with each stage's training."))
 
     blocks += health_blocks(read_jsonl(run_dir / "grpo" / "metrics.jsonl"))
 

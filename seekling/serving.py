@@ -28,7 +28,7 @@ import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer, run_state
 from seekling.errors import CheckpointError, SeeklingError
-from seekling.generate import Decoder, SamplingParams
+from seekling.generate import Decoder, SamplingParams, resolve_speculate
 from seekling.model import Transformer
 from seekling.tasks import make_problems
 from seekling.tokenizer import TAG_TOKENS as TAGS, THINK_CLOSE, THINK_OPEN, Tokenizer
@@ -239,7 +239,8 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrent: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, prefill_tokens: int = 4096, speculate: bool = False):
+                 max_len: int | None = None, prefill_tokens: int = 4096, speculate: bool | str | None = None,
+                 say: Callable[[str], None] | None = None):
         if max_concurrent < 1 or max_queue < 0:
             raise SeeklingError(f"max_concurrent must be >= 1 and max_queue >= 0, got {max_concurrent}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
@@ -247,7 +248,8 @@ class Engine:
         self.max_len = max_len or model.config.max_position_embeddings
         self.prefill_tokens = prefill_tokens
         # folded weights: a served model does not change
-        self.decoder = Decoder(model, max_concurrent, self.max_len, speculate=speculate)
+        self.speculate = resolve_speculate(model, speculate, max_concurrent, say)  # None: auto
+        self.decoder = Decoder(model, max_concurrent, self.max_len, speculate=self.speculate)
         self._slots: list[Request | None] = [None] * max_concurrent
         self._pending: collections.deque[Request] = collections.deque()
         self._n_active = 0

@@ -46,7 +46,7 @@ from seekling.evalsets import question_text
 from seekling.evaluate import evaluate
 from seekling.files import write_json_atomic
 from seekling.flops import flops_per_token, forward_flops_per_token
-from seekling.generate import generate
+from seekling.generate import SamplingParams, generate
 from seekling.grpo import train_grpo
 from seekling.presets import SpeedrunPreset, validate_preset
 from seekling.pretrain import pretrain
@@ -352,6 +352,7 @@ def eval_stage(model_stage: str) -> Callable[[Context], dict[str, Any]]:
         finally:
             bar.close()
         result["model"] = model_stage
+        result["mtp_acceptance"] = mtp_acceptance(model, tokenizer, problems, p)
         ctx.path("eval").mkdir(exist_ok=True)
         write_json_atomic(ctx.path("eval", f"{model_stage}.json"), result)
         m = result["mean"]
@@ -360,9 +361,28 @@ def eval_stage(model_stage: str) -> Callable[[Context], dict[str, Any]]:
         k = p.eval_k
         return {"tokens": int(tokens), "flops": tokens * _forward_flops(model.config, prompt_len + m["mean_length"]),
                 "metrics": m, "summary": f"pass@1 {m['pass@1']:.1%}, cons@{k} {m[f'cons@{k}']:.1%}, "
-                                         f"format {m['format']:.1%}, mean length {m['mean_length']:.1f}"}
+                                         f"format {m['format']:.1%}, mean length {m['mean_length']:.1f}"
+                                         + (f", MTP acceptance {result['mtp_acceptance']:.1%}"
+                                            if result["mtp_acceptance"] is not None else "")}
 
     return run
+
+
+ACCEPTANCE_PROMPTS = 16  # evaluation prompts decoded speculatively to measure the MTP acceptance rate
+
+
+def mtp_acceptance(model, tokenizer: Tokenizer, problems, preset: SpeedrunPreset) -> float | None:
+    """Share of the first MTP module's drafts the model accepts when decoding speculatively at the
+    evaluation's sampling settings, over the first `ACCEPTANCE_PROMPTS` problems (None: no MTP modules)."""
+    if not len(model.mtp):
+        return None
+    settings = preset.eval_settings()
+    prompts = [render_prompt_ids(tokenizer, question_text(q)) for q in problems[:ACCEPTANCE_PROMPTS]]
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                            top_p=settings.top_p, stop_token_ids=(tokenizer.eos_id,), seed=settings.seed)
+    stats: dict = {}
+    generate(model, prompts, params, speculate=True, stats=stats)
+    return stats["accepted"] / max(stats["drafted"], 1)
 
 
 def pipeline_stages() -> list[Stage]:

@@ -199,10 +199,30 @@ def test_positive_advantage_raises_that_completion(tokenizer):
     after = [completion_logprob(model, tokenizer, rollouts, r) for r in (0, 1)]
     assert after[0] > before[0] and after[1] < before[1]
     assert stats["clip_fraction"] == 0.0 and stats["nan"] == 0.0 and stats["entropy"] > 0
-    # the "parameters changed" smoke test: everything the policy loss reaches moves, MTP (no loss) does not
+    # the "parameters changed" smoke test: everything the policy loss and the MTP loss reach moves
     grads = [n for n, p in model.named_parameters() if not torch.equal(p, before_params[n])]
     assert any(n.startswith("lm_head") for n in grads) and any(n.startswith("layers.0.") for n in grads)
-    assert all(torch.equal(p, before_params[n]) for n, p in model.named_parameters() if n.startswith("mtp."))
+    assert any(n.startswith("mtp.") for n in grads) and stats["mtp_loss"] > 0
+
+
+def test_the_mtp_loss_trains_the_mtp_modules_and_leaves_the_policy_update_alone(tokenizer):
+    """GRPO with mtp_weight > 0: every policy parameter takes exactly the step it takes with mtp_weight = 0
+    (states, embedding and head detached, MTP clipped apart), the MTP modules move, and their loss on
+    the completions falls over a few steps."""
+    rollouts = hand_rollouts(tokenizer, [1.0, 0.0])
+    after = {}
+    for weight in (0.0, 1.0):
+        model = tiny(tokenizer)
+        cfg = small_cfg(group_size=2, lr=1e-2, grad_clip=0.5, mtp_weight=weight)
+        optimizer = build_optimizer(model, cfg.lr, weight_decay=0.0)
+        history = [grpo_step(model, optimizer, rollouts, cfg, tokenizer.pad_id) for _ in range(5)]
+        after[weight] = dict(model.named_parameters())
+    for name, p in after[0.0].items():
+        if name.startswith("mtp."):
+            assert not torch.equal(p, after[1.0][name]), name
+        else:
+            assert torch.equal(p, after[1.0][name]), name
+    assert history[-1]["mtp_loss"] < history[0]["mtp_loss"]
 
 
 def test_train_grpo_end_to_end_with_truncated_completions(tmp_path, tokenizer):

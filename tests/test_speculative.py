@@ -9,8 +9,9 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.errors import SeeklingError
-from seekling.generate import Decoder, SamplingParams, generate
+from seekling.generate import Decoder, SamplingParams, generate, resolve_speculate
 from seekling.model import Transformer
+from seekling.speculative import inverse_cdf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,3 +120,39 @@ def test_a_model_without_mtp_cannot_speculate():
     model = Transformer(ModelConfig.from_name("tiny", num_nextn_predict_layers=0)).eval()
     with pytest.raises(SeeklingError, match="has none"):
         generate(model, [[1, 2]], SamplingParams(max_new_tokens=3), speculate=True)
+
+
+def test_draft_depth_beyond_the_mtp_depth_is_refused():
+    model = small_vocab_model()  # one MTP module
+    with pytest.raises(SeeklingError, match="exceeds the model's MTP depth 1"):
+        Decoder(model, 1, cache_len=16, speculate=True, draft_depth=2)
+    with pytest.raises(SeeklingError, match="integer >= 1"):
+        Decoder(model, 1, cache_len=16, speculate=True, draft_depth=0)
+
+
+def test_auto_speculation_and_the_flag_on_a_model_without_mtp():
+    """auto is off on a CPU (measured slower there); --speculate on for a model with no MTP modules turns it
+    off and says so once; from code, speculate=True on such a model is an error (above)."""
+    model = small_vocab_model()
+    assert resolve_speculate(model, None, 1) is False and resolve_speculate(model, "auto", 64) is False
+    assert resolve_speculate(model, "on", 1) is True and resolve_speculate(model, "off", 1) is False
+    with pytest.raises(SeeklingError, match="one of auto, on, off"):
+        resolve_speculate(model, "yes", 1)
+    bare = Transformer(ModelConfig.from_name("tiny", num_nextn_predict_layers=0)).eval()
+    said = []
+    assert resolve_speculate(bare, "on", 1, said.append) is False
+    assert resolve_speculate(bare, "on", 1, said.append) is False
+    assert len(said) == 1 and "no MTP modules" in said[0]
+    stats = {}
+    generate(bare, [[1, 2]], SamplingParams(max_new_tokens=3), stats=stats)  # auto: plain decoding
+    assert stats["speculate"] is False and stats["drafted"] == 0
+
+
+def test_inverse_cdf_draws_in_proportion_and_never_a_token_of_no_mass():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]]).expand(60_000, 6)
+    tokens = inverse_cdf(probs, torch.rand(60_000, generator=torch.Generator().manual_seed(0)))
+    counts = torch.bincount(tokens, minlength=6).float() / 60_000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.5, 0.25, 0.25]), atol=0.01)
+    edge = inverse_cdf(torch.tensor([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([1 - 1e-12, 0.999999]))
+    assert edge.tolist() == [1, 0]

@@ -24,11 +24,12 @@ from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer, tr
 from seekling.commands import add_setting, add_threads, from_args
 from seekling.errors import ConfigError
 from seekling.evaluate import EvalSettings, evaluate, format_table, known_tasks
+from seekling.generate import SPECULATE, DecodeSettings, speculating_generate
 from seekling.tasks import TEMPLATES, parse_difficulty
 from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 
-SETTINGS = (EvalSettings,)
+SETTINGS = (EvalSettings, DecodeSettings)
 FALLBACK_TASKS = "arithmetic,countdown"
 
 
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, EvalSettings, name)
     add_setting(parser, EvalSettings, "template", choices=TEMPLATES)
     add_setting(parser, EvalSettings, "batch_size")
+    add_setting(parser, DecodeSettings, "speculate", choices=list(SPECULATE))
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
     parser.add_argument("--path", nargs="*", default=[], metavar="TASK=FILE",
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = load_pretrained(model_dir)
     result = evaluate(model, tokenizer, tasks, n=args.n or None, **dataclasses.asdict(from_args(EvalSettings, args)),
-                      difficulty=parse_difficulty(args.difficulty), paths=paths, keep_samples=args.keep_samples)
+                      difficulty=parse_difficulty(args.difficulty), paths=paths, keep_samples=args.keep_samples,
+                      generate_fn=speculating_generate(model, args.speculate, args.batch_size))
     result["model"] = str(args.model)
     print(format_table(result))
     if args.out:

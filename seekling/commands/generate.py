@@ -23,7 +23,9 @@ import torch
 
 from seekling.commands import add_threads
 from seekling.errors import SeeklingError
-from seekling.generate import CHAT_TEMPERATURE, CHAT_TOP_P, SamplingParams, generate
+from seekling.commands import add_setting
+from seekling.generate import (CHAT_TEMPERATURE, CHAT_TOP_P, SPECULATE, DecodeSettings, SamplingParams, generate,
+                               resolve_speculate)
 from seekling.serving import load_for_serving, split_reasoning
 from seekling.tasks import render_prompt_ids
 from seekling.threads import choose_threads
@@ -47,6 +49,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random seed; with several --prompt, prompt i uses seed + i (default: unseeded)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights dtype (default: %(default)s)")
+    add_setting(group, DecodeSettings, "speculate", choices=list(SPECULATE))
     add_threads(parser)
 
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     params = [SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, stop_token_ids=(tokenizer.eos_id,),
                              seed=None if args.seed is None else args.seed + i) for i in range(len(prompts))]
-    outputs = generate(model, prompts, params)
+    outputs = generate(model, prompts, params, speculate=resolve_speculate(model, args.speculate, len(prompts), print))
     for text, prompt, out in zip(texts, prompts, outputs):
         ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         completion = tokenizer.decode(ids, skip_special=True)

@@ -38,6 +38,7 @@ import argparse
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
 from seekling.commands import add_setting, add_threads, from_args
 from seekling.data import read_problems
+from seekling.generate import SPECULATE
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
 from seekling.tasks import TEMPLATES, make_mixture, parse_difficulty
@@ -79,9 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("rollouts")
     add(g, "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "dynamic_sampling",
         "refill_rounds")
+    add(g, "speculate", choices=list(SPECULATE))
     g = parser.add_argument_group("loss")
     add_setting(g, GRPOConfig, "loss_aggregation", "--loss", choices=list(LOSS_AGGREGATIONS))
-    add(g, "scale_std", "eps_low", "eps_high", "beta", "mu", "micro_batch_size")
+    add(g, "scale_std", "eps_low", "eps_high", "beta", "mu", "micro_batch_size", "mtp_weight")
     g = parser.add_argument_group("optimisation and run")
     add(g, "lr")
     add_setting(g, GRPOConfig, "warmup_steps", "--warmup")

@@ -24,10 +24,11 @@ from seekling.commands import add_setting, add_threads, from_args
 from seekling.distill import (SampleSettings, format_keep_stats, load_problems, load_teacher, rejection_sample,
                               stats_path_for)
 from seekling.errors import ConfigError
+from seekling.generate import SPECULATE, DecodeSettings, speculating_generate
 from seekling.tasks import TEMPLATES, Problem, parse_difficulty
 from seekling.threads import choose_threads
 
-SETTINGS = (SampleSettings,)
+SETTINGS = (SampleSettings, DecodeSettings)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
+    add_setting(parser, DecodeSettings, "speculate", choices=list(SPECULATE))
     parser.add_argument("--out", required=True, help="chat JSONL to write (appended to when resuming)")
 
 
@@ -72,6 +74,8 @@ def settings_and_problems(args: argparse.Namespace) -> tuple[SampleSettings, lis
 def run(args: argparse.Namespace) -> int:
     settings, problems = settings_and_problems(args)
     teacher = load_teacher(args.teacher, args.teacher_tokenizer, args.device)
+    if teacher.kind == "seekling":
+        teacher.generate_fn = speculating_generate(teacher.model, args.speculate, settings.batch_size)
     print(f"teacher: {teacher.kind} model, {teacher.num_params / 1e6:.2f}M parameters, {teacher.path}")
     summary = rejection_sample(teacher, problems, args.out, settings, overwrite=args.overwrite)
     print(format_keep_stats(summary))

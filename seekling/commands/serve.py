@@ -20,8 +20,9 @@ import ipaddress
 import os
 import sys
 
-from seekling.commands import add_threads
+from seekling.commands import add_setting, add_threads
 from seekling.commands.generate import DTYPES
+from seekling.generate import SPECULATE, DecodeSettings
 from seekling.errors import SeeklingError
 from seekling.checkpoint import trained_tasks
 from seekling.serving import Engine, load_for_serving, served_model_name, suggested_prompts
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a slot; more get 429 (default: %(default)s)")
     engine.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights dtype (default: %(default)s)")
+    add_setting(engine, DecodeSettings, "speculate", choices=list(SPECULATE))
     add_threads(engine)
     limits = parser.add_argument_group("limits per request")
     limits.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype],
                                                    say=lambda line: print(line, file=sys.stderr))
     name = args.model_name or served_model_name(model_dir)
-    engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                    speculate=args.speculate, say=lambda line: print(line, file=sys.stderr))
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
                     max_body_bytes=args.max_body_bytes, max_n=args.max_n)
     app = create_app(engine, tokenizer, name, api_key=args.api_key, limits=limits,

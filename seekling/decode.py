@@ -251,10 +251,8 @@ class DecodeEngine:
         cos_table, sin_table = self._rope_table(S)
         pos_N = pos_BT.reshape(-1)
         rope = (cos_table[pos_N][:, None], sin_table[pos_N][:, None])
-        bias = causal_bias(pos_BT, S, dtype)  # [B, T, S]
-        if T > 1:  # one row of the mask per (token, head), as the queries are laid out
-            H = self.config.num_attention_heads
-            bias = bias[:, :, None].expand(B, T, H, S).reshape(B, T * H, S)
+        # [B, 1, S] broadcasts over the heads of one token; T > 1: one row per (token, head), as the queries
+        bias = causal_bias(pos_BT, S, dtype, heads=self.config.num_attention_heads if T > 1 else 1)
         slot = (row_idx[:, None] * cache.max_len + pos_BT).reshape(-1)  # where each new latent goes, flattened
         blocks = blocks if blocks is not None else model.layers
         for i, (attn, ff) in enumerate(layers):

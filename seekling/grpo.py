@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import setting
-from seekling.errors import ConfigError, DataError, SeeklingError
+from seekling.errors import ConfigError, DataError, SeeklingError, check_choice
 from seekling.generate import SPECULATE, SPECULATE_HELP, SamplingParams, generate, pad_right
 from seekling.model import LatentCache
 from seekling.mtp import mtp_backward
@@ -104,9 +104,7 @@ class GRPOConfig:
             raise ConfigError(f"refill_rounds must be >= 0, got {self.refill_rounds}")
         if (self.refill_rounds + 1) * self.prompts_per_step * self.group_size > SEEDS_PER_STEP:
             raise ConfigError(f"(refill_rounds + 1) x P x G must be at most {SEEDS_PER_STEP} sampled rows per step")
-        if self.loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ConfigError(f"unknown loss aggregation {self.loss_aggregation!r}; "
-                              f"known: {', '.join(LOSS_AGGREGATIONS)}")
+        check_choice(self.loss_aggregation, LOSS_AGGREGATIONS, "loss aggregation")
         check_template(self.template)
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ConfigError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
@@ -114,8 +112,7 @@ class GRPOConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
-        if self.speculate not in SPECULATE:
-            raise ConfigError(f"speculate must be one of {', '.join(SPECULATE)}, got {self.speculate!r}")
+        check_choice(self.speculate, SPECULATE, "speculate setting")
         if not self.rewards:
             raise ConfigError("give at least one reward, e.g. correct=1.0")
 
@@ -131,9 +128,7 @@ def group_advantages(rewards_PG: torch.Tensor, scale_std: bool = True, eps: floa
     if rewards_PG.dim() != 2 or rewards_PG.shape[1] < 2:
         raise ConfigError(f"rewards must be [groups, G] with G >= 2, got shape {tuple(rewards_PG.shape)}")
     centred_PG = rewards_PG - rewards_PG.mean(dim=1, keepdim=True)
-    if not scale_std:
-        return centred_PG
-    return centred_PG / (rewards_PG.std(dim=1, keepdim=True) + eps)
+    return centred_PG / (rewards_PG.std(dim=1, keepdim=True) + eps) if scale_std else centred_PG
 
 
 # ----------------------------------------------------------------------------- per-token terms
@@ -504,10 +499,7 @@ def build_reference(model, run_dir: Path, resume: bool):
     else:
         ref = copy.deepcopy(model)
         save_pretrained(ref, str(path))
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return ref.eval().requires_grad_(False)
 
 
 def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, run_dir: str | Path,
@@ -559,8 +551,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             else:
                 kept = rollouts
             record["groups_kept"] = len(kept.problems)
-            sampled_tokens = sum(len(c) for c in rollouts.completion_ids)
-            record["sample_tokens_per_s"] = sampled_tokens / max(rollouts.sample_seconds, 1e-9)
+            record["sample_tokens_per_s"] = sum(map(len, rollouts.completion_ids)) / max(rollouts.sample_seconds, 1e-9)
             if kept.problems:
                 t0 = time.perf_counter()
                 stats = grpo_step(model, optimizer, kept, cfg, tokenizer.pad_id, ref_model)

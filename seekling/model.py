@@ -85,10 +85,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     DeepSeek pairs adjacent channels (x0, x1), (x2, x3), ...; the result is written with the even
     halves first, as transformers does. Queries and keys get the same layout, so q.k is unchanged.
     """
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -125,13 +122,13 @@ class LatentCache:
             self.lengths[rows] = 0
 
 
-def causal_bias(pos_BT: torch.Tensor, S: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The additive attention mask [B, T, S] over the cache: 0 up to each new token's position, -inf after.
-
-    Shared by `forward_cached` and the decode step, so both attend to exactly the same positions.
-    """
-    return torch.zeros(*pos_BT.shape, S, dtype=dtype, device=pos_BT.device).masked_fill_(
+def causal_bias(pos_BT: torch.Tensor, S: int, dtype: torch.dtype | None = None, heads: int = 1) -> torch.Tensor:
+    """The additive attention mask over the cache, 0 up to each new token's position and -inf after: [B, T, S],
+    or with `heads` one row per (token, head) as absorbed attention lays out its queries, [B, T * heads, S].
+    Shared by `forward_cached` and the decode step, so both attend to exactly the same positions."""
+    bias = torch.zeros(*pos_BT.shape, S, dtype=dtype, device=pos_BT.device).masked_fill_(
         torch.arange(S, device=pos_BT.device) > pos_BT[..., None], float("-inf"))
+    return bias if heads == 1 else bias.repeat_interleave(heads, dim=1)
 
 
 @dataclass
@@ -153,8 +150,7 @@ class CacheStep:
     def bias_BXS(self, n_heads: int) -> torch.Tensor:
         """The additive mask laid out as [B, T * heads, S] (built once, reused by every layer)."""
         if n_heads not in self._bias:
-            B, T, S = self.bias_BTS.shape
-            self._bias[n_heads] = self.bias_BTS[:, :, None].expand(B, T, n_heads, S).reshape(B, T * n_heads, S)
+            self._bias[n_heads] = causal_bias(self.pos_BT, self.S, heads=n_heads)
         return self._bias[n_heads]
 
 
@@ -496,42 +492,39 @@ class Transformer(nn.Module):
             if s is not None:
                 stats.append(s)
         h = self.norm(x)
-        logits = self.lm_head(h[:, -1:] if last_only else h)
-        out = ModelOutput(logits=logits, hidden=h)
+        out = ModelOutput(logits=self.lm_head(h[:, -1:] if last_only else h), hidden=h)
         if stats:
             out.expert_load = torch.stack([s.load_E for s in stats])
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
         if targets is not None:
-            out.loss = cross_entropy(logits, targets)
+            out.loss = cross_entropy(out.logits, targets)
             if self.mtp:
                 out.mtp_loss = self._mtp_loss(input_ids, targets, h, cos, sin, out)
         return out
 
-    def _mtp_loss(self, input_ids, targets, h, cos, sin, out: ModelOutput, detach_shared: bool = False) -> torch.Tensor:
+    def _mtp_loss(self, input_ids, targets, h, cos, sin, out: ModelOutput, frozen: bool = False) -> torch.Tensor:
         """Depth k predicts token t+k+1 from the depth k-1 state at t and the embedding of token t+k.
-        With `detach_shared`, the shared embedding and output head get no gradient from it."""
+        `frozen`: the shared embedding and output head get no gradient from it."""
         losses, T = [], input_ids.shape[1]
+        head = self.lm_head.weight.detach() if frozen else self.lm_head.weight
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 1:
                 break
             emb = self.embed_tokens(input_ids[:, k:])
-            h, s = module(emb.detach() if detach_shared else emb, h[:, :-1], cos[: T - k], sin[: T - k])
-            normed = module.shared_head.norm(h)
-            logits = F.linear(normed, self.lm_head.weight.detach()) if detach_shared else self.lm_head(normed)
-            losses.append(cross_entropy(logits, targets[:, k:]))
+            h, s = module(emb.detach() if frozen else emb, h[:, :-1], cos[: T - k], sin[: T - k])
+            losses.append(cross_entropy(F.linear(module.shared_head.norm(h), head), targets[:, k:]))
             if s is not None and out.balance_loss is not None:
                 out.balance_loss = out.balance_loss + s.balance_loss
                 out.expert_load = torch.cat([out.expert_load, s.load_E[None]])
         return torch.stack(losses).mean() if losses else torch.zeros((), device=input_ids.device)
 
     def mtp_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The MTP modules' loss with the main model held fixed: its states, the shared embedding and head
-        carry no gradient, so only the MTP modules learn (GRPO trains them on its sampled completions
-        this way, leaving the policy gradient as it was). targets [B, T], -100 where no loss is taken."""
+        """The MTP modules' loss with the main model's states, embedding and head held fixed, so only the MTP
+        modules learn (GRPO trains them so on its completions). targets [B, T], -100 where no loss is taken."""
         with torch.no_grad():
             h = self(input_ids).hidden
         cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
-        return self._mtp_loss(input_ids, targets, h, cos, sin, ModelOutput(logits=h), detach_shared=True)
+        return self._mtp_loss(input_ids, targets, h, cos, sin, ModelOutput(logits=h), frozen=True)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, rows: torch.Tensor | None = None,
                        num_new: torch.Tensor | None = None, naive: bool = False,

@@ -26,6 +26,9 @@ from seekling.sft import SFTConfig
 from seekling.tasks import get_task, parse_difficulty
 
 
+DISTILL_STUDENTS = ("pretrain", "sft", "grpo")  # the stages whose final model can be the distillation student
+
+
 @dataclass(frozen=True)
 class SpeedrunPreset:
     """Settings of every stage. Changing any field makes a different run (its directory is refused)."""
@@ -64,14 +67,17 @@ class SpeedrunPreset:
     group_size: int = 8
     grpo_lr: float = 1e-4  # measured on the `cpu` model: 2e-5 barely moves, 3e-4 collapses
     grpo_loss: str = "token_mean"
+    grpo_temperature: float = 1.0  # sampling temperature of the rollouts (R1-Zero samples at 1)
     max_new_tokens: int = 64
     grpo_save_every: int = 20
     grpo_max_minutes: float | None = 6.0  # a cap for slow or busy machines (the report notes when it hit)
     grpo_problems: int = 20000
-    # rejection-sampling distillation: the pre-trained base fine-tuned on verified GRPO samples
+    # rejection-sampling distillation: a student fine-tuned on verified GRPO samples
     distill_samples: int = 4  # completions per problem; only verified-correct ones are kept
     distill_problems: int = 300
     distill_steps: int = 40
+    distill_student: str = "pretrain"  # the stage whose final model is the student: pretrain (R1's base), sft or grpo
+    distill_lr: float | None = None  # None: sft_lr
     # evaluation after every model stage
     eval_n: int = 1000  # held-out problems per stage (x eval_k samples: about 20 s on 2 cores)
     eval_k: int = 4
@@ -95,15 +101,17 @@ class SpeedrunPreset:
             save_every=max(1, steps // self.pretrain_checkpoints), keep_last=0, log_every=max(1, steps // 4),
             seed=self.seed, device=device, dtype=self.dtype, distributed=self.distributed, quiet=quiet)
 
-    def sft_config(self, steps: int) -> SFTConfig:
-        """SFT for `steps` steps: the cold start (`sft_steps`) and the distilled student (`distill_steps`)."""
-        return SFTConfig(seq_len=self.sft_seq_len, batch_size=self.sft_batch_size, steps=steps, lr=self.sft_lr,
+    def sft_config(self, steps: int, lr: float | None = None) -> SFTConfig:
+        """SFT for `steps` steps at `lr` (None: `sft_lr`): the cold start (`sft_steps`) and the distilled
+        student (`distill_steps`, `distill_lr`)."""
+        return SFTConfig(seq_len=self.sft_seq_len, batch_size=self.sft_batch_size, steps=steps,
+                         lr=self.sft_lr if lr is None else lr,
                          warmup_steps=max(1, steps // 10), save_every=max(1, steps // 3),
                          log_every=max(1, steps // 10), seed=self.seed)
 
     def grpo_config(self) -> GRPOConfig:
         return GRPOConfig(prompts_per_step=self.prompts_per_step, group_size=self.group_size,
-                          max_new_tokens=self.max_new_tokens, temperature=1.0, lr=self.grpo_lr,
+                          max_new_tokens=self.max_new_tokens, temperature=self.grpo_temperature, lr=self.grpo_lr,
                           loss_aggregation=self.grpo_loss, steps=self.grpo_steps, save_every=self.grpo_save_every,
                           seed=self.seed, rewards={"correct": 1.0, "format": 0.2})
 
@@ -118,9 +126,14 @@ class SpeedrunPreset:
 
 
 PRESETS: dict[str, SpeedrunPreset] = {
+    # Chosen by measurement (docs/speedrun.md, "Choosing the cpu preset"): pre-training on arithmetic
+    # alone and on more distinct problems, a cold start gentle enough not to undo it, and the GRPO
+    # model as the distillation student.
     "cpu": SpeedrunPreset(
-        name="cpu", about="the main job: about 6-13 minutes on a 2-core CPU, a ~1M-parameter DeepSeek-V3 "
-                         "(MLA, MoE, MTP; the `cpu` model) that GRPO makes better at held-out arithmetic"),
+        name="cpu", about="the main job: about 10 minutes on an idle 2-core CPU, a ~1M-parameter DeepSeek-V3 "
+                         "(MLA, MoE, MTP; the `cpu` model) that GRPO makes better at held-out arithmetic",
+        pretrain_tasks=("arithmetic",), pretrain_examples=30000, pretrain_steps=1000, sft_lr=3e-5,
+        distill_student="grpo", distill_lr=1e-5, eval_n=1000),
     "smoke": SpeedrunPreset(
         name="smoke", about="every stage at toy size in under 2 minutes (the end-to-end test)",
         model="tiny", tokenizer_examples=300, vocab_size=400, pretrain_examples=300, pretrain_steps=24,
@@ -189,7 +202,9 @@ def validate_preset(p: SpeedrunPreset) -> None:
         if getattr(p, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(p, name)}")
     p.pretrain_args("data", "out", "tokenizer").validate()
-    for config in (p.sft_config(p.sft_steps), p.sft_config(p.distill_steps), p.grpo_config(),
+    if p.distill_student not in DISTILL_STUDENTS:
+        raise ConfigError(f"distill_student must be one of {', '.join(DISTILL_STUDENTS)}, got {p.distill_student!r}")
+    for config in (p.sft_config(p.sft_steps), p.sft_config(p.distill_steps, p.distill_lr), p.grpo_config(),
                    p.sample_settings(), p.eval_settings()):
         config.validate()
     if max(p.seq_len, p.sft_seq_len) > model.max_position_embeddings:

@@ -320,13 +320,15 @@ def _forward_flops(config, context_len: float) -> float:
 
 def stage_distill(ctx: Context) -> dict[str, Any]:
     """R1's stage 3: sample from the GRPO model, keep the verified-correct answers, fine-tune the
-    pre-trained base on them (`seekling.distill.speedrun_stage`)."""
+    student on them (`seekling.distill.speedrun_stage`). The student is the final model of the stage
+    `distill_student` names: the pre-trained base as in R1, or the GRPO model itself (rejection-sampling
+    fine-tuning), which keeps GRPO's gain when the samples are too few to teach the base."""
     p = ctx.preset
     return dict(speedrun_stage(
         teacher_dir=str(ctx.path("grpo", "final")), tokenizer_dir=str(ctx.path("tokenizer")),
         problems_path=str(ctx.path("data", "grpo_problems.jsonl")), out_dir=str(ctx.path("distill")),
-        problems=p.distill_problems, sample=p.sample_settings(), sft=p.sft_config(p.distill_steps),
-        device=ctx.device, resume=True, log=ctx.say))
+        problems=p.distill_problems, sample=p.sample_settings(), sft=p.sft_config(p.distill_steps, p.distill_lr),
+        device=ctx.device, resume=True, student_init=str(ctx.path(p.distill_student, "final")), log=ctx.say))
 
 
 def eval_stage(model_stage: str) -> Callable[[Context], dict[str, Any]]:

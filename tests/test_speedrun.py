@@ -267,9 +267,12 @@ def test_presets_build_the_trainers_configs_and_check_them_there():
     p = PRESETS["smoke"]
     assert (p.grpo_config().save_every, p.grpo_config().loss_aggregation) == (p.grpo_save_every, p.grpo_loss)
     assert p.sft_config(p.distill_steps).steps == p.distill_steps and p.eval_settings().k == p.eval_k
+    assert p.sft_config(p.distill_steps, p.distill_lr).lr == p.sft_lr  # distill_lr None: the cold start's lr
+    assert get_preset("smoke", ["distill_lr=2e-5"]).distill_lr == 2e-5
     for bad, message in [("grpo_loss=nope", "unknown loss aggregation 'nope'"), ("dtype=fp16", "--dtype must be"),
                          ("distributed=tp", "--distributed must be ddp or fsdp"), ("eval_k=0", "k must be >= 1"),
-                         ("model=huge", "unknown model preset 'huge'"), ("sft_seq_len=4096", "exceed the 'tiny'")]:
+                         ("model=huge", "unknown model preset 'huge'"), ("sft_seq_len=4096", "exceed the 'tiny'"),
+                         ("distill_student=teacher", "distill_student must be one of pretrain, sft, grpo")]:
         with pytest.raises(ConfigError, match=message):
             validate_preset(get_preset("smoke", [bad]))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from seekling.config import setting
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, DataError
 from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
 from seekling.metrics import majority_answer, pass_at_1_mean, pass_at_k_mean
@@ -68,7 +68,10 @@ def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None
     if task in EVALSETS:
         if difficulty:
             raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks")
-        return load_evalset(task, path=path, limit=n)
+        problems = load_evalset(task, path=path, limit=n)
+        if not problems:
+            raise DataError(f"{task}: {path or 'the evaluation set'} holds no problems (an empty file?)")
+        return problems
     raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}")
 
 

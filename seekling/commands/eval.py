@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, from_args, non_negative_int
 from seekling.errors import ConfigError
 from seekling.evaluate import EvalSettings, evaluate, format_table, known_tasks
+from seekling.files import check_writable
 from seekling.tasks import TEMPLATES, parse_difficulty
 from seekling.tokenizer import Tokenizer
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory (default: the model's, or its run's tokenizer/)")
     parser.add_argument("--tasks", default="arithmetic,countdown", help=f"comma-separated tasks: {', '.join(known_tasks())}")
-    parser.add_argument("--n", type=int, default=100, help="problems per task (0: the whole published set)")
+    parser.add_argument("--n", type=non_negative_int, default=100, help="problems per task (0: the whole published set)")
     for name in ("k", "temperature", "top_p", "max_new_tokens"):
         add_setting(parser, EvalSettings, name)
     add_setting(parser, EvalSettings, "template", choices=TEMPLATES)
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, EvalSettings, "seed")
     parser.add_argument("--keep-samples", type=int, default=3, help="problems per task whose completions go in the JSON")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         if not file:
             raise ConfigError(f"--path {spec!r}: expected TASK=FILE, e.g. gsm8k=data/gsm8k.jsonl")
         paths[task] = file
+    if args.out:
+        check_writable(args.out, "--out")  # before the evaluation, not after it
     model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = load_pretrained(model_dir)

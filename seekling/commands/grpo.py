@@ -22,7 +22,7 @@ import argparse
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, finite_float, from_args, non_negative_int
 from seekling.data import read_problems
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
@@ -38,9 +38,9 @@ def parse_reward(spec: str) -> tuple[str, float]:
     if not sep:
         name, weight = spec, "1"
     try:
-        return name, float(weight)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=WEIGHT with a number, e.g. correct=1.0") from None
+        return name, finite_float(weight)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=WEIGHT with a finite number, e.g. correct=1.0") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "lr")
     add_setting(g, GRPOConfig, "warmup_steps", "--warmup")
     add(g, "weight_decay", "grad_clip", "steps")
-    g.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
+    g.add_argument("--max-minutes", type=finite_float, default=None, help="stop (and save) after this much time")
     add(g, "save_every", "max_bad_steps", "seed")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:

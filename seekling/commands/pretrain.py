@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from seekling.commands import add_setting
+from seekling.commands import add_setting, device_name, finite_float
 from seekling.config import PRESETS
+from seekling.files import check_writable
 from seekling.pretrain import DISTRIBUTED, DTYPES, PretrainArgs, pretrain
 from seekling.training import SCHEDULES
 
@@ -26,8 +27,8 @@ SETTINGS = (PretrainArgs,)
 
 def _betas(text: str) -> tuple[float, float]:
     try:
-        b1, b2 = (float(x) for x in text.split(","))
-    except ValueError:
+        b1, b2 = (finite_float(x) for x in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.95, got {text!r}") from None
     return b1, b2
 
@@ -58,12 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     add(run, "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "quiet")
     hw = parser.add_argument_group("hardware")
-    add(hw, "device")
+    add(hw, "device", type=device_name)
     add(hw, "dtype", choices=DTYPES)
     add(hw, "compile")
     add(hw, "distributed", choices=DISTRIBUTED)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out", directory=True)  # before the data and the model are loaded
     pretrain(args)
     return 0

@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, from_args, non_negative_int
 from seekling.distill import (SampleSettings, format_keep_stats, load_problems, load_teacher, rejection_sample,
                               stats_path_for)
 from seekling.errors import ConfigError
@@ -49,7 +49,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         add_setting(parser, SampleSettings, name)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing samples file instead of resuming it")
     parser.add_argument("--device", default="cpu", help="device for the models (cpu, cuda)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_setting, finite_float, from_args, non_negative_int
 from seekling.errors import ConfigError
 from seekling.sft import SFTConfig, make_cold_start, train_sft
 from seekling.tasks import parse_difficulty
@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("min_lr_ratio", "weight_decay", "grad_clip", "mtp_weight", "bias_update_speed", "save_every",
                  "log_every", "val_batches"):
         add_setting(parser, SFTConfig, name)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
+    parser.add_argument("--max-minutes", type=finite_float, default=None, help="stop (and save) after this much time")
     add_setting(parser, SFTConfig, "seed")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
     cold = parser.add_argument_group("cold-start data")
     cold.add_argument("--make-cold-start", action="store_true",
                       help="write R1-format SFT data from the reasoning tasks to --out and exit")

@@ -227,6 +227,8 @@ def verify_checksums(directory: str | os.PathLike) -> bool:
             entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{record}: unreadable integrity record ({e})") from None
+    if not entries:
+        raise CheckpointError(f"{record}: the integrity record is empty (damaged)")
     for entry in entries:
         if len(entry) != 2 or not re.fullmatch(r"[0-9a-f]{64}", entry[0]):
             raise CheckpointError(f"{record}: damaged integrity record (a line is not '<sha256>  <file>')")
@@ -257,7 +259,8 @@ def read_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).strip() or type(e).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file, it is truncated or damaged ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file, it is truncated or damaged "
+                              f"({reason})") from None
 
 
 def read_safetensors(directory: str) -> dict[str, torch.Tensor]:

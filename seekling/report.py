@@ -490,6 +490,10 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m seekling.report RUN_DIR")
     start = time.perf_counter()
-    for path in write_report(sys.argv[1]):
+    try:
+        written = write_report(sys.argv[1])
+    except DataError as e:  # a damaged eval/*.json or expert_load.json, named
+        sys.exit(f"seekling report: error: {e}; rerun the speedrun command to redo what it held")
+    for path in written:
         print(path)
     print(f"{time.perf_counter() - start:.1f}s")

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory (default: the model's, or its run's tokenizer/)")
     parser.add_argument("--tasks", default="arithmetic,countdown", help=f"comma-separated tasks: {', '.join(known_tasks())}")
-    parser.add_argument("--n", type=non_negative_int, default=100, help="problems per task (0: the whole published set)")
+    parser.add_argument("--n", type=non_negative_int, default=100,
+                        help="problems per task (0: the whole published set)")
     for name in ("k", "temperature", "top_p", "max_new_tokens"):
         add_setting(parser, EvalSettings, name)
     add_setting(parser, EvalSettings, "template", choices=TEMPLATES)

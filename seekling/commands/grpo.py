@@ -40,7 +40,8 @@ def parse_reward(spec: str) -> tuple[str, float]:
     try:
         return name, finite_float(weight)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=WEIGHT with a finite number, e.g. correct=1.0") from None
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected NAME=WEIGHT with a finite number, e.g. correct=1.0") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

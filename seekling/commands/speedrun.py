@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/speedrun-PRESET)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", dest="overrides",
                         help="change a preset setting, e.g. grpo_steps=80 eval_n=500 (a new run directory)")
-    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: the count recorded in the run's state.json when resuming, "
-                        "else the cores the load average leaves free)")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="torch CPU threads (0: the count recorded in the run's state.json when resuming, "
+                             "else the cores the load average leaves free)")
     parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--list", action="store_true", help="print the presets and their settings, then exit")
 

@@ -398,7 +398,7 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         state = check_run_dir(run_dir, preset) if info.is_main else None
         if info.is_main:
             resuming = state is not None
-            execution = execution_settings((state or {}).get("execution"), threads, info, preset, say)
+            execution = choose_execution((state or {}).get("execution"), threads, info, preset, say)
             state = state or new_state(preset)  # its environment records the threads just set
             state["execution"] = execution
             if resuming:
@@ -430,7 +430,7 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         destroy_distributed(info)
 
 
-def execution_settings(recorded: dict[str, Any] | None, threads: int | None, info, preset: SpeedrunPreset,
+def choose_execution(recorded: dict[str, Any] | None, threads: int | None, info, preset: SpeedrunPreset,
                        say: Callable[[str], None]) -> dict[str, Any]:
     """The settings this run computes with, set and returned for state.json: torch threads (the thread
     count changes float rounding, so a resume at another count would differ in the last bits), the

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seekling.cli import main
+from seekling.errors import SeeklingError
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTCOMES = ("named", "recovered", "unclear", "silent", "traceback")
@@ -99,8 +100,6 @@ def classify_error(result: CliResult, names: tuple[str, ...]) -> tuple[str, str]
 
 def classify_call(call: Callable[[], object], names: tuple[str, ...]) -> tuple[str, str]:
     """A library call that must raise a SeeklingError naming `names`."""
-    from seekling.errors import SeeklingError
-
     try:
         call()
     except SeeklingError as e:
@@ -148,9 +147,9 @@ def nan_weights(path: Path, count: int = 1024) -> None:
 
 
 def nan_one_projection(path: Path) -> None:
-    """NaN in every value of one attention projection."""
+    """NaN in every value of one attention projection (or its optimizer moment)."""
     tensors = load_file(str(path))
-    name = next(n for n in tensors if n.endswith("self_attn.o_proj.weight"))
+    name = next(n for n, t in tensors.items() if "self_attn.o_proj.weight" in n and t.is_floating_point())
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(path), metadata={"format": "pt"})
 
@@ -199,6 +198,7 @@ elif where == "before_record":  # everything written but the integrity record; n
 elif where == "writing_final":
     tr.save_pretrained = killer(tr.save_pretrained)
 from seekling.cli import main
+from seekling.errors import SeeklingError
 sys.exit(main(sys.argv[3:]))
 """
 KILL_POINTS = ("before_save", "mid_save", "before_record", "after_save", "writing_final")

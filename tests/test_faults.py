@@ -22,18 +22,26 @@ import pytest
 import torch
 
 import fault_cases as fc
+from test_serving import ANSWER, build_model_dir, live_server
+
+from seekling.checkpoint import load_pretrained
 from seekling.cli import COMMANDS, build_parser
 from seekling.commands import finite_float
+from seekling.config import ModelConfig
 from seekling.data import build_token_shards
+from seekling.errors import CheckpointError
 from seekling.files import write_json_atomic
+from seekling.model import Transformer
 from seekling.presets import PRESETS
 from seekling.pretrain import PretrainArgs, pretrain
 from seekling.rundir import new_state
-from seekling.serving import load_for_serving
+from seekling.server import create_app
+from seekling.serving import Engine, load_for_serving
 from seekling.speedrun import Stage, eval_stage, measure_expert_load, run_speedrun
 from seekling.tasks import completion_text, make_mixture, make_problems
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import list_checkpoints, save_training_checkpoint
+from seekling.training import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 12
@@ -321,7 +329,7 @@ NAN_CASES = [  # flags whose own parser reads a number inside a larger value
 
 def nan_trials(values=("nan",)) -> list[fc.Trial]:
     trials = []
-    cases = [([*prefix, action.option_strings[0], value], (action.option_strings[0], "finite"))
+    cases = [([*prefix, f"{action.option_strings[0]}={value}"], (action.option_strings[0], "finite"))
              for prefix, action in all_actions() if action.type is finite_float for value in values]
     for argv, names in cases + NAN_CASES:
         outcome, detail = fc.classify_error(fc.run_cli(argv), names)
@@ -380,8 +388,6 @@ BAD_REQUESTS = [  # (name, raw JSON body, expected status)
 def request_trials(url: str, cases=BAD_REQUESTS) -> list[fc.Trial]:
     """Each bad request beside an innocent one on the same connection: a 4xx for it, the same answer
     for its neighbour as alone."""
-    from test_serving import ANSWER
-
     innocent = {"messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 1.0}
     trials = []
     with httpx.Client(base_url=url, timeout=60) as c:
@@ -401,11 +407,6 @@ def request_trials(url: str, cases=BAD_REQUESTS) -> list[fc.Trial]:
 
 
 def test_each_bad_request_kind_is_a_4xx_and_hurts_no_neighbour(tmp_path):
-    from test_serving import build_model_dir, live_server
-
-    from seekling.server import create_app
-    from seekling.serving import Engine
-
     model, tok, _ = load_for_serving(build_model_dir(str(tmp_path / "tiny")))
     with live_server(create_app(Engine(model, tok, max_concurrent=4), tok, "tiny")) as url:
         trials = request_trials(url)
@@ -451,12 +452,6 @@ def test_trainer_checkpoints_record_threads_and_a_resume_at_another_count_says_s
 
 
 def test_nan_weights_saved_by_a_diverged_run_are_refused_on_load(tmp_path):
-    from seekling.checkpoint import load_pretrained
-    from seekling.config import ModelConfig
-    from seekling.errors import CheckpointError
-    from seekling.model import Transformer
-    from seekling.training import build_optimizer
-
     model = Transformer(ModelConfig.from_name("tiny"))
     with torch.no_grad():
         model.layers[0].self_attn.o_proj.weight[0, :3] = float("inf")
@@ -472,7 +467,8 @@ def test_full_fault_table(corpus, reference, speedrun_dir, tmp_path):
     NaN and inf, the item-8 invocations and the bad requests: 0 silent, 0 traceback, 0 unclear."""
     trials = []
     for record in (True, False):
-        for damage in fc.DAMAGES:
+        # flipped bytes that stay finite are only detectable with the record: not a no-record case
+        for damage in [d for d in fc.DAMAGES if record or d != "xor"]:
             for entry in ("generate", "eval", "serve"):
                 trials.append(model_dir_trial(corpus, reference, tmp_path, damage, "model.safetensors", entry, record))
         for damage in (*fc.JSON_DAMAGES, "wrong_type", "not_object"):
@@ -496,11 +492,6 @@ def test_full_fault_table(corpus, reference, speedrun_dir, tmp_path):
 
     trials += nan_trials(("nan", "inf", "-inf"))
     trials += bad_invocation_trials(corpus, reference, tmp_path)
-
-    from test_serving import build_model_dir, live_server
-
-    from seekling.server import create_app
-    from seekling.serving import Engine
 
     model, tok, _ = load_for_serving(build_model_dir(str(tmp_path / "tiny")))
     more = BAD_REQUESTS + [

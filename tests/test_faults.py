@@ -26,10 +26,10 @@ from test_serving import ANSWER, build_model_dir, live_server
 
 from seekling.checkpoint import load_pretrained
 from seekling.cli import COMMANDS, build_parser
-from seekling.commands import finite_float
+from seekling.commands import finite_float, serve
 from seekling.config import ModelConfig
 from seekling.data import build_token_shards
-from seekling.errors import CheckpointError
+from seekling.errors import CheckpointError, SeeklingError
 from seekling.files import write_json_atomic
 from seekling.model import Transformer
 from seekling.presets import PRESETS
@@ -514,3 +514,18 @@ def test_table_counts_each_outcome():
     assert text.splitlines()[2].split() == ["a", "2", "1", "0", "0", "1", "0"]
     assert text.splitlines()[4].split() == ["all", "3", "1", "1", "0", "1", "0"] and "silent: a / y: oops" in text
     assert dataclasses.asdict(trials[0])["outcome"] == "named"
+
+
+def test_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    """A key `ps` cannot show: --api-key-file's first line, or $SEEKLING_API_KEY (the flag's default)."""
+    (tmp_path / "key").write_text("s3cret\nignored\n")
+    assert serve.read_api_key(str(tmp_path / "key")) == "s3cret"
+    (tmp_path / "blank").write_text("\n")
+    with pytest.raises(SeeklingError, match="first line is empty"):
+        serve.read_api_key(str(tmp_path / "blank"))
+    monkeypatch.setenv("SEEKLING_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert parser.parse_args(["model"]).api_key == "from-env"
+    with pytest.raises(SystemExit):  # one or the other
+        parser.parse_args(["model", "--api-key", "a", "--api-key-file", "k"])

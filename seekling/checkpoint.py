@@ -3,6 +3,8 @@
 What `save_pretrained` writes loads in transformers' `AutoModelForCausalLM.from_pretrained`, and a
 directory saved by transformers (or a released DeepSeek-V3-format checkpoint, sharded or not) loads
 with `load_pretrained`. Weights only travel through safetensors: nothing is ever unpickled.
+Every directory saved here carries an integrity record, `SHA256SUMS` (`sha256sum -c` format), checked
+when it is loaded, and loaded weights must be finite: a damaged file is named, never used.
 
     python -c "from seekling.checkpoint import *; from seekling.model import Transformer; \
                from seekling.config import ModelConfig; save_pretrained(Transformer(ModelConfig.from_name('tiny')), '/tmp/t'); \
@@ -11,6 +13,7 @@ with `load_pretrained`. Weights only travel through safetensors: nothing is ever
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,7 +23,7 @@ import warnings
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from seekling.config import ModelConfig
@@ -29,6 +32,7 @@ from seekling.model import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CHECKSUMS_NAME = "SHA256SUMS"  # one "<sha256>  <file>" line per file, written last by every save
 FP32_NAMES = ("e_score_correction_bias",)  # kept in fp32 whatever the save dtype, as released checkpoints do
 
 
@@ -176,6 +180,7 @@ def save_pretrained(model: Transformer, directory: str, dtype: torch.dtype | Non
         save_file(to_hf_state_dict(model, dtype), os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         for name, path in (extra_files or {}).items():
             shutil.copy(path, os.path.join(tmp, name))
+        write_checksums(tmp)
         if os.path.exists(directory):
             old = directory + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -190,12 +195,85 @@ def save_pretrained(model: Transformer, directory: str, dtype: torch.dtype | Non
     return directory
 
 
+# ----------------------------------------------------------------------------- integrity
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike) -> None:
+    """Record the sha256 of every file of `directory` in its SHA256SUMS (call once the files are final)."""
+    names = sorted(n for n in os.listdir(directory)
+                   if n != CHECKSUMS_NAME and os.path.isfile(os.path.join(directory, n)))
+    lines = "".join(f"{file_sha256(os.path.join(directory, n))}  {n}\n" for n in names)
+    tmp = os.path.join(directory, f".{CHECKSUMS_NAME}.tmp")
+    with open(tmp, "w") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, CHECKSUMS_NAME))
+
+
+def verify_checksums(directory: str | os.PathLike) -> bool:
+    """CheckpointError naming the first file of `directory` that differs from its SHA256SUMS record.
+    False when there is no record (a directory saved by another program, or by an older seekling)."""
+    record = os.path.join(directory, CHECKSUMS_NAME)
+    if not os.path.isfile(record):
+        return False
+    try:
+        with open(record, encoding="utf-8") as f:
+            entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{record}: unreadable integrity record ({e})") from None
+    if not entries:
+        raise CheckpointError(f"{record}: the integrity record is empty (damaged)")
+    for entry in entries:
+        if len(entry) != 2 or not re.fullmatch(r"[0-9a-f]{64}", entry[0]):
+            raise CheckpointError(f"{record}: damaged integrity record (a line is not '<sha256>  <file>')")
+        digest, name = entry
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing (listed in {CHECKSUMS_NAME})")
+        if file_sha256(path) != digest:
+            raise CheckpointError(
+                f"{path} is damaged: its sha256 differs from the one recorded in {CHECKSUMS_NAME} when it was "
+                f"saved (if you changed it on purpose, delete {record})")
+    return True
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the first tensor with NaN or infinite values (how many, of how many)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name} has {bad} NaN/infinite value(s) of {t.numel()}; "
+                                  "the weights are damaged (or training diverged before this save)")
+
+
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a CheckpointError naming it when it is truncated or garbled."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).strip() or type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file, it is truncated or damaged "
+                              f"({reason})") from None
+
+
 def read_safetensors(directory: str) -> dict[str, torch.Tensor]:
-    """All tensors of a directory: model.safetensors, or the shards listed by model.safetensors.index.json."""
+    """All tensors of a directory: model.safetensors, or the shards listed by model.safetensors.index.json.
+    Weights with NaN or infinite values are refused, naming the tensor."""
     index = os.path.join(directory, INDEX_NAME)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a shard index ({type(e).__name__}: {e})") from None
     elif os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
         files = [WEIGHTS_NAME]
     else:
@@ -207,9 +285,9 @@ def read_safetensors(directory: str) -> dict[str, torch.Tensor]:
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             raise CheckpointError(f"{directory}: shard {name} listed in {INDEX_NAME} is missing")
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        shard = read_safetensors_file(path)
+        check_finite(shard, path)
+        tensors.update(shard)
     return tensors
 
 
@@ -217,6 +295,7 @@ def load_pretrained(directory: str, device: str | torch.device = "cpu", dtype: t
     """A seekling Transformer from a DeepSeek-V3-format directory (ours, transformers', or released)."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory} is not a directory")
+    verify_checksums(directory)
     try:
         config = ModelConfig.from_file(directory)
     except ConfigError as e:
@@ -351,9 +430,9 @@ def model_kind(model_dir: str | os.PathLike) -> str:
     """"seekling" for a DeepSeek-V3-format config.json (ours or released), else "transformers"."""
     path = os.path.join(model_dir, "config.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a JSON object ({e})") from None
     if not model_type:
         raise CheckpointError(f"{path} has no model_type; not a model config")

@@ -134,6 +134,10 @@ class ModelConfig:
             self._validate_moe()
         if self.num_nextn_predict_layers < 0:
             raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        for name in ("rms_norm_eps", "initializer_range", "routed_scaling_factor", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
@@ -229,6 +233,8 @@ class ModelConfig:
             return cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type, e.g. "rms_norm_eps": "x"
+            raise ConfigError(f"{source}: a field has the wrong type ({e})") from None
 
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
@@ -243,10 +249,14 @@ class ModelConfig:
         if not os.path.exists(path):
             raise ConfigError(f"no config.json at {path}")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); the file is damaged") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, source=path)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from seekling.config import setting
 from seekling.data import read_problems
-from seekling.errors import ConfigError
+from seekling.errors import ConfigError, DataError
 from seekling.evalsets import EVALSETS, load_evalset, question_text
 from seekling.generate import Completion, SamplingParams, generate
 from seekling.metrics import consensus_correct, pass_at_1_mean, pass_at_k_mean
@@ -71,13 +71,17 @@ def load_task_problems(task: str, n: int | None, seed: int = 0, path: str | None
     if task in EVALSETS:
         if difficulty:
             raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks")
-        return load_evalset(task, path=path, limit=n)
-    if path is not None:
+        problems = load_evalset(task, path=path, limit=n)
+    elif path is not None:
         if difficulty:
             raise ConfigError(f"{task}: difficulty settings only apply to the synthetic tasks, not to {path}")
-        return read_problems(path)[:n]
-    raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}, or any name "
-                      f"with a JSONL of {{prompt, answer}} rows (seekling eval --path {task}=FILE)")
+        problems = read_problems(path)[:n]
+    else:
+        raise ConfigError(f"unknown evaluation task {task!r}; known: {', '.join(known_tasks())}, or any name "
+                          f"with a JSONL of {{prompt, answer}} rows (seekling eval --path {task}=FILE)")
+    if not problems:
+        raise DataError(f"{task}: {path or 'the evaluation set'} holds no problems (an empty file?)")
+    return problems
 
 
 def score_task(task: str, problems: Sequence[Problem], completions_PK: Sequence[Sequence[str]],

@@ -1,4 +1,5 @@
-"""Files written so that a kill at any moment leaves the old version or the new one, never half of one."""
+"""Files written so that a kill at any moment leaves the old version or the new one, never half of one,
+and the check that an output can be written, made before the work that produces it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from seekling.errors import SeeklingError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -21,3 +24,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj: Any, **dump_kwargs: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, **dump_kwargs) + "\n")
+
+
+def check_writable(path: str | Path, flag: str, directory: bool = False) -> None:
+    """SeeklingError naming `flag` when `path` (a file, or with `directory` a directory) cannot be
+    written, checked before any work: a probe file is written and removed in `path` (a directory)
+    or the nearest directory above it that exists. Nothing is left behind, not even `path`."""
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise SeeklingError(f"{flag} {path}: is a directory; give a file name")
+    if directory and path.exists() and not path.is_dir():
+        raise SeeklingError(f"{flag} {path}: is a file, not a directory")
+    where = path if directory and path.is_dir() else path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise SeeklingError(f"{flag} {path}: {where} is a file, not a directory")
+    probe = where / f".write-test.{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+        if path.is_file():
+            with open(path, "a"):
+                pass
+    except OSError as e:
+        raise SeeklingError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable path") from None

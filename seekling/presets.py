@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,8 @@ def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
                 value = None if text.lower() == "none" else text
         except ValueError:
             raise ConfigError(f"--set {spec!r}: {text!r} is not a valid {type(current).__name__}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--set {spec!r}: {text!r} is not a finite number")
         changes[key] = value
     return preset.replace(**changes) if changes else preset
 

@@ -219,7 +219,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     run_dir = Path(a.out)
 
     # 1. Every check a user's input can fail, before anything is written into --out.
-    checkpoint = resume_point(run_dir, a.resume)
+    checkpoint = resume_point(run_dir, a.resume, say)
     index = load_index(a.data)
     tokenizer_dir = resolve_tokenizer_dir(a, checkpoint)
     tokenizer = Tokenizer.load(tokenizer_dir)

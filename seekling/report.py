@@ -27,6 +27,7 @@ import torch
 from seekling import __version__
 from seekling.cost import CostLedger, cpu_model, format_count, format_dollars, format_hours, format_seconds
 from seekling.rl_health import health_mean, health_summary
+from seekling.errors import DataError
 
 MODEL_STAGES = (("pretrain", "after pre-training"), ("sft", "after cold-start SFT"), ("grpo", "after GRPO"),
                 ("distill", "after distillation"))
@@ -67,7 +68,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a garbled line is skipped like a torn one
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -78,7 +79,36 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The JSON in `path` (None when there is no such file); a DataError naming a damaged file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: damaged, not valid JSON ({e})") from None
+
+
+def read_eval(path: Path) -> dict[str, Any] | None:
+    """An eval/STAGE.json with the numbers the report shows; a DataError naming it when they are not there."""
+    data = read_json(path)
+    if data is None:
+        return None
+    if not (isinstance(data, dict) and isinstance(data.get("mean"), dict) and isinstance(data.get("tasks"), dict)
+            and isinstance(data.get("settings"), dict) and "pass@1" in data["mean"]):
+        raise DataError(f"{path}: damaged, not an evaluation result (no settings, tasks and mean pass@1)")
+    return data
+
+
+def read_expert_load(path: Path) -> dict[str, Any] | None:
+    """pretrain/expert_load.json; a DataError naming it when its steps and loads do not line up."""
+    data = read_json(path)
+    if data is None:
+        return None
+    if not (isinstance(data, dict) and isinstance(data.get("steps"), list) and isinstance(data.get("load"), list)
+            and len(data["steps"]) == len(data["load"]) and isinstance(data.get("layers"), list)
+            and isinstance(data.get("source"), str) and isinstance(data.get("tokens_per_checkpoint"), int)):
+        raise DataError(f"{path}: damaged, not an expert-load record (steps, load, layers, source, tokens)")
+    return data
 
 
 def build_ledger(state: dict[str, Any]):
@@ -297,7 +327,7 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
 
     state = json.loads((run_dir / "state.json").read_text())
     config, stages = state["config"], state["stages"]
-    evals = {name: read_json(run_dir / "eval" / f"{name}.json") for name, _ in MODEL_STAGES}
+    evals = {name: read_eval(run_dir / "eval" / f"{name}.json") for name, _ in MODEL_STAGES}
     evals = {k: v for k, v in evals.items() if v}
     blocks: list[tuple] = [("h1", f"seekling speedrun report: preset `{state['preset']}`")]
     k = config["eval_k"]
@@ -398,7 +428,7 @@ def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
         "resumed_from") else []
     if stages.get("grpo", {}).get("time_capped"):
         notes.append(f"grpo: stopped by the {config['grpo_max_minutes']}-minute cap at step {stages['grpo']['steps']}")
-    loads = read_json(run_dir / "pretrain" / "expert_load.json")
+    loads = read_expert_load(run_dir / "pretrain" / "expert_load.json")
     if loads:
         notes.append(f"per-expert loads are {loads['source']} ({loads['tokens_per_checkpoint']:,} tokens each): "
                      "pre-training's metrics.jsonl records only the max/mean imbalance per step")
@@ -530,13 +560,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     plots.mkdir(exist_ok=True)
     pretrain_metrics = read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
     config = state["config"]
-    evals = {name: read_json(run_dir / "eval" / f"{name}.json") for name, _ in MODEL_STAGES}
+    evals = {name: read_eval(run_dir / "eval" / f"{name}.json") for name, _ in MODEL_STAGES}
     made = {
         "pretrain_loss.png": plot_pretrain_loss(pretrain_metrics, plots / "pretrain_loss.png",
                                                 config["pretrain_batch_size"] * config["seq_len"]),
         "grpo.png": plot_grpo(read_jsonl(run_dir / "grpo" / "metrics.jsonl"), plots / "grpo.png"),
-        "expert_load.png": plot_expert_load(read_json(run_dir / "pretrain" / "expert_load.json"), pretrain_metrics,
-                                            plots / "expert_load.png"),
+        "expert_load.png": plot_expert_load(read_expert_load(run_dir / "pretrain" / "expert_load.json"),
+                                            pretrain_metrics, plots / "expert_load.png"),
         "pass_at_1.png": plot_pass_at_1({k: v for k, v in evals.items() if v}, plots / "pass_at_1.png"),
     }
     build_ledger(state).save(str(run_dir / "cost.json"))
@@ -551,6 +581,10 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m seekling.report RUN_DIR")
     start = time.perf_counter()
-    for path in write_report(sys.argv[1]):
+    try:
+        written = write_report(sys.argv[1])
+    except DataError as e:  # a damaged eval/*.json or expert_load.json, named
+        sys.exit(f"seekling report: error: {e}; rerun the speedrun command to redo what it held")
+    for path in written:
         print(path)
     print(f"{time.perf_counter() - start:.1f}s")

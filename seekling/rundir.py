@@ -30,12 +30,33 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e}); it is not a speedrun state file, choose another --out") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); it is damaged or not a speedrun state file: restore it, "
+                          "or choose another --out") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{path} is not a seekling speedrun state file; choose another --out")
+    check_state(state, path)
     return state
+
+
+_STATE_TYPES = {"preset": str, "config": dict, "finished": list, "stages": dict}
+
+
+def check_state(state: dict[str, Any], path: Path) -> None:
+    """ConfigError naming a key of state.json that is missing or of the wrong type."""
+    for key, kind in _STATE_TYPES.items():
+        if key not in state:
+            raise ConfigError(f"{path}: the key {key!r} is missing; the file is damaged (restore it, or choose "
+                              "another --out)")
+        if not isinstance(state[key], kind):
+            raise ConfigError(f"{path}: {key!r} is {type(state[key]).__name__} ({state[key]!r:.40}), expected "
+                              f"{kind.__name__}; the file is damaged")
+    bad = [s for s in state["finished"] if not isinstance(s, str)]
+    if bad:
+        raise ConfigError(f"{path}: 'finished' holds {bad[0]!r}, not a stage name; the file is damaged")
+    if "execution" in state and not isinstance(state["execution"], dict):
+        raise ConfigError(f"{path}: 'execution' is {type(state['execution']).__name__}, expected dict")
 
 
 def suggest_out(run_dir: Path) -> str:

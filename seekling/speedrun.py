@@ -11,7 +11,11 @@ Every stage writes into one run directory (default `runs/speedrun-<preset>`):
     report.md report.html cost.json plots/   the report card (`seekling.report`)
 
 Stopped at any point (Ctrl-C, kill, a crash), the same command resumes: finished stages are skipped
-and the stage that was running continues from its last checkpoint (the trainers' own exact resume).
+and the stage that was running continues from its last intact checkpoint (the trainers' own exact
+resume; a damaged newer checkpoint is skipped, saying so). A finished stage whose output is damaged
+(eval/STAGE.json, pretrain/expert_load.json) is run or measured again. The execution settings that
+change the numbers (torch threads, device, ranks) are recorded in state.json and reused on resume
+unless given again, so a resumed run computes what an uninterrupted one would.
 A preset is a `SpeedrunPreset` (`seekling.presets`), a flat dataclass of stage settings that builds
 each trainer's config; `PRESETS` names them, and each one's description says how long it runs:
 
@@ -41,7 +45,7 @@ from seekling.checkpoint import load_pretrained
 from seekling.cost import GPUS
 from seekling.data import TokenLoader, build_token_shards, read_problems
 from seekling.distill import speedrun_stage
-from seekling.errors import SeeklingError
+from seekling.errors import CheckpointError, ConfigError, DataError, SeeklingError
 from seekling.evalsets import question_text
 from seekling.evaluate import evaluate
 from seekling.files import write_json_atomic
@@ -50,14 +54,14 @@ from seekling.generate import SamplingParams, generate
 from seekling.grpo import train_grpo
 from seekling.presets import SpeedrunPreset, validate_preset
 from seekling.pretrain import pretrain
-from seekling.report import write_report
+from seekling.report import read_eval, read_expert_load, write_report
 from seekling.rundir import STATE_FILE, check_run_dir, new_state, read_state
 from seekling.sft import make_cold_start, train_sft
 from seekling.tasks import completion_text, make_mixture, make_problems, parse_difficulty, render_prompt_ids
 from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 from seekling.parallel import barrier, destroy_distributed, init_distributed
-from seekling.train_state import latest_checkpoint, list_checkpoints, read_trainer_state
+from seekling.train_state import latest_good_checkpoint, list_checkpoints, read_trainer_state
 from seekling.training import progress_bar
 
 
@@ -178,7 +182,7 @@ def _write_problems(path: Path, problems: list) -> None:
 
 
 def _latest_step(run_dir: Path) -> int:
-    found = latest_checkpoint(run_dir)
+    found = latest_good_checkpoint(run_dir, log=lambda _: None)  # the trainer says which one it resumes from
     return int(read_trainer_state(found)["step"]) if found else 0
 
 
@@ -229,7 +233,7 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
                                        device=ctx.device.type, quiet=not ctx.is_main))
     if not ctx.is_main:
         return {}
-    loads = measure_expert_load(out, ctx.path("shards"), p.pretrain_batch_size, p.seq_len, ctx.device)
+    loads = measure_expert_load(out, ctx.path("shards"), p.pretrain_batch_size, p.seq_len, ctx.device, say=ctx.say)
     write_json_atomic(out / "expert_load.json", loads)
     for old in list_checkpoints(out)[:-1]:  # measured; only the last is worth its disk space now
         shutil.rmtree(old, ignore_errors=True)
@@ -243,14 +247,19 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
 
 @torch.no_grad()
 def measure_expert_load(run_dir: Path, data_dir: Path, batch_size: int, seq_len: int, device: torch.device,
-                        batches: int = 4) -> dict[str, Any]:
+                        batches: int = 4, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Tokens routed to each expert of each MoE layer, at every saved checkpoint, on the same val
-    batches: the per-expert load over training (pretrain's metrics.jsonl keeps only the imbalance)."""
+    batches: the per-expert load over training (pretrain's metrics.jsonl keeps only the imbalance).
+    A damaged checkpoint is left out, saying so."""
     loader = TokenLoader(data_dir, batch_size, seq_len, split="val", shuffle=False)
     n = min(batches, loader.batches_in_epoch(0))
     steps, loads = [], []
     for checkpoint in list_checkpoints(run_dir):
-        model = load_pretrained(str(checkpoint), device=device)
+        try:
+            model = load_pretrained(str(checkpoint), device=device)
+        except CheckpointError as e:
+            say(f"expert load: checkpoint {checkpoint.name} left out, it is damaged: {e}")
+            continue
         if not model.moe_gates:
             break
         total_LE = None
@@ -405,18 +414,26 @@ def pipeline_stages() -> list[Stage]:
 
 def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = None, device: str | None = None,
                  stages: list[Stage] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a whole speedrun in `out` and write its report; returns the final state."""
+    """Run (or resume) a whole speedrun in `out` and write its report; returns the final state.
+    `threads`: torch CPU threads (None: the count recorded when the run started, else `free_cores()`)."""
 
     validate_preset(preset)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1 (or None: choose), got {threads}")
+    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: expected cpu or cuda (cuda:N for one GPU)")
     run_dir = Path(out)
     info = init_distributed(device)
     previous_threads = torch.get_num_threads()
-    choose_threads(threads, log=say if info.is_main else (lambda _: None))
     try:
         state = check_run_dir(run_dir, preset) if info.is_main else None
         if info.is_main:
             resuming = state is not None
-            state = state or new_state(preset)
+            execution = choose_execution((state or {}).get("execution"), threads, info, preset, say)
+            state = state or new_state(preset)  # its environment records the threads just set
+            state["execution"] = execution
+            if resuming:
+                recheck_outputs(run_dir, state, preset, info.device, say)
             write_json_atomic(run_dir / STATE_FILE, state)
             done = len(state["finished"])
             say(f"speedrun {preset.name!r} in {run_dir}: {preset.about}; "
@@ -426,6 +443,7 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         barrier()
         if state is None:
             state = read_state(run_dir)
+            torch.set_num_threads(state["execution"]["threads"])  # every rank computes as rank 0 chose
         ctx = Context(run_dir, preset, state, say if info.is_main else (lambda _: None), info.device,
                       info.rank, info.world_size)
         start = time.perf_counter()
@@ -442,3 +460,57 @@ def run_speedrun(preset: SpeedrunPreset, out: str | Path, threads: int | None = 
         torch.set_num_threads(previous_threads)
         destroy_distributed(info)
 
+
+def choose_execution(recorded: dict[str, Any] | None, threads: int | None, info, preset: SpeedrunPreset,
+                       say: Callable[[str], None]) -> dict[str, Any]:
+    """The settings this run computes with, set and returned for state.json: torch threads (the thread
+    count changes float rounding, so a resume at another count would differ in the last bits), the
+    device, its dtype and the number of ranks. On resume the recorded thread count is reused unless
+    `threads` is given; any difference is said."""
+    recorded = recorded or {}
+    if threads is None and recorded.get("threads"):
+        threads = int(recorded["threads"])
+        say(f"resuming with {threads} torch thread(s), as recorded in state.json when this run started "
+            "(the thread count changes float rounding; pass --threads N to override)")
+    elif threads is not None and recorded.get("threads") not in (None, threads):
+        say(f"note: this run started with {recorded['threads']} torch thread(s), now --threads {threads}: "
+            "the stages run from here can differ in the last bits from an uninterrupted run")
+    if threads is None:  # measured (seekling.threads); on a GPU, torch's default for the host side
+        threads = choose_threads(None, log=say) if info.device.type == "cpu" else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    now = {"threads": threads, "device": info.device.type,
+           "dtype": preset.dtype or ("bf16" if info.device.type == "cuda" else "fp32"), "ranks": info.world_size}
+    changed = [f"{k} {recorded[k]} then, {now[k]} now" for k in ("device", "dtype", "ranks")
+               if k in recorded and recorded[k] != now[k]]
+    if changed:
+        say(f"note: this run started with other execution settings ({'; '.join(changed)}): the stages run "
+            "from here can differ from an uninterrupted run")
+    return now
+
+
+def recheck_outputs(run_dir: Path, state: dict[str, Any], preset: SpeedrunPreset, device: torch.device,
+                    say: Callable[[str], None]) -> None:
+    """Before resuming: a finished evaluation whose eval/STAGE.json is damaged is marked unfinished (it
+    runs again, with the same draws); a damaged pretrain/expert_load.json is measured again from the
+    pre-training checkpoints left."""
+    for name in list(state["finished"]):
+        if not name.startswith("eval_"):
+            continue
+        path = run_dir / "eval" / f"{name.removeprefix('eval_')}.json"
+        try:
+            if read_eval(path) is not None or "skipped" in state["stages"].get(name, {}):
+                continue
+            problem = f"{path} is missing"
+        except DataError as e:
+            problem = str(e)
+        say(f"{problem}: running {name} again")
+        state["finished"].remove(name)
+        state["stages"].pop(name, None)
+    path = run_dir / "pretrain" / "expert_load.json"
+    try:
+        read_expert_load(path)
+    except DataError as e:
+        say(f"{e}: measuring it again from the pre-training checkpoints left")
+        loads = measure_expert_load(run_dir / "pretrain", run_dir / "shards", preset.pretrain_batch_size,
+                                    preset.seq_len, device, say=say)
+        write_json_atomic(path, loads)

@@ -4,7 +4,11 @@ A checkpoint is the model in HF format (config.json + model.safetensors + tokeni
 `training_state.safetensors` (optimizer moments, every rank's RNG states) and `trainer_state.json`
 (step, optimizer skeleton, data position, trainer args): nested state as JSON, each tensor a key into
 the safetensors file, nothing pickled. It is written into a temporary directory and renamed into
-place, so a kill at any moment leaves the previous checkpoint intact.
+place, so a kill at any moment leaves the previous checkpoint intact. Its SHA256SUMS (written last)
+is checked on resume, and `latest_good_checkpoint` falls back to the newest intact checkpoint when a
+newer one is damaged, saying so (as PyTorch's distributed checkpointing keeps the last good one usable).
+`trainer_state.json` also records the execution settings that change the numbers (torch threads,
+world size, torch version), so a resume can use the same ones (`execution_settings`).
 
     python -c "from seekling.train_state import latest_checkpoint; print(latest_checkpoint('runs/pt'))"
 """
@@ -19,15 +23,16 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from seekling.checkpoint import from_hf_state_dict, read_safetensors, save_pretrained
+from seekling.checkpoint import (WEIGHTS_NAME, check_finite, from_hf_state_dict, read_safetensors,
+                                 read_safetensors_file, save_pretrained, verify_checksums, write_checksums)
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError, ConfigError
 from seekling.files import write_json_atomic
@@ -81,6 +86,8 @@ def _to_json_and_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]
 def _from_json_and_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {"tensor"}:
+            if obj["tensor"] not in tensors:
+                raise CheckpointError(f"tensor {obj['tensor']!r} of {STATE_JSON} is missing from {STATE_TENSORS}")
             return tensors[obj["tensor"]]
         return {k: _from_json_and_tensors(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -213,8 +220,9 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: nn.Module, o
         write_json_atomic(tmp / STATE_JSON, {
             "format": CHECKPOINT_FORMAT, "step": step, "time": time.time(),
             "optimizer": optim_json, "rng": rng_json,
-            "extra_state": extra_state or {}, "config": config or {},
+            "extra_state": extra_state or {}, "config": config or {}, "execution": execution_settings(),
         }, sort_keys=True)
+        write_checksums(tmp)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run): swap, never delete first
             old = root / f".trash-step_{step:07d}"
@@ -249,17 +257,61 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
     return str(found[-1]) if found else None
 
 
+def execution_settings() -> dict[str, Any]:
+    """What, besides the seed and the settings, changes a run's numbers in their last bits."""
+    return {"threads": torch.get_num_threads(), "world_size": dist.get_world_size() if is_distributed() else 1,
+            "torch": torch.__version__}
+
+
+_STATE_TYPES = {"step": int, "optimizer": dict, "rng": list, "extra_state": dict, "config": dict}
+
+
 def read_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """trainer_state.json, its keys and their types checked (a CheckpointError naming what is wrong)."""
     path = Path(checkpoint_dir) / STATE_JSON
     if not path.is_file():
         raise CheckpointError(f"{checkpoint_dir}: no {STATE_JSON}, not a complete training checkpoint")
     try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    for key, kind in _STATE_TYPES.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: the key {key!r} is missing")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{path}: {key!r} is {type(state[key]).__name__}, expected {kind.__name__}")
     return state
+
+
+def verify_training_checkpoint(checkpoint_dir: str | Path) -> None:
+    """A CheckpointError naming the damaged file of a checkpoint: its trainer_state.json, a file whose
+    sha256 differs from SHA256SUMS, or (checkpoints saved before the record) an unreadable tensor file."""
+    read_trainer_state(checkpoint_dir)
+    if not verify_checksums(checkpoint_dir):
+        for name in (WEIGHTS_NAME, STATE_TENSORS):
+            read_safetensors_file(Path(checkpoint_dir) / name)
+
+
+def latest_good_checkpoint(run_dir: str | Path, log: Callable[[str], None] = print) -> str | None:
+    """The newest intact checkpoint of a run. Damaged newer ones are skipped, saying which file is
+    wrong and where the run resumes instead; they stay on disk for inspection (the run's later saves
+    of the same step replace them). None when there is no intact checkpoint."""
+    found = list_checkpoints(run_dir)
+    for i, checkpoint in enumerate(reversed(found)):
+        try:
+            verify_training_checkpoint(checkpoint)
+        except CheckpointError as e:
+            older = found[-2 - i].name if i + 1 < len(found) else None
+            log(f"checkpoint {checkpoint.name} is damaged: {e}; "
+                + (f"resuming from the previous one, {older}" if older else "no intact checkpoint is left: "
+                   "starting from scratch"))
+            continue
+        return str(checkpoint)
+    return None
 
 
 def check_same_config(checkpoint_dir: str | Path, config: ModelConfig) -> None:
@@ -287,6 +339,7 @@ def load_training_checkpoint(checkpoint_dir: str | Path, model: nn.Module,
     state after building the optimizer on the wrapped model: two calls with load_weights=False the second
     time. Each rank restores its own RNG state (rank 0's when the world size changed)."""
     state = read_trainer_state(checkpoint_dir)
+    verify_checksums(checkpoint_dir)
     raw = unwrap_model(model)
     check_same_config(checkpoint_dir, raw.config)
     if load_weights:
@@ -295,11 +348,17 @@ def load_training_checkpoint(checkpoint_dir: str | Path, model: nn.Module,
     if optimizer is not None or restore_rng:
         if not tensors_path.is_file():
             raise CheckpointError(f"{checkpoint_dir}: {STATE_TENSORS} is missing")
-        tensors = load_file(str(tensors_path))
-        if optimizer is not None:
-            _load_optimizer_state(model, optimizer, state["optimizer"], tensors, str(checkpoint_dir))
-        if restore_rng:
-            states = _from_json_and_tensors(state["rng"], tensors)
-            rank = dist.get_rank() if is_distributed() else 0
-            restore_rng_state(states[rank] if rank < len(states) else states[0])
-    return {"step": int(state["step"]), "extra_state": state["extra_state"], "config": state["config"]}
+        tensors = read_safetensors_file(tensors_path)
+        check_finite(tensors, str(tensors_path))
+        try:
+            if optimizer is not None:
+                _load_optimizer_state(model, optimizer, state["optimizer"], tensors, str(checkpoint_dir))
+            if restore_rng:
+                states = _from_json_and_tensors(state["rng"], tensors)
+                rank = dist.get_rank() if is_distributed() else 0
+                restore_rng_state(states[rank] if rank < len(states) else states[0])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{checkpoint_dir}: the optimizer or RNG state in {STATE_JSON} and "
+                                  f"{STATE_TENSORS} is damaged ({type(e).__name__}: {e})") from None
+    return {"step": int(state["step"]), "extra_state": state["extra_state"], "config": state["config"],
+            "execution": state.get("execution", {})}

@@ -38,8 +38,8 @@ from seekling.errors import CheckpointError, ConfigError
 from seekling.files import write_text_atomic
 from seekling.model import cross_entropy
 from seekling.parallel import full_tensor
-from seekling.train_state import (export_model, latest_checkpoint, load_training_checkpoint,
-                                  save_training_checkpoint, tokenizer_files)
+from seekling.train_state import (export_model, latest_checkpoint, latest_good_checkpoint,
+                                  load_training_checkpoint, save_training_checkpoint, tokenizer_files)
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -242,12 +242,13 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
 
 
 # ----------------------------------------------------------------------------- the run lifecycle
-def resume_point(run_dir: str | Path, resume: bool) -> str | None:
-    """The checkpoint a run continues from: with `resume`, the newest in `run_dir` (None when there is
-    none: start afresh). Without it, a `run_dir` that already holds a run is refused, never overwritten."""
-    found = latest_checkpoint(run_dir)
+def resume_point(run_dir: str | Path, resume: bool, log: Callable[[str], None] = print) -> str | None:
+    """The checkpoint a run continues from: with `resume`, the newest intact one in `run_dir` (damaged
+    newer ones are skipped, saying so; None when there is none: start afresh). Without it, a `run_dir`
+    that already holds a run is refused, never overwritten."""
     if resume:
-        return found
+        return latest_good_checkpoint(run_dir, log)
+    found = latest_checkpoint(run_dir)
     if found or (Path(run_dir) / "final").exists():
         raise CheckpointError(f"{run_dir} already holds a run ({Path(found).name if found else 'final'}); "
                               "pass --resume to continue it, or choose another --out")
@@ -330,6 +331,11 @@ def start_run(run_dir: str | Path, checkpoint: str | None, model: nn.Module, opt
         state = load_training_checkpoint(checkpoint, model, optimizer, load_weights=load_weights)
         step, resumed = state["step"], state["extra_state"]
         log(f"resumed from {checkpoint} at step {step}")
+        saved_threads, threads = state["execution"].get("threads"), torch.get_num_threads()
+        if saved_threads and saved_threads != threads and is_main:
+            log(f"note: the checkpoint was written with {saved_threads} torch thread(s), this run uses {threads}: "
+                "float rounding differs with the thread count, so the resumed run can differ in the last bits "
+                f"from an uninterrupted one (pass --threads {saved_threads} to resume exactly)")
     metrics = MetricsLogger(run_dir, enabled=is_main, resume_step=step if checkpoint else None,
                             tensorboard=tensorboard)
     bar = progress_bar(steps, step, enabled=is_main and progress, desc=desc)

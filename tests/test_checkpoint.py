@@ -23,6 +23,12 @@ def saved(tmp_path):
     return model, path
 
 
+def edited(path):
+    """The directory as a person (or another program) who edits its files leaves it: no integrity record."""
+    (path / "SHA256SUMS").unlink()
+    return path
+
+
 def test_round_trip_is_exact(saved):
     model, path = saved
     back = load_pretrained(str(path))
@@ -46,7 +52,7 @@ def test_missing_tensors_are_named(saved):
     _, path = saved
     tensors = load_file(str(path / "model.safetensors"))
     del tensors["model.layers.0.self_attn.kv_b_proj.weight"]
-    save_file(tensors, str(path / "model.safetensors"))
+    save_file(tensors, str(edited(path) / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing 1 tensor.*layers.0.self_attn.kv_b_proj.weight"):
         load_pretrained(str(path))
 
@@ -55,7 +61,7 @@ def test_mismatched_shapes_are_named(saved):
     _, path = saved
     cfg = json.loads((path / "config.json").read_text())
     cfg["kv_lora_rank"] = 16
-    (path / "config.json").write_text(json.dumps(cfg))
+    (edited(path) / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape mismatch.*kv_a_proj_with_mqa"):
         load_pretrained(str(path))
 
@@ -64,7 +70,7 @@ def test_other_model_type_is_refused(saved):
     _, path = saved
     cfg = json.loads((path / "config.json").read_text())
     cfg["model_type"] = "qwen2"
-    (path / "config.json").write_text(json.dumps(cfg))
+    (edited(path) / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type is 'qwen2'"):
         load_pretrained(str(path))
 

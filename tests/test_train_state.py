@@ -15,9 +15,9 @@ import seekling.train_state as train_state
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError
 from seekling.model import Transformer
+from seekling.train_state import (capture_rng_state, execution_settings, latest_checkpoint, load_training_checkpoint,
+                                  restore_rng_state, save_training_checkpoint)
 from seekling.training import update_expert_bias
-from seekling.train_state import (capture_rng_state, latest_checkpoint, load_training_checkpoint, restore_rng_state,
-                                  save_training_checkpoint)
 from seekling.training import build_optimizer
 
 
@@ -64,7 +64,8 @@ def test_checkpoint_round_trip_is_exact_and_keeps_last(tmp_path):
     restored.reset_parameters()
     ropt = build_optimizer(restored, 1e-3)
     state = load_training_checkpoint(path, restored, ropt)
-    assert state == {"step": 3, "extra_state": {"data": {"epoch": 0, "batch": 3}}, "config": {"lr": 1e-3}}
+    assert state == {"step": 3, "extra_state": {"data": {"epoch": 0, "batch": 3}}, "config": {"lr": 1e-3},
+                     "execution": execution_settings()}
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), name  # includes the routing bias buffers
     pairs = zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"],

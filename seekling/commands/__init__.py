@@ -1,15 +1,59 @@
 """Subcommands of the `seekling` CLI, one module each (see seekling/cli.py), their help formatter, and
 the two helpers that make a trainer's settings dataclass the one declaration of its flags:
 `add_setting` adds the flag of a field (default, type and help from the field), `from_args` builds
-the dataclass from parsed flags."""
+the dataclass from parsed flags, and the number types every flag parses with (`finite_float`: NaN
+and infinity are never a setting; `non_negative_int`, `port`, `device_name`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
-_TYPES = {"int": int, "float": float, "str": str}
+
+def finite_float(text: str) -> float:
+    """A float flag's type: a number, never NaN or +-inf (Python's float() accepts "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer flag that counts something (threads, problems): 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; expected 0 or more")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port: 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
+    return value
+
+
+def device_name(text: str) -> str:
+    """A torch device a run can use: cpu, cuda or cuda:N."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+    return text
+
+
+_TYPES = {"int": int, "float": finite_float, "str": str}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -66,9 +110,9 @@ def from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
 def add_threads(parser: argparse.ArgumentParser | Any) -> argparse.Action:
     """The --threads flag every command shares; the command passes its value to
     `seekling.threads.choose_threads`."""
-    return parser.add_argument("--threads", type=int, default=0, metavar="N",
-                               help="torch CPU threads (0: measured by a short probe of the free cores, "
-                                    "see seekling.threads)")
+    return parser.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
+                               help="torch CPU threads (0: measured by a short probe of the free cores, see "
+                                    "seekling.threads; a resumed speedrun reuses the count it started with)")
 
 
 def add_action(actions: Any, name: str, text: str) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from seekling.commands import finite_float
 from seekling.commands.params import add_model_flags, model_config
 from seekling.config import PRESETS, ModelConfig, count_parameters
 from seekling.cost import (DEFAULT_SEQ_LEN, DEVICE_UNIT, DEVICES, DTYPES, PEAK_FLOPS, REFERENCE_MFU, deepseek_v3_table,
@@ -36,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--devices", default="1", help="number of devices (GPUs, or CPU cores) working together")
     hw.add_argument("--dtype", default=None, choices=DTYPES,
                     help="which peak MFU is measured against (default bf16 on GPUs, fp32 on the CPU)")
-    hw.add_argument("--price", type=float, default=None,
+    hw.add_argument("--price", type=finite_float, default=None,
                     help="dollars per device-hour (default: the table in seekling/cost.py; H800 $2 as DeepSeek)")
     eff = parser.add_argument_group("efficiency (give one)")
-    eff.add_argument("--mfu", type=float, default=None,
+    eff.add_argument("--mfu", type=finite_float, default=None,
                      help=f"model FLOPs utilisation in (0, 1] to turn FLOPs into time (default {REFERENCE_MFU})")
     eff.add_argument("--gpu-hours", "--device-hours", dest="device_hours", default=None,
                      help="device-hours the run took (e.g. 2664K): prints the MFU they imply instead")

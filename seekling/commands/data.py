@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from seekling.commands import add_action
+from seekling.commands import add_action, finite_float
 from seekling.data import build_token_shards, load_index
 from seekling.errors import ConfigError
 from seekling.tasks import make_mixture, parse_difficulty, to_sft_example
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--text", nargs="*", default=[], metavar="FILE", help="UTF-8 text files, one document each")
     build.add_argument("--jsonl", nargs="*", default=[], metavar="FILE", help="JSONL files, one document a record")
     build.add_argument("--field", default="text", help="the JSON field holding each record's text")
-    build.add_argument("--val-fraction", type=float, default=0.1,
+    build.add_argument("--val-fraction", type=finite_float, default=0.1,
                        help="share held out for val: task test problems per train problem, the tail of "
                             "each text file, a hash bucket of JSONL records")
     build.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin shard file at most")

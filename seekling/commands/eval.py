@@ -21,9 +21,10 @@ import json
 from pathlib import Path
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer, trained_tasks
-from seekling.commands import add_setting, add_threads, from_args
+from seekling.commands import add_setting, add_threads, from_args, non_negative_int
 from seekling.errors import ConfigError
 from seekling.evaluate import EvalSettings, evaluate, format_table, known_tasks
+from seekling.files import check_writable
 from seekling.generate import SPECULATE, DecodeSettings, speculating_generate
 from seekling.tasks import TEMPLATES, parse_difficulty
 from seekling.threads import choose_threads
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated tasks: {', '.join(known_tasks())}, or a name given a file with --path "
                              f"(default: the tasks the model was trained on when its run says so, else {FALLBACK_TASKS})")
-    parser.add_argument("--n", type=int, default=100, help="problems per task (0: the whole published set)")
+    parser.add_argument("--n", type=non_negative_int, default=100, help="problems per task (0: the whole published set)")
     for name in ("k", "temperature", "top_p", "max_new_tokens"):
         add_setting(parser, EvalSettings, name)
     add_setting(parser, EvalSettings, "template", choices=TEMPLATES)
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if not file:
             raise ConfigError(f"--path {spec!r}: expected TASK=FILE, e.g. gsm8k=data/gsm8k.jsonl")
         paths[task] = file
+    if args.out:
+        check_writable(args.out, "--out")  # before the evaluation, not after it
     model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.model, args.tokenizer, say=print)
     tasks = [t for t in (args.tasks or "").split(",") if t]
     if args.tasks is None:

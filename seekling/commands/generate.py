@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from seekling.commands import add_threads
+from seekling.commands import add_threads, finite_float
 from seekling.errors import SeeklingError
 from seekling.commands import add_setting
 from seekling.generate import (CHAT_TEMPERATURE, CHAT_TOP_P, SPECULATE, DecodeSettings, SamplingParams, generate,
@@ -36,9 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `generate` and `chat`."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=CHAT_TEMPERATURE,
+    group.add_argument("--temperature", type=finite_float, default=CHAT_TEMPERATURE,
                        help="softmax temperature; 0 is greedy, DeepSeek suggests 0.6 for R1 (default: %(default)s)")
-    group.add_argument("--top-p", type=float, default=CHAT_TOP_P,
+    group.add_argument("--top-p", type=finite_float, default=CHAT_TOP_P,
                        help="nucleus sampling: keep the smallest set of tokens whose probability reaches this "
                             "(default: %(default)s)")
     group.add_argument("--top-k", type=int, default=0,
@@ -64,11 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
+def read_stdin() -> str:
+    """The prompt piped in for `--prompt -`, as UTF-8 text (SeeklingError naming the first bad byte)."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SeeklingError(f"--prompt -: stdin is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise SeeklingError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     choose_threads(args.threads)
-    texts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    texts = [read_stdin() if p == "-" else p for p in args.prompt]
     model, tokenizer, _ = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype],
                                            say=lambda line: print(line, file=sys.stderr))
     prompts = [render_prompt_ids(tokenizer, t, "raw" if args.raw else "chat", args.system) for t in texts]

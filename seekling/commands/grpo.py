@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, add_threads, from_args
+from seekling.commands import add_setting, add_threads, finite_float, from_args
 from seekling.data import read_problems
 from seekling.generate import SPECULATE
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
@@ -54,9 +54,10 @@ def parse_reward(spec: str) -> tuple[str, float]:
     if not sep:
         name, weight = spec, "1"
     try:
-        return name, float(weight)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected NAME=WEIGHT with a number, e.g. correct=1.0") from None
+        return name, finite_float(weight)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected NAME=WEIGHT with a finite number, e.g. correct=1.0") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "lr")
     add_setting(g, GRPOConfig, "warmup_steps", "--warmup")
     add(g, "weight_decay", "grad_clip", "steps")
-    g.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
+    g.add_argument("--max-minutes", type=finite_float, default=None, help="stop (and save) after this much time")
     add(g, "save_every", "log_every", "max_bad_steps", "seed")
     add_threads(g)
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from seekling.commands import add_setting, add_threads
+from seekling.commands import add_setting, add_threads, device_name, finite_float
 from seekling.config import PRESETS
+from seekling.files import check_writable
 from seekling.pretrain import DISTRIBUTED, DTYPES, PretrainArgs, pretrain
 from seekling.threads import choose_threads
 from seekling.training import SCHEDULES
@@ -27,8 +28,8 @@ SETTINGS = (PretrainArgs,)
 
 def _betas(text: str) -> tuple[float, float]:
     try:
-        b1, b2 = (float(x) for x in text.split(","))
-    except ValueError:
+        b1, b2 = (finite_float(x) for x in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.95, got {text!r}") from None
     return b1, b2
 
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     add(run, "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "quiet")
     hw = parser.add_argument_group("hardware")
-    add(hw, "device")
+    add(hw, "device", type=device_name)
     add_threads(hw)
     add(hw, "dtype", choices=DTYPES)
     add(hw, "compile")
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out", directory=True)  # before the data and the model are loaded
     choose_threads(args.threads)
     pretrain(args)
     return 0

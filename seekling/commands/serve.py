@@ -4,11 +4,13 @@ Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (stream
 answers carry the reasoning in `reasoning_content` and the answer in `content`, as DeepSeek's API
 does for R1), GET /health, and the web chat at /. Requests share the model through one engine
 thread that runs all active requests in each decode step (--max-concurrent of them; up to
---max-queue more wait). It listens on 127.0.0.1 unless --host says otherwise; give --api-key (or
-SEEKLING_API_KEY) before exposing it. See docs/serving.md.
+--max-queue more wait). It listens on 127.0.0.1 unless --host says otherwise; give it an API key
+before exposing it: from a file (--api-key-file) or the SEEKLING_API_KEY environment variable, which
+other users of the machine cannot see, unlike --api-key (visible in `ps`). See docs/serving.md.
 
     seekling serve runs/main/final
-    seekling serve runs/main --port 8080 --max-concurrent 16 --api-key "$(openssl rand -hex 16)"
+    openssl rand -hex 16 > key && chmod 600 key
+    seekling serve runs/main --host 0.0.0.0 --port 8080 --max-concurrent 16 --api-key-file key
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "What is 2+2?"}]}'
 """
@@ -20,7 +22,7 @@ import ipaddress
 import os
 import sys
 
-from seekling.commands import add_setting, add_threads
+from seekling.commands import add_setting, add_threads, port
 from seekling.commands.generate import DTYPES
 from seekling.generate import SPECULATE, DecodeSettings
 from seekling.errors import SeeklingError
@@ -34,9 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
                      help="address to listen on; 0.0.0.0 is every interface (default: %(default)s)")
-    net.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    net.add_argument("--api-key", default=os.environ.get("SEEKLING_API_KEY"),
-                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $SEEKLING_API_KEY, else none)")
+    net.add_argument("--port", type=port, default=8000, help="TCP port (default: %(default)s)")
+    key = net.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", default=None, metavar="FILE",
+                     help="require 'Authorization: Bearer KEY' on /v1/*, KEY being this file's first line "
+                          "(the way to pass a key that `ps` does not show)")
+    key.add_argument("--api-key", default=os.environ.get("SEEKLING_API_KEY"),
+                     help="the key itself (visible to other users in `ps`: prefer --api-key-file or the "
+                          "environment; default: $SEEKLING_API_KEY, else none)")
     net.add_argument("--model-name", default=None,
                      help="the model id reported by /v1/models; requests may also name it 'seekling' "
                           "(default: the run and stage, e.g. speedrun-cpu-grpo, else the directory name)")
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             raise SeeklingError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.max_queue < 0:
         raise SeeklingError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.api_key_file:
+        args.api_key = read_api_key(args.api_key_file)
     choose_threads(args.threads)
     model, tokenizer, model_dir = load_for_serving(args.model_dir, dtype=DTYPES[args.dtype],
                                                    say=lambda line: print(line, file=sys.stderr))
@@ -89,6 +98,18 @@ def run(args: argparse.Namespace) -> int:
           f"({args.max_concurrent} slots, {engine.max_len} tokens of context)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def read_api_key(path: str) -> str:
+    """The first line of `path`, stripped: the key (a SeeklingError when it is unreadable or empty)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SeeklingError(f"--api-key-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not key:
+        raise SeeklingError(f"--api-key-file {path}: the first line is empty; put the key there")
+    return key
 
 
 def _is_loopback(host: str) -> bool:

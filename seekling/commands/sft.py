@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, add_threads, from_args
+from seekling.commands import add_setting, add_threads, finite_float, from_args
 from seekling.errors import ConfigError
 from seekling.sft import SFTConfig, make_cold_start, train_sft
 from seekling.tasks import parse_difficulty
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("min_lr_ratio", "weight_decay", "grad_clip", "mtp_weight", "bias_update_speed", "save_every",
                  "log_every", "val_batches"):
         add_setting(parser, SFTConfig, name)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
+    parser.add_argument("--max-minutes", type=finite_float, default=None, help="stop (and save) after this much time")
     add_setting(parser, SFTConfig, "seed")
     add_threads(parser)
     cold = parser.add_argument_group("cold-start data")

@@ -21,7 +21,7 @@ import argparse
 import json
 import signal
 
-from seekling.commands import add_threads
+from seekling.commands import add_threads, device_name
 from seekling.presets import PRESETS, get_preset
 from seekling.speedrun import run_speedrun
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", dest="overrides",
                         help="change a preset setting, e.g. grpo_steps=80 eval_n=500 (a new run directory)")
     add_threads(parser)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--list", action="store_true", help="print the presets and their settings, then exit")
 
 

@@ -74,7 +74,7 @@ def probe(counts: list[int], seconds: float = PROBE_SECONDS, rounds: int = ROUND
     times so that a burst of load elsewhere does not fall on one count alone."""
     previous = torch.get_num_threads()
     m, k, n = PROBE_SHAPE
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    a, b = torch.ones(m, k), torch.ones(k, n)  # a probe must not move the global RNG
     runs: dict[int, list[float]] = {c: [] for c in counts}
     try:
         for _ in range(rounds):

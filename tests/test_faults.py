@@ -71,8 +71,9 @@ def reference(corpus):
     return out
 
 
-def pretrain_argv(corpus, out: Path, resume: bool = True) -> list[str]:
-    argv = ["pretrain", "--data", corpus["data"], "--tokenizer", corpus["tok"], "--out", str(out)]
+def pretrain_argv(corpus, out: Path, resume: bool = True, threads: int = 1) -> list[str]:
+    argv = ["pretrain", "--data", corpus["data"], "--tokenizer", corpus["tok"], "--out", str(out),
+            "--threads", str(threads)]
     for key, value in COMMON.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv + (["--resume"] if resume else [])
@@ -446,8 +447,8 @@ def test_trainer_checkpoints_record_threads_and_a_resume_at_another_count_says_s
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "final")  # killed while writing final/: the resume runs no step, only the export
-    torch.set_num_threads(2)
-    result = fc.run_cli(pretrain_argv(corpus, run))
+    result = fc.run_cli(pretrain_argv(corpus, run, threads=2))
+    torch.set_num_threads(1)
     assert result.code == 0 and "written with 1 torch thread(s), this run uses 2" in result.out
 
 

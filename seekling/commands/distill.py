@@ -21,6 +21,7 @@ import json
 from seekling.commands import add_setting
 from seekling.commands.sample import add_sampling_arguments, settings_and_problems
 from seekling.data import read_problems
+from seekling.datasets_io import PROBLEM_FIELDS, parse_columns
 from seekling.distill import SampleSettings, distill, load_problems
 from seekling.evaluate import EvalSettings
 from seekling.sft import SFTConfig
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     student.add_argument("--resume", action="store_true", help="continue the SFT run in --out from its last checkpoint")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-n", type=int, default=200, help="held-out problems per task (0: skip the evaluation)")
-    ev.add_argument("--eval-problems", default=None, help="JSONL of held-out problems instead of the tasks' test split")
+    ev.add_argument("--eval-problems", default=None,
+                    help="held-out problems instead of the tasks' test split (the same forms as --problems; "
+                         "a dataset's test split by default)")
     add_setting(ev, EvalSettings, "k", "--eval-k", dest="eval_k", help="samples per held-out problem")
     ev.add_argument("--eval-max-new-tokens", type=int, default=None, help="evaluation length limit (default: --max-new-tokens)")
     ev.add_argument("--json", action="store_true", help="also print the comparison as JSON")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     eval_problems = None
     if args.eval_problems:
         eval_problems = {}
-        for p in read_problems(args.eval_problems, unique=True)[: args.eval_n or None]:
+        columns = parse_columns(args.column, PROBLEM_FIELDS)
+        for p in read_problems(args.eval_problems, unique=True, columns=columns, default_split="test")[: args.eval_n or None]:
             eval_problems.setdefault(p.task, []).append(p)
     elif args.eval_n:
         tasks = list(dict.fromkeys(p.task for p in problems if p.task in TASKS))

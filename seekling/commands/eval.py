@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
     parser.add_argument("--path", nargs="*", default=[], metavar="TASK=FILE",
-                        help="read a published set from this JSONL instead of the copy shipped in the package")
+                        help="read a published set from FILE (JSONL, Parquet, CSV, a saved `datasets` DIR[@SPLIT] or "
+                             "hf:OWNER/NAME[/CONFIG][@SPLIT], in the set's own columns) instead of the packaged copy")
     add_setting(parser, EvalSettings, "seed")
     parser.add_argument("--keep-samples", type=int, default=3, help="problems per task whose completions go in the JSON")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -3,8 +3,9 @@
 Each step samples --group-size completions for each of --prompts-per-step problems, scores them with
 rule-based rewards (--reward NAME=WEIGHT, a registered name or your own `module:function`), and
 takes --mu optimiser steps on the clipped surrogate with group-relative advantages. Problems come
-from the train split of the built-in tasks (--tasks) or from a JSONL file (--data, one
-{"prompt", "answer", ["task", "meta"]} a line). Checkpoints in OUT/checkpoints, a JSON line of
+from the train split of the built-in tasks (--tasks) or from your data (--data: JSONL, Parquet,
+CSV or a Hugging Face dataset, one {"prompt", "answer", ["task", "meta"]} a row; --column maps
+yours, e.g. --column prompt=question). Checkpoints in OUT/checkpoints, a JSON line of
 metrics per step in OUT/metrics.jsonl (reward components, accuracy, format rate, lengths, KL, clip
 fraction, entropy, tokens/s), the final model in OUT/final. --resume continues exactly. Examples:
 
@@ -22,8 +23,9 @@ import argparse
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, from_args
+from seekling.commands import add_column_argument, add_setting, from_args
 from seekling.data import read_problems
+from seekling.datasets_io import PROBLEM_FIELDS, SOURCE_HELP, parse_columns
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
 from seekling.tasks import TEMPLATES, make_mixture, parse_difficulty
@@ -57,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-problems", type=int, default=5000, help="problems per task in the training pool")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="task difficulty, e.g. countdown.count=3")
-    parser.add_argument("--data", default=None, help="JSONL of {prompt, answer, [task, meta]} instead of --tasks")
+    parser.add_argument("--data", default=None,
+                        help="problems instead of --tasks, {prompt, answer, [task, meta]} a row: " + SOURCE_HELP)
+    add_column_argument(parser, PROBLEM_FIELDS)
     add(parser, "template", choices=TEMPLATES)
     add_setting(parser, GRPOConfig, "rewards", "--reward", nargs="+", type=parse_reward, metavar="NAME=WEIGHT")
     parser.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     combine_rewards(cfg.rewards)
     model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer)
     if args.data:
-        problems = read_problems(args.data)
+        problems = read_problems(args.data, columns=parse_columns(args.column, PROBLEM_FIELDS))
     else:
         tasks = [t for t in args.tasks.split(",") if t]
         problems = make_mixture(tasks, "train", args.num_problems, args.seed, parse_difficulty(args.difficulty))

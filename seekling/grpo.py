@@ -40,7 +40,8 @@ from seekling.generate import SamplingParams, generate, pad_right
 from seekling.model import LatentCache
 from seekling.rewards import CombinedReward, combine_rewards, format_reward, grade, register_reward
 from seekling.tasks import Problem, check_template, render_prompt_ids
-from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
+from seekling.training import (WANDB_HELP, build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed,
+                               start_run)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -83,6 +84,7 @@ class GRPOConfig:
     seed: int = setting(0, "seed for problems and sampling")
     save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
     max_bad_steps: int = setting(3, "stop after this many non-finite losses in a row")
+    wandb: str | None = setting(None, WANDB_HELP)
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -544,7 +546,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
     bad_steps, last_good = 0, checkpoint
     run = start_run(run_dir, checkpoint, model, optimizer, steps=cfg.steps, save_every=cfg.save_every,
                     config={"kind": "grpo", **asdict(cfg)}, extra_state=lambda: {"bad_steps": bad_steps},
-                    desc="grpo", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, log=log)
+                    desc="grpo", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, wandb=cfg.wandb, log=log)
     step = run.step
     history: list[dict[str, float]] = []
     with run:
@@ -590,6 +592,12 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                 continue
             bad_steps = 0
             run.metrics.log(step, **record)
+            if run.metrics.tracking and (run.save_due(step) or step == cfg.steps):  # completions to read in W&B
+                G, rewards = rollouts.group_size, rollouts.rewards_PG.flatten().tolist()  # the first two groups
+                run.metrics.log_table(step, "samples", [
+                    {"prompt": rollouts.problems[r // G].prompt, "answer": rollouts.problems[r // G].answer,
+                     "completion": rollouts.texts[r], "reward": rewards[r], "correct": rollouts.correct[r]}
+                    for r in range(min(len(rollouts.texts), 2 * G))])
             history.append({"step": step, **record})
             run.bar.update(1)
             run.bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",

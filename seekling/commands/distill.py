@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(student, SFTConfig, "lr", help="SFT peak learning rate")
     add_setting(student, SFTConfig, "warmup_steps", "--warmup", help="SFT warm-up steps")
     add_setting(student, SFTConfig, "save_every", help="SFT checkpoint every N steps (0: at the end)")
+    add_setting(student, SFTConfig, "wandb", metavar="PROJECT", help="Weights & Biases project for the SFT metrics "
+                                                                      "(WANDB_MODE=offline keeps them on disk)")
     student.add_argument("--resume", action="store_true", help="continue the SFT run in --out from its last checkpoint")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-n", type=int, default=200, help="held-out problems per task (0: skip the evaluation)")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print("no synthetic task among the problems and no --eval-problems: skipping the evaluation")
     sft = SFTConfig(seq_len=args.seq_len, batch_size=args.sft_batch_size, steps=args.steps, lr=args.lr,
                     warmup_steps=args.warmup_steps, save_every=args.save_every, seed=args.seed,
-                    log_every=max(1, args.steps // 10))
+                    log_every=max(1, args.steps // 10), wandb=args.wandb)
     evals = EvalSettings(k=args.eval_k, max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
                          template=args.template, batch_size=args.batch_size, seed=args.seed)
     result = distill(args.teacher, args.out, problems, student_preset=args.student_preset,

@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "weight_decay", "grad_clip", "steps")
     g.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
     add(g, "save_every", "max_bad_steps", "seed")
+    add(g, "wandb", metavar="PROJECT")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 

@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("min_lr_ratio", "weight_decay", "grad_clip", "mtp_weight", "bias_update_speed", "save_every",
                  "log_every", "val_batches"):
         add_setting(parser, SFTConfig, name)
+    add_setting(parser, SFTConfig, "wandb", metavar="PROJECT")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
     add_setting(parser, SFTConfig, "seed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

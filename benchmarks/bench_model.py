@@ -89,7 +89,8 @@ def llama_cpp_rate(gguf_path: str, prompt: list[int], new_tokens: int, threads: 
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf_path, n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, verbose=False)
+    llm = Llama(model_path=gguf_path, n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, logits_all=True,
+                verbose=False)  # logits_all: llm.scores holds the logits greedy decoding reads
     for timed in (False, True):  # a warm-up pass, then the timed one
         llm.reset()
         llm.eval(prompt)

@@ -238,6 +238,8 @@ def export_gguf(model_path: str, out: str, out_type: str = "f32", tokenizer_dir:
     config = ModelConfig.from_file(model_dir)
     if config.attention_bias:
         raise CheckpointError(f"{model_dir}: attention_bias=true has no place in llama.cpp's {ARCH} layout")
+    if not config.rope_interleave:  # llama.cpp rotates adjacent channel pairs, as DeepSeek does
+        raise CheckpointError(f"{model_dir}: rope_interleave=false (RoPE on halves) is not llama.cpp's {ARCH} RoPE")
     tokenizer_dir = tokenizer_dir or find_tokenizer_dir(model_dir, model_path)
     tensors = gguf_tensors(config, read_safetensors(model_dir), g)
 

@@ -197,7 +197,7 @@ def test_llama_cpp_greedy_tokens_equal_seeklings(out_type, tokenizer, tmp_path):
             for name, p in model.named_parameters():
                 if p.ndim > 1 and "gate.weight" not in name:
                     p.copy_(p.half().float())
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=2, logits_all=True, verbose=False)  # fills scores
 
     texts = ["What is 12 + 7?", "A 3 digit number: 405, then <think> and </answer>.\n  spaces"]
     for text in texts:  # llama.cpp's tokenizer (smollm pre-tokenizer) splits as ours does

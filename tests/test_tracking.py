@@ -65,7 +65,7 @@ def test_grpo_metrics_and_sample_table_reach_wandb_offline(tmp_path, tokenizer, 
         if kind == "history":
             row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             history.setdefault(row["_step"], {}).update(row)
-    assert sorted(history) == [1, 2]
+    assert sorted(history) == [1, 2], [kind for kind, _ in records]
     for record in local:  # every number of metrics.jsonl, the reward components and health signals included
         expected = numbers({k: v for k, v in record.items() if k != "step"})
         assert {"reward", "accuracy", "loss", "kl", "clip_fraction", "entropy"} <= expected.keys()

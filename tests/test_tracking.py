@@ -4,6 +4,7 @@ offline mode by reading the run's own .wandb file back), GRPO's sample completio
 import json
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -31,6 +32,8 @@ def wandb_records(path):
         if left < 7 or (length == 0 and kind == 0):
             pos += left
             continue
+        if pos + 7 + length > len(raw):  # a record still being written
+            break
         chunk += raw[pos + 7: pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -59,7 +62,11 @@ def test_grpo_metrics_and_sample_table_reach_wandb_offline(tmp_path, tokenizer, 
 
     local = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     [wandb_file] = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    records = wandb_records(wandb_file)
+    for _ in range(120):  # wandb's own process may still be writing the file when finish() returns
+        records = wandb_records(wandb_file)
+        if any(kind == "exit" for kind, _ in records):
+            break
+        time.sleep(0.5)
     history = {}
     for kind, r in records:
         if kind == "history":

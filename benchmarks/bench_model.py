@@ -5,7 +5,9 @@ Prints tokens/s of both and their ratio for
   - sampling (new tokens/s) at batch 1, 8 and 64 with 128 new tokens: transformers, seekling, and
     seekling with MTP speculative decoding (its acceptance rate and speed-up over plain seekling),
     against the bandwidth ceiling of this machine,
-and the training MFU against this machine's measured matmul peak.
+and the training MFU against this machine's measured matmul peak. When llama-cpp-python imports, the
+same weights are exported to GGUF (`seekling export --gguf`) and llama.cpp's greedy decode at batch 1
+(f32 and f16) is printed as a reference line: llama.cpp is what people run small models on CPUs with.
 
     python benchmarks/bench_model.py            # full run (a few minutes on 2 cores)
     python benchmarks/bench_model.py --quick    # fewer steps, smaller sampling batches
@@ -15,6 +17,7 @@ and the training MFU against this machine's measured matmul peak.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -30,7 +33,10 @@ from seekling.cost import cpu_peak  # noqa: E402
 from seekling.decode import DecodeEngine  # noqa: E402
 from seekling.flops import flops_per_token  # noqa: E402
 from seekling.generate import SamplingParams, generate  # noqa: E402
+from seekling.gguf_export import export_gguf  # noqa: E402
 from seekling.model import Transformer  # noqa: E402
+from seekling.tasks import make_problems  # noqa: E402
+from seekling.tokenizer import Tokenizer  # noqa: E402
 
 
 def load_transformers(path: str):
@@ -86,6 +92,31 @@ def sample_rate(model, prompts, new_tokens: int, is_hf: bool, speculate: bool = 
 
 def acceptance(stats: dict) -> str:
     return f"{stats['accepted'] / stats['drafted']:.0%}" if stats.get("drafted") else "-"
+
+
+def llama_cpp_rate(gguf_path: str, prompt: list[int], new_tokens: int, threads: int) -> float:
+    """llama.cpp's greedy decode (new tokens/s at batch 1) through llama-cpp-python, prompt excluded."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf_path, n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, logits_all=True,
+                verbose=False)  # logits_all: llm.scores holds the logits greedy decoding reads
+    for timed in (False, True):  # a warm-up pass, then the timed one
+        llm.reset()
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens if timed else 4):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def export_for_llama_cpp(model: Transformer, out_type: str) -> str:
+    """The model as a GGUF file (with a small tokenizer, which llama.cpp needs to load it)."""
+    directory = tempfile.mkdtemp()
+    texts = [p.prompt for p in make_problems("arithmetic", "train", 200, 0)]
+    tokenizer_dir = Tokenizer.train(texts, vocab_size=min(512, model.config.vocab_size)).save(directory + "/tok")
+    save_pretrained(model, directory + "/model", extra_files={n: str(tokenizer_dir / n) for n in os.listdir(tokenizer_dir)})
+    return export_gguf(directory + "/model", f"{directory}/model-{out_type}.gguf", out_type)["out"]
 
 
 def weight_bandwidth(threads: int) -> float:
@@ -189,6 +220,7 @@ def main() -> None:
     engine = DecodeEngine(ours)
     print(f"  (weights stream through a matrix-vector product at {bandwidth / 1e9:.1f} GB/s here: a decode step "
           "cannot beat batch * bandwidth / weight bytes read, the bandwidth ceiling below)")
+    ours_batch1 = None
     for bs in [int(s) for s in args.sample_batches.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
         sample_rate(ours, prompts, 4, False)  # warm-up
@@ -203,6 +235,23 @@ def main() -> None:
                 f"bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most {floor / b:5.2f}x, "
                 f"seekling at {a / floor:4.0%} of it)")
         print(line, flush=True)
+        if bs == 1:
+            ours_batch1, prompt1 = a, prompts[0]
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("\nllama.cpp: llama-cpp-python is not installed; skipped the reference line")
+        return
+    import llama_cpp
+
+    if ours_batch1 is None:  # batch 1 was not among --sample-batches
+        prompt1 = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()[0]
+        ours_batch1 = sample_rate(ours, [prompt1], args.new_tokens, False)
+    print(f"\nreference: llama.cpp (llama-cpp-python {llama_cpp.__version__}, {args.threads} threads) on the same "
+          f"weights, batch 1, {args.new_tokens} new tokens, greedy")
+    for out_type in ("f32", "f16"):
+        rate = llama_cpp_rate(export_for_llama_cpp(ours, out_type), prompt1, args.new_tokens, args.threads)
+        print(f"  llama.cpp {out_type}   {rate:7.0f} tokens/s   seekling fp32 batch 1 {ours_batch1:7.0f} "
+              f"({ours_batch1 / rate:5.2f}x llama.cpp)", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("seekling.commands.eval", "pass@1 / pass@k / cons@k, format and length on held-out tasks and GSM8K/MATH-500/AIME"),
     "sample": ("seekling.commands.sample", "rejection sampling: keep a teacher's verified, well-formed completions as chat JSONL"),
     "distill": ("seekling.commands.distill", "rejection-sample a teacher, SFT a smaller student on it, evaluate all three"),
+    "export": ("seekling.commands.export", "write a model as a GGUF file for llama.cpp and Ollama (deepseek2 layout, tokenizer, chat template)"),
     "speedrun": ("seekling.commands.speedrun", "the whole R1 recipe end to end (data, pre-training, SFT, GRPO, distillation) with a report card; resumable"),
 }
 

@@ -23,7 +23,6 @@ Run: `seekling data build --tokenizer runs/tok --tasks arithmetic,linear --num-e
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from seekling.datasets_io import field_name, read_jsonl, read_rows, read_text_file  # noqa: F401 (re-exported)
 from seekling.errors import DataError
 from seekling.tasks import Problem, make_mixture, stable_hash, to_sft_example
 from seekling.tokenizer import Tokenizer
@@ -45,44 +45,6 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens, 256 MB as uint16
 # -- reading source files -----------------------------------------------------------------------
 
 
-def read_text_file(path: str | Path) -> str:
-    """The whole file as text (gzip-compressed when it ends in .gz); a DataError naming the line and byte
-    if it is not UTF-8."""
-    path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
-
-
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON Lines file, the one reader of the package.
-    A line that is not JSON, not an object or lacks a `required` field raises a DataError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        missing = [key for key in required if key not in row]
-        if missing:
-            raise DataError(f"{path}:{number}: missing field {', '.join(map(repr, missing))}")
-        rows.append((number, row))
-    return rows
-
-
 def read_jsonl_texts(path: str | Path, field: str = "text") -> Iterator[str]:
     """The string `field` of each record of a JSONL file."""
     for number, record in read_jsonl(path, (field,)):
@@ -91,45 +53,71 @@ def read_jsonl_texts(path: str | Path, field: str = "text") -> Iterator[str]:
         yield record[field]
 
 
-def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
-    """The conversations of a chat JSONL file, one `{"messages": [{"role", "content"}, ...]}` a line."""
+def _json_cell(value: Any) -> Any:
+    """A list or object stored as JSON text (a CSV cell, a string column) decoded; anything else as it is."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def read_chat_jsonl(source: str | Path, columns: dict[str, str] | None = None,
+                    default_split: str = "train") -> list[list[dict[str, str]]]:
+    """The conversations of a chat file or dataset (any source `read_rows` reads): a `messages` list of
+    {"role", "content"} a row, or a `prompt` and an `answer` (a user turn and the assistant's reply);
+    `columns` maps them to the data's own columns."""
     conversations = []
-    for number, record in read_jsonl(path):
-        messages = record.get("messages")
+    for number, where, record in read_rows(source, columns=columns, default_split=default_split):
+        messages = _json_cell(record.get("messages"))
+        if messages is None and isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
+            messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["answer"]}]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{path}:{number}: expected {{\"messages\": [...]}} with at least one message")
+            raise DataError(f"{where}: expected {{\"messages\": [...]}} with at least one message in column "
+                            f"{field_name('messages', columns)} (or string columns {field_name('prompt', columns)} "
+                            f"and {field_name('answer', columns)})")
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str)):
-                raise DataError(f"{path}:{number}: message {i} needs a role (system, user or assistant) "
-                                f"and a string content, got {json.dumps(m)[:80]}")
-        conversations.append(messages)
+                raise DataError(f"{where}: message {i} needs a role (system, user or assistant) "
+                                f"and a string content, got {json.dumps(m, default=str)[:80]}")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     return conversations
 
 
-def read_problems(path: str | Path, unique: bool = False) -> list[Problem]:
-    """Problems from JSONL, one `{"prompt", "answer", ["id", "task", "meta"]}` a line (a `messages` list
-    may stand in for `prompt`: its last user turn is the question). A row without an id gets one from
-    its prompt and answer, stable across runs. `unique` keeps the first row of each id (task files
-    repeat problems; rejection sampling samples each once); GRPO keeps every row of its pool."""
+def read_problems(source: str | Path, unique: bool = False, columns: dict[str, str] | None = None,
+                  default_split: str = "train") -> list[Problem]:
+    """Problems from a file or dataset (any source `read_rows` reads), one `{"prompt", "answer", ["id",
+    "task", "meta"]}` a row, `columns` mapping those fields to the data's own columns (a `messages`
+    list may stand in for `prompt`: its last user turn is the question). A row without an id gets one
+    from its prompt and answer, stable across runs. `unique` keeps the first row of each id (task
+    files repeat problems; rejection sampling samples each once); GRPO keeps every row of its pool."""
     problems: dict[str, Problem] = {}
-    for number, row in read_jsonl(path):
+    for number, where, row in read_rows(source, columns=columns, default_split=default_split):
         prompt = row.get("prompt")
-        if prompt is None and isinstance(row.get("messages"), list):
-            users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        messages = _json_cell(row.get("messages"))
+        if prompt is None and isinstance(messages, list):
+            users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
             prompt = users[-1] if users else None
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{where}: {field_name('prompt', columns)} is {type(prompt).__name__}, not a string")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{path}:{number}: row has no 'prompt' (a non-empty string, or a user message)")
-        if row.get("answer") is None or str(row["answer"]).strip() == "":
-            raise DataError(f"{path}:{number}: row has no 'answer'; each problem needs a verifiable answer")
-        meta = row.get("meta") or {}
+            raise DataError(f"{where}: row has no {field_name('prompt', columns)} (a non-empty string, or a user message)")
+        answer = row.get("answer")
+        if answer is None or str(answer).strip() == "":
+            raise DataError(f"{where}: row has no {field_name('answer', columns)}; each problem needs a verifiable answer")
+        if isinstance(answer, (list, dict, bool)):
+            raise DataError(f"{where}: {field_name('answer', columns)} is {type(answer).__name__}, "
+                            "not a string or a number")
+        meta = _json_cell(row.get("meta")) or {}
         if not isinstance(meta, dict):
-            raise DataError(f"{path}:{number}: 'meta' must be an object")
-        pid = str(row.get("id") or f"p-{stable_hash(prompt + '|' + str(row['answer'])):016x}")
-        problem = Problem(pid, str(row.get("task") or ""), prompt, str(row["answer"]), "", meta)
+            raise DataError(f"{where}: {field_name('meta', columns)} must be an object")
+        pid = str(row.get("id") or f"p-{stable_hash(prompt + '|' + str(answer)):016x}")
+        problem = Problem(pid, str(row.get("task") or ""), prompt, str(answer), "", meta)
         problems.setdefault(pid if unique else str(number), problem)
     if not problems:
-        raise DataError(f"{path}: no problems")
+        raise DataError(f"{source}: no problems")
     return list(problems.values())
 
 

@@ -54,10 +54,12 @@ SAMPLES_FORMAT = "seekling-samples-v1"
 
 # ----------------------------------------------------------------------------- problems and verifiers
 def load_problems(tasks: Sequence[str] = (), n: int = 100, split: str = "train", seed: int = 0,
-                  difficulty: dict[str, dict[str, Any]] | None = None, path: str | Path | None = None) -> list[Problem]:
-    """`n` problems of each task (synthetic tasks: the `split`; published sets: the set), or a file."""
+                  difficulty: dict[str, dict[str, Any]] | None = None, path: str | Path | None = None,
+                  columns: dict[str, str] | None = None) -> list[Problem]:
+    """`n` problems of each task (synthetic tasks: the `split`; published sets: the set), or a file or
+    dataset (`columns` mapping its columns to the problem's fields)."""
     if path is not None:
-        problems = read_problems(path, unique=True)
+        problems = read_problems(path, unique=True, columns=columns, default_split=split)
         return problems[:n] if n else problems
     if not tasks:
         raise ConfigError("give tasks (e.g. --tasks countdown) or a problems file (--problems FILE.jsonl)")

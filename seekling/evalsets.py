@@ -2,7 +2,7 @@
 
 The sets ship inside the package (`seekling/evaldata/`, compressed JSON Lines exactly as published, with
 their sources, licences and sha256 sums); `SEEKLING_DATA=DIR` (the same layout, `.jsonl` or `.jsonl.gz`)
-or an explicit path reads other copies. Each loader returns the same
+or an explicit path reads other copies (JSONL, Parquet, CSV or a `datasets` dataset: `seekling.datasets_io`). Each loader returns the same
 `Problem` shape the synthetic tasks use: `id, task, prompt, answer (str), solution (str), meta`.
 The prompt is the bare question; `question_text` adds the instruction a model is asked it with.
 
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from seekling.data import read_jsonl
+from seekling.datasets_io import read_rows
 from seekling.errors import DataError
 from seekling.rewards import parse_number
 from seekling.tasks import Problem  # one record for synthetic and published problems
@@ -62,12 +62,12 @@ def gsm8k_gold(solution: str, where: str = "") -> str:
 def load_gsm8k(path: str | Path | None = None, split: str = "test", limit: int | None = None) -> list[Problem]:
     path = Path(path) if path is not None else set_file("gsm8k", split)
     problems = []
-    for line_no, row in read_jsonl(path, ("question", "answer"))[:limit]:
+    for line_no, where, row in read_rows(path, ("question", "answer"), default_split=split)[:limit]:
         problems.append(Problem(
             id=f"gsm8k/{split}/{line_no - 1}",
             task="gsm8k",
             prompt=row["question"],
-            answer=gsm8k_gold(row["answer"], f"{path}:{line_no}"),
+            answer=gsm8k_gold(row["answer"], where),
             solution=row["answer"],
             meta={"line": line_no},
         ))
@@ -77,7 +77,7 @@ def load_gsm8k(path: str | Path | None = None, split: str = "test", limit: int |
 def load_math500(path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
     path = Path(path) if path is not None else set_file("math500", "test")
     problems = []
-    for line_no, row in read_jsonl(path, ("problem", "answer"))[:limit]:
+    for line_no, where, row in read_rows(path, ("problem", "answer"), default_split="test")[:limit]:
         problems.append(Problem(
             id=str(row.get("unique_id", f"math500/{line_no - 1}")),
             task="math500",
@@ -92,10 +92,10 @@ def load_math500(path: str | Path | None = None, limit: int | None = None) -> li
 def load_aime2024(path: str | Path | None = None, limit: int | None = None) -> list[Problem]:
     path = Path(path) if path is not None else set_file("aime2024", "test")
     problems = []
-    for line_no, row in read_jsonl(path, ("problem", "answer"))[:limit]:
+    for line_no, where, row in read_rows(path, ("problem", "answer"), default_split="test")[:limit]:
         answer = str(row["answer"]).strip()
         if parse_number(answer) is None:
-            raise DataError(f"{path}:{line_no}: AIME answer is not an integer: {answer!r}")
+            raise DataError(f"{where}: AIME answer is not an integer: {answer!r}")
         problems.append(Problem(
             id=f"aime2024/{row.get('id', line_no - 1)}",
             task="aime2024",

@@ -42,7 +42,8 @@ from seekling.mtp import mtp_backward
 from seekling.rewards import CombinedReward, combine_rewards, correct_reward, format_reward
 from seekling.rl_health import HealthMonitor, informative_groups, rollout_metrics
 from seekling.tasks import Problem, check_template, render_prompt_ids
-from seekling.training import build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed, start_run
+from seekling.training import (WANDB_HELP, build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed,
+                               start_run)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -91,6 +92,7 @@ class GRPOConfig:
     save_every: int = setting(10, "checkpoint every N steps (0: only at the end)")
     log_every: int = setting(10, "print a line of reward, accuracy, format rate and length every N steps")
     max_bad_steps: int = setting(3, "stop after this many non-finite losses in a row")
+    wandb: str | None = setting(None, WANDB_HELP)
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -529,7 +531,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
     bad_steps, last_good = 0, checkpoint
     run = start_run(run_dir, checkpoint, model, optimizer, steps=cfg.steps, save_every=cfg.save_every,
                     config={"kind": "grpo", **asdict(cfg)}, extra_state=lambda: {"bad_steps": bad_steps},
-                    desc="grpo", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, log=log)
+                    desc="grpo", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, wandb=cfg.wandb, log=log)
     step = run.step
     history: list[dict[str, float]] = []
     health = HealthMonitor(log)
@@ -576,6 +578,12 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
                 continue
             bad_steps = 0
             run.metrics.log(step, **record)
+            if run.metrics.tracking and (run.save_due(step) or step == cfg.steps):  # completions to read in W&B
+                G, rewards = rollouts.group_size, rollouts.rewards_PG.flatten().tolist()  # the first two groups
+                run.metrics.log_table(step, "samples", [
+                    {"prompt": rollouts.problems[r // G].prompt, "answer": rollouts.problems[r // G].answer,
+                     "completion": rollouts.texts[r], "reward": rewards[r], "correct": rollouts.correct[r]}
+                    for r in range(min(len(rollouts.texts), 2 * G))])
             history.append({"step": step, **record})
             health.update(history[-1])
             run.bar.update(1)

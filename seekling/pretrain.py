@@ -42,9 +42,9 @@ from seekling.parallel import (DistInfo, all_reduce_sum, destroy_distributed, gr
 from seekling.precision import DTYPES, choose_dtype
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import first_tokenizer_dir, load_training_checkpoint
-from seekling.training import (autocast_for, build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at,
-                               expert_imbalance, peak_flops, resume_point, set_lr, set_seed, start_run,
-                               update_expert_bias)
+from seekling.training import (WANDB_HELP, autocast_for, build_optimizer, check_schedule, clip_gradients,
+                               expert_imbalance, loss_sums, lr_at, peak_flops, resume_point, set_lr, set_seed,
+                               start_run, update_expert_bias)
 
 
 DISTRIBUTED = ("ddp", "fsdp")
@@ -91,6 +91,7 @@ class PretrainArgs:
     save_every: int = setting(200, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = setting(2, "checkpoints to keep (0 = all)")
     log_every: int = setting(10, "print a line every N steps")
+    wandb: str | None = setting(None, WANDB_HELP)
     seed: int = setting(0, "seed for the weights and the data order")
     quiet: bool = setting(False, "print nothing but errors")
     # hardware
@@ -252,7 +253,8 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     run = start_run(run_dir, checkpoint, model, optimizer, steps=a.steps, save_every=a.save_every,
                     config=a.to_json(), desc="train", tokenizer_dir=tokenizer_dir, keep_last=a.keep_last,
                     extra_state=lambda: {"data": train_loader.state_dict(), "world_size": info.world_size},
-                    load_weights=False, is_main=info.is_main, progress=not a.quiet, tensorboard=True, log=say)
+                    load_weights=False, is_main=info.is_main, progress=not a.quiet, tensorboard=True, wandb=a.wandb,
+                    log=say)
     start_step = run.step
     if checkpoint:
         train_loader.load_state_dict(run.resumed["data"])

@@ -31,8 +31,8 @@ from seekling.errors import ConfigError
 from seekling.model import Transformer, cross_entropy
 from seekling.tasks import make_mixture, to_sft_example
 from seekling.tokenizer import Tokenizer
-from seekling.training import (build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at, resume_point,
-                               set_lr, set_seed, start_run, update_expert_bias)
+from seekling.training import (WANDB_HELP, build_optimizer, check_schedule, clip_gradients, loss_sums, lr_at,
+                               resume_point, set_lr, set_seed, start_run, update_expert_bias)
 
 
 @dataclass
@@ -56,6 +56,7 @@ class SFTConfig:
     save_every: int = setting(100, "checkpoint every N steps (0: only at the end)")
     log_every: int = setting(10, "metrics line every N steps")
     val_batches: int = setting(4, "batches of the validation set measured at each save")
+    wandb: str | None = setting(None, WANDB_HELP)
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "steps"):
@@ -116,7 +117,7 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, conversations: str | Pat
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     run = start_run(run_dir, checkpoint, model, optimizer, steps=cfg.steps, save_every=cfg.save_every,
                     config={"kind": "sft", **asdict(cfg)}, extra_state=lambda: {"loader": loader.state_dict()},
-                    desc="sft", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, log=log)
+                    desc="sft", tokenizer_dir=tokenizer_dir, max_seconds=max_seconds, wandb=cfg.wandb, log=log)
     step = run.step
     if checkpoint:
         loader.load_state_dict(run.resumed["loader"])

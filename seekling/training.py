@@ -5,7 +5,9 @@
 - `clip_gradients`, `autocast_for`, `set_seed`, `peak_flops`, `loss_sums` (validation loss).
 - `update_expert_bias` / `expert_imbalance`: DeepSeek-V3's auxiliary-loss-free balancing, applied
   after each optimiser step (the router's `e_score_correction_bias` moves against the expert load).
-- `MetricsLogger` (metrics.jsonl, plus TensorBoard when it imports) and `progress_bar` (tqdm).
+- `MetricsLogger` (metrics.jsonl, plus TensorBoard when it imports, plus Weights & Biases with a
+  project: `--wandb PROJECT`, optional `wandb` package, WANDB_MODE=offline keeps the run on disk)
+  and `progress_bar` (tqdm).
 - `resume_point` and `start_run`: the lifecycle every trainer's run shares (refuse a run directory
   that holds a run unless resuming, restore the checkpoint, metrics, progress, periodic checkpoints,
   the time budget, the last checkpoint and `final/`); each trainer keeps its own loop.
@@ -21,6 +23,7 @@ import contextlib
 import json
 import math
 import random
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +45,8 @@ from seekling.train_state import (export_model, latest_checkpoint, latest_good_c
                                   load_training_checkpoint, save_training_checkpoint, tokenizer_files)
 
 SCHEDULES = ("cosine", "wsd", "constant")
+WANDB_HELP = ("Weights & Biases project to log the metrics to (needs `pip install wandb`; WANDB_MODE=offline "
+              "keeps the run on disk in OUT/wandb)")
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -181,16 +186,19 @@ def peak_flops(device: torch.device, dtype: str, world_size: int = 1) -> float |
 
 # ----------------------------------------------------------------------------- metrics and progress
 class MetricsLogger:
-    """One JSON object per step appended to `run_dir/metrics.jsonl`, and to TensorBoard if it imports.
+    """One JSON object per step appended to `run_dir/metrics.jsonl`, and to TensorBoard if it imports,
+    and to the Weights & Biases project `wandb` when one is given (numbers, nested ones as `a/b`;
+    tables of samples with `log_table`).
 
     On resume pass `resume_step`: records past it (from a run killed after its last checkpoint) are
-    dropped, so the file reads as one uninterrupted run. Only the main rank writes."""
+    dropped, so the file reads as one uninterrupted run, and the W&B run of `run_dir` continues.
+    Only the main rank writes."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, wandb: str | None = None, config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
+        self._tb = self._wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +216,13 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except Exception:  # tensorboard is optional (ImportError, or a broken install)
                 self._tb = None
+        if wandb:
+            self._wandb = open_wandb(wandb, Path(run_dir), config or {}, resuming=resume_step is not None)
+
+    @property
+    def tracking(self) -> bool:
+        """Whether an experiment tracker (W&B) takes tables; callers skip building them otherwise."""
+        return self._wandb is not None
 
     def log(self, step: int, **metrics: Any) -> None:
         if not self.enabled:
@@ -218,12 +233,54 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers(metrics), step=step)
+
+    def log_table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of equal keys (e.g. prompt, completion, reward) as a W&B table `name` at `step`."""
+        if self._wandb is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            self._wandb.log({name: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                            step=step)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric values of a metrics record, nested dicts flattened to `outer/inner` (W&B panels)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def open_wandb(project: str, run_dir: Path, config: dict[str, Any], resuming: bool):
+    """A W&B run named after `run_dir`, its id kept in `run_dir/wandb_id` so that --resume continues it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else secrets.token_hex(4)
+    try:
+        run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                         config=config)
+    except Exception as e:  # not logged in, no network: the library's own words, and the way out
+        raise ConfigError(f"--wandb {project}: cannot start a W&B run ({type(e).__name__}: {e}); log in with "
+                          "`wandb login`, or set WANDB_MODE=offline to keep the run on disk") from None
+    write_text_atomic(id_file, run_id + "\n")
+    return run
 
 
 def _record_step(line: str) -> int:
@@ -322,9 +379,10 @@ def start_run(run_dir: str | Path, checkpoint: str | None, model: nn.Module, opt
               *, steps: int, save_every: int, config: dict[str, Any], extra_state: Callable[[], dict[str, Any]],
               desc: str, tokenizer_dir: str | Path | None = None, keep_last: int = 2,
               max_seconds: float | None = None, load_weights: bool = True, is_main: bool = True,
-              progress: bool = True, tensorboard: bool = False, log: Callable[[str], None] = print) -> Run:
+              progress: bool = True, tensorboard: bool = False, wandb: str | None = None,
+              log: Callable[[str], None] = print) -> Run:
     """Restore `checkpoint` (from `resume_point`) into the model, the optimizer and the RNGs, then open
-    the metrics log and the progress bar. `load_weights=False` when the weights were loaded before
+    the metrics log (and the W&B project `wandb`, with `config`) and the progress bar. `load_weights=False` when the weights were loaded before
     wrapping the model (FSDP2 shards them). The trainer restores its own state from `run.resumed`."""
     step, resumed = 0, {}
     if checkpoint:
@@ -337,7 +395,7 @@ def start_run(run_dir: str | Path, checkpoint: str | None, model: nn.Module, opt
                 "float rounding differs with the thread count, so the resumed run can differ in the last bits "
                 f"from an uninterrupted one (pass --threads {saved_threads} to resume exactly)")
     metrics = MetricsLogger(run_dir, enabled=is_main, resume_step=step if checkpoint else None,
-                            tensorboard=tensorboard)
+                            tensorboard=tensorboard, wandb=wandb, config=config)
     bar = progress_bar(steps, step, enabled=is_main and progress, desc=desc)
     started = (time.perf_counter() - resumed.get("seconds", 0.0), time.process_time() - resumed.get("cpu_seconds", 0.0))
     return Run(Path(run_dir), model, optimizer, steps, save_every, config, extra_state, metrics, bar, log,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -99,6 +100,14 @@ def add_setting(parser: argparse.ArgumentParser | Any, config: type, name: str, 
         action = parser.add_argument(flag, default=default, **kwargs)
     action.setting = (config, name)  # for the test that holds every flag to its field
     return action
+
+
+def add_column_argument(parser: argparse.ArgumentParser | Any, fields: Sequence[str]) -> argparse.Action:
+    """`--column FIELD=COLUMN ...`: where the fields a command reads sit in the user's data
+    (`seekling.datasets_io.parse_columns` turns it into a dict)."""
+    return parser.add_argument("--column", nargs="*", default=[], metavar="FIELD=COLUMN",
+                               help=f"read FIELD ({', '.join(fields)}) from COLUMN of your data, "
+                                    "e.g. --column prompt=question answer=final")
 
 
 def from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:

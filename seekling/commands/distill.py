@@ -21,6 +21,7 @@ import json
 from seekling.commands import add_setting
 from seekling.commands.sample import add_sampling_arguments, settings_and_problems
 from seekling.data import read_problems
+from seekling.datasets_io import PROBLEM_FIELDS, parse_columns
 from seekling.distill import SampleSettings, distill, load_problems
 from seekling.evaluate import EvalSettings
 from seekling.sft import SFTConfig
@@ -42,10 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(student, SFTConfig, "lr", help="SFT peak learning rate")
     add_setting(student, SFTConfig, "warmup_steps", "--warmup", help="SFT warm-up steps")
     add_setting(student, SFTConfig, "save_every", help="SFT checkpoint every N steps (0: at the end)")
+    add_setting(student, SFTConfig, "wandb", metavar="PROJECT", help="Weights & Biases project for the SFT metrics "
+                                                                      "(WANDB_MODE=offline keeps them on disk)")
     student.add_argument("--resume", action="store_true", help="continue the SFT run in --out from its last checkpoint")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-n", type=int, default=200, help="held-out problems per task (0: skip the evaluation)")
-    ev.add_argument("--eval-problems", default=None, help="JSONL of held-out problems instead of the tasks' test split")
+    ev.add_argument("--eval-problems", default=None,
+                    help="held-out problems instead of the tasks' test split (the same forms as --problems; "
+                         "a dataset's test split by default)")
     add_setting(ev, EvalSettings, "k", "--eval-k", dest="eval_k", help="samples per held-out problem")
     ev.add_argument("--eval-max-new-tokens", type=int, default=None, help="evaluation length limit (default: --max-new-tokens)")
     ev.add_argument("--json", action="store_true", help="also print the comparison as JSON")
@@ -56,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     eval_problems = None
     if args.eval_problems:
         eval_problems = {}
-        for p in read_problems(args.eval_problems, unique=True)[: args.eval_n or None]:
+        columns = parse_columns(args.column, PROBLEM_FIELDS)
+        for p in read_problems(args.eval_problems, unique=True, columns=columns, default_split="test")[: args.eval_n or None]:
             eval_problems.setdefault(p.task, []).append(p)
     elif args.eval_n:
         tasks = list(dict.fromkeys(p.task for p in problems if p.task in TASKS))
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print("no synthetic task among the problems and no --eval-problems: skipping the evaluation")
     sft = SFTConfig(seq_len=args.seq_len, batch_size=args.sft_batch_size, steps=args.steps, lr=args.lr,
                     warmup_steps=args.warmup_steps, save_every=args.save_every, seed=args.seed,
-                    log_every=max(1, args.steps // 10))
+                    log_every=max(1, args.steps // 10), wandb=args.wandb)
     evals = EvalSettings(k=args.eval_k, max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
                          template=args.template, batch_size=args.batch_size, seed=args.seed)
     result = distill(args.teacher, args.out, problems, student_preset=args.student_preset,

@@ -50,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
     parser.add_argument("--path", nargs="*", default=[], metavar="TASK=FILE",
-                        help="read TASK's problems from this JSONL: a published set in its own layout instead of the "
-                             "copy shipped in the package, or for any other name {prompt, answer, [task, meta]} rows "
-                             "(the file grpo --data takes), graded as GRPO grades them")
+                        help="read TASK's problems from FILE (JSONL, Parquet, CSV, a saved `datasets` DIR[@SPLIT] or "
+                             "hf:OWNER/NAME[/CONFIG][@SPLIT]): a published set in its own columns instead of the copy "
+                             "shipped in the package, or for any other name {prompt, answer, [task, meta]} rows (what "
+                             "grpo --data takes), graded as GRPO grades them")
     add_setting(parser, EvalSettings, "seed")
     parser.add_argument("--keep-samples", type=int, default=3, help="problems per task whose completions go in the JSON")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

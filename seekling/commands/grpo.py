@@ -3,13 +3,14 @@
 Each step samples --group-size completions for each of --prompts-per-step problems, scores them with
 rule-based rewards (--reward NAME=WEIGHT, a registered name or your own `module:function`), and
 takes --mu optimiser steps on the clipped surrogate with group-relative advantages. Problems come
-from the train split of the built-in tasks (--tasks) or from a JSONL file (--data, one
-{"prompt", "answer", ["task", "meta"]} a line). Checkpoints in OUT/checkpoints, a JSON line of
-metrics per step in OUT/metrics.jsonl (reward components, accuracy, format rate, lengths, truncation,
-groups with equal rewards, KL to the starting model even at --beta 0, clip fraction, entropy,
-tokens/s), the final model in OUT/final. A signal that stays bad (nothing to learn, entropy collapse,
-lengths at the cap, a gamed format reward, a failing reward) is warned about (seekling.rl_health); a
-run in which no step updated the model exits with status 1. --resume continues exactly. Examples:
+from the train split of the built-in tasks (--tasks) or from your data (--data: JSONL, Parquet,
+CSV or a Hugging Face dataset, one {"prompt", "answer", ["task", "meta"]} a row; --column maps
+yours, e.g. --column prompt=question). Checkpoints in OUT/checkpoints, a JSON line of metrics per
+step in OUT/metrics.jsonl (reward components, accuracy, format rate, lengths, truncation, groups
+with equal rewards, KL to the starting model even at --beta 0, clip fraction, entropy, tokens/s),
+the final model in OUT/final. A signal that stays bad (nothing to learn, entropy collapse, lengths
+at the cap, a gamed format reward, a failing reward) is warned about (seekling.rl_health); a run in
+which no step updated the model exits with status 1. --resume continues exactly. Examples:
 
     seekling grpo --init-from runs/sft/final --tasks countdown --steps 50 --out runs/grpo
     seekling grpo --init-from runs/sft/final --tasks arithmetic --beta 0.001 --eps-high 0.2 \\
@@ -36,8 +37,9 @@ from __future__ import annotations
 import argparse
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, add_threads, finite_float, from_args
+from seekling.commands import add_column_argument, add_setting, add_threads, finite_float, from_args
 from seekling.data import read_problems
+from seekling.datasets_io import PROBLEM_FIELDS, SOURCE_HELP, parse_columns
 from seekling.generate import SPECULATE
 from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
@@ -74,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-problems", type=int, default=5000, help="problems per task in the training pool")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="task difficulty, e.g. countdown.count=3")
-    parser.add_argument("--data", default=None, help="JSONL of {prompt, answer, [task, meta]} instead of --tasks")
+    parser.add_argument("--data", default=None,
+                        help="problems instead of --tasks, {prompt, answer, [task, meta]} a row: " + SOURCE_HELP)
+    add_column_argument(parser, PROBLEM_FIELDS)
     add(parser, "template", choices=TEMPLATES)
     add_setting(parser, GRPOConfig, "rewards", "--reward", nargs="+", type=parse_reward, metavar="NAME=WEIGHT")
     parser.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
@@ -91,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(g, "weight_decay", "grad_clip", "steps")
     g.add_argument("--max-minutes", type=finite_float, default=None, help="stop (and save) after this much time")
     add(g, "save_every", "log_every", "max_bad_steps", "seed")
+    add(g, "wandb", metavar="PROJECT")
     add_threads(g)
 
 
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     combine_rewards(cfg.rewards)
     model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer, say=print)
     if args.data:
-        problems = read_problems(args.data)
+        problems = read_problems(args.data, columns=parse_columns(args.column, PROBLEM_FIELDS))
     else:
         tasks = [t for t in args.tasks.split(",") if t]
         problems = make_mixture(tasks, "train", args.num_problems, args.seed, parse_difficulty(args.difficulty))

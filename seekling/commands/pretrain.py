@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(moe, "mtp_lambda", "balance_alpha", "bias_gamma")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     add(run, "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "seed", "quiet")
+    add(run, "wandb", metavar="PROJECT")
     hw = parser.add_argument_group("hardware")
     add(hw, "device", type=device_name)
     add_threads(hw)

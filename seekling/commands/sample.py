@@ -1,9 +1,10 @@
 """seekling sample: rejection sampling from a teacher (R1's stage 3) into chat JSONL for SFT.
 
-Samples --k completions per problem (a task's train split, or a JSONL of {"prompt", "answer",
-["task", "id", "meta"]} rows) with the batched sampler and keeps those that are well-formed
-(`<think> ... </think> <answer> ... </answer>`) and correct by the task's verifier, optionally no
-longer than --max-tokens-kept and not duplicates. Kept samples are appended to --out as
+Samples --k completions per problem (a task's train split, or your rows of {"prompt", "answer",
+["task", "id", "meta"]}: JSONL, Parquet, CSV or a Hugging Face dataset, renamed with --column)
+with the batched sampler and keeps those that are well-formed (`<think> ... </think> <answer>
+... </answer>`) and correct by the task's verifier, optionally no longer than --max-tokens-kept
+and not duplicates. Kept samples are appended to --out as
 {"messages": [...], "provenance": {"teacher", "prompt_id", "reward", "sampling"}}; OUT.stats.json
 records the keep statistics and the problems done, so running the same command again continues
 where it stopped. A file written from another teacher or other settings is refused unless --overwrite.
@@ -20,7 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from seekling.commands import add_setting, add_threads, from_args
+from seekling.commands import add_column_argument, add_setting, add_threads, from_args
+from seekling.datasets_io import PROBLEM_FIELDS, SOURCE_HELP, parse_columns
 from seekling.distill import (SampleSettings, format_keep_stats, load_problems, load_teacher, rejection_sample,
                               stats_path_for)
 from seekling.errors import ConfigError
@@ -38,7 +40,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                              "transformers causal LM directory")
     parser.add_argument("--teacher-tokenizer", default=None, help="the teacher's tokenizer directory (default: the teacher's)")
     parser.add_argument("--tasks", default="", help="comma-separated tasks to sample (train split of the synthetic ones)")
-    parser.add_argument("--problems", default=None, help="JSONL of problems instead: {\"prompt\", \"answer\"[, \"task\", \"id\", \"meta\"]}")
+    parser.add_argument("--problems", default=None,
+                        help="problems instead, {\"prompt\", \"answer\"[, \"task\", \"id\", \"meta\"]} a row: " + SOURCE_HELP)
+    add_column_argument(parser, PROBLEM_FIELDS)
     parser.add_argument("--num-problems", type=int, default=1000, help="problems per task (with --problems: the first N; 0: all)")
     parser.add_argument("--difficulty", nargs="*", default=[], metavar="TASK.SETTING=VALUE",
                         help="difficulty of the synthetic tasks, e.g. countdown.count=3")
@@ -67,7 +71,7 @@ def settings_and_problems(args: argparse.Namespace) -> tuple[SampleSettings, lis
     if bool(tasks) == bool(args.problems):
         raise ConfigError("give either --tasks or --problems FILE.jsonl")
     problems = load_problems(tasks, args.num_problems, "train", args.seed, parse_difficulty(args.difficulty),
-                             args.problems)
+                             args.problems, parse_columns(args.column, PROBLEM_FIELDS))
     return settings, problems
 
 

@@ -1,7 +1,8 @@
 """seekling sft: supervised fine-tuning on chat JSONL (loss on assistant tokens), or write cold-start data.
 
-Fine-tunes a model directory on `{"messages": [...]}` lines, conversations packed into rows of
---seq-len, with checkpoints (optimizer, RNG, data position) in OUT/checkpoints, metrics in
+Fine-tunes a model directory on `{"messages": [...]}` rows (or a prompt and an answer; JSONL,
+Parquet, CSV or a Hugging Face dataset, columns renamed with --column), conversations packed
+into rows of --seq-len, with checkpoints (optimizer, RNG, data position) in OUT/checkpoints, metrics in
 OUT/metrics.jsonl and the final model (with the tokenizer) in OUT/final. --resume continues the
 latest checkpoint exactly. With --make-cold-start it instead writes R1-format cold-start data
 (`<think> worked solution </think> <answer> answer </answer>`) from the reasoning tasks. Examples:
@@ -18,7 +19,9 @@ import argparse
 import torch
 
 from seekling.checkpoint import load_pretrained, resolve_model_and_tokenizer
-from seekling.commands import add_setting, add_threads, finite_float, from_args
+from seekling.commands import add_column_argument, add_setting, add_threads, finite_float, from_args
+from seekling.data import read_chat_jsonl
+from seekling.datasets_io import CHAT_FIELDS, SOURCE_HELP, parse_columns
 from seekling.errors import ConfigError
 from seekling.sft import SFTConfig, make_cold_start, train_sft
 from seekling.tasks import parse_difficulty
@@ -31,8 +34,11 @@ SETTINGS = (SFTConfig,)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory (or, with --make-cold-start, the JSONL to write)")
-    parser.add_argument("--data", default=None, help="chat JSONL to train on, one {\"messages\": [...]} a line")
-    parser.add_argument("--val-data", default=None, help="chat JSONL whose loss is measured at each save")
+    parser.add_argument("--data", default=None,
+                        help="conversations to train on, {\"messages\": [...]} (or a prompt and an answer) a row: "
+                             + SOURCE_HELP)
+    parser.add_argument("--val-data", default=None, help="conversations whose loss is measured at each save (same forms)")
+    add_column_argument(parser, CHAT_FIELDS)
     parser.add_argument("--init-from", default=None,
                         help="model to fine-tune: a model, checkpoint or run directory (its final/ or latest checkpoint)")
     parser.add_argument("--tokenizer", default=None,
@@ -45,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("min_lr_ratio", "weight_decay", "grad_clip", "mtp_weight", "bias_update_speed", "save_every",
                  "log_every", "val_batches"):
         add_setting(parser, SFTConfig, name)
+    add_setting(parser, SFTConfig, "wandb", metavar="PROJECT")
     parser.add_argument("--max-minutes", type=finite_float, default=None, help="stop (and save) after this much time")
     add_setting(parser, SFTConfig, "seed")
     add_threads(parser)
@@ -67,11 +74,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("training needs --data FILE.jsonl and --init-from MODEL_DIR (or use --make-cold-start)")
     choose_threads(args.threads)
     cfg = from_args(SFTConfig, args)
+    columns = parse_columns(args.column, CHAT_FIELDS)
+    data, val_data = args.data, args.val_data
+    if columns:  # renamed columns: read here (without them the loader reads the file and names it in errors)
+        data = read_chat_jsonl(data, columns)
+        val_data = read_chat_jsonl(val_data, columns) if val_data else None
     model_dir, tokenizer_dir = resolve_model_and_tokenizer(args.init_from, args.tokenizer, say=print)
     torch.manual_seed(args.seed)
     model = load_pretrained(model_dir)
-    summary = train_sft(model, Tokenizer.load(tokenizer_dir), args.data, cfg, args.out, tokenizer_dir=tokenizer_dir,
-                        resume=args.resume, val_conversations=args.val_data,
+    summary = train_sft(model, Tokenizer.load(tokenizer_dir), data, cfg, args.out, tokenizer_dir=tokenizer_dir,
+                        resume=args.resume, val_conversations=val_data,
                         max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     print(f"step {summary['step']}: loss {summary['loss']:.4f} in {summary['seconds']:.0f}s; "
           f"final model in {summary['final']}")

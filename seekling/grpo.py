@@ -37,10 +37,10 @@ from seekling.checkpoint import load_pretrained, save_pretrained
 from seekling.config import setting
 from seekling.errors import ConfigError, DataError, SeeklingError, check_choice
 from seekling.generate import SPECULATE, SPECULATE_HELP, SamplingParams, generate, pad_right
-from seekling.model import LatentCache
-from seekling.mtp import mtp_backward
+from seekling.model import IGNORE_INDEX, LatentCache
+from seekling.mtp import completion_batch, mtp_backward
 from seekling.rewards import CombinedReward, combine_rewards, correct_reward, format_reward
-from seekling.rl_health import HealthMonitor, informative_groups, rollout_metrics
+from seekling.rl_health import HealthMonitor, informative_groups, rollout_metrics, sample_rows
 from seekling.tasks import Problem, check_template, render_prompt_ids
 from seekling.training import (WANDB_HELP, build_optimizer, clip_gradients, lr_at, resume_point, set_lr, set_seed,
                                start_run)
@@ -330,21 +330,12 @@ def sample_rollouts(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConf
 def pad_rollouts(rows: Sequence[int], rollouts: Rollouts, pad_id: int) -> tuple[torch.Tensor, ...]:
     """Rows `rows` as right-padded tensors: inputs [B, T] (prompt + completion minus the last token),
     targets [B, T], a completion mask [B, T] and the old log-probs [B, T] aligned with the targets."""
-    seqs = [rollouts.prompt_ids[r] + rollouts.completion_ids[r] for r in rows]
-    T = max(len(s) for s in seqs) - 1
-    B = len(rows)
-    inputs_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    targets_BT = torch.zeros((B, T), dtype=torch.long)
-    mask_BT = torch.zeros((B, T), dtype=torch.float32)
-    old_BT = torch.zeros((B, T), dtype=torch.float32)
-    for b, (r, seq) in enumerate(zip(rows, seqs)):
-        n_prompt, n_completion = len(rollouts.prompt_ids[r]), len(rollouts.completion_ids[r])
-        inputs_BT[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-        targets_BT[b, : len(seq) - 1] = torch.tensor(seq[1:])
-        # target t is token t+1: the completion's tokens are targets n_prompt-1 .. n_prompt+n-2
-        mask_BT[b, n_prompt - 1: n_prompt - 1 + n_completion] = 1
-        old_BT[b, n_prompt - 1: n_prompt - 1 + n_completion] = torch.tensor(rollouts.old_logprobs[r])
-    return inputs_BT, targets_BT, mask_BT, old_BT
+    inputs_BT, targets_BT = completion_batch([rollouts.prompt_ids[r] for r in rows],
+                                             [rollouts.completion_ids[r] for r in rows], pad_id)
+    mask_BT = (targets_BT != IGNORE_INDEX).float()
+    old_BT = torch.zeros_like(mask_BT)
+    old_BT[mask_BT.bool()] = torch.tensor([lp for r in rows for lp in rollouts.old_logprobs[r]])
+    return inputs_BT, targets_BT.clamp_min(0), mask_BT, old_BT
 
 
 def token_logprobs(model, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, temperature: float,
@@ -579,11 +570,7 @@ def train_grpo(model, tokenizer, problems: Sequence[Problem], cfg: GRPOConfig, r
             bad_steps = 0
             run.metrics.log(step, **record)
             if run.metrics.tracking and (run.save_due(step) or step == cfg.steps):  # completions to read in W&B
-                G, rewards = rollouts.group_size, rollouts.rewards_PG.flatten().tolist()  # the first two groups
-                run.metrics.log_table(step, "samples", [
-                    {"prompt": rollouts.problems[r // G].prompt, "answer": rollouts.problems[r // G].answer,
-                     "completion": rollouts.texts[r], "reward": rewards[r], "correct": rollouts.correct[r]}
-                    for r in range(min(len(rollouts.texts), 2 * G))])
+                run.metrics.log_table(step, "samples", sample_rows(rollouts, groups=2))
             history.append({"step": step, **record})
             health.update(history[-1])
             run.bar.update(1)

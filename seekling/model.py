@@ -506,13 +506,13 @@ class Transformer(nn.Module):
         """Depth k predicts token t+k+1 from the depth k-1 state at t and the embedding of token t+k.
         `frozen`: the shared embedding and output head get no gradient from it."""
         losses, T = [], input_ids.shape[1]
-        head = self.lm_head.weight.detach() if frozen else self.lm_head.weight
+        head = (lambda x: F.linear(x, self.lm_head.weight.detach())) if frozen else self.lm_head  # a module: counted
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 1:
                 break
             emb = self.embed_tokens(input_ids[:, k:])
             h, s = module(emb.detach() if frozen else emb, h[:, :-1], cos[: T - k], sin[: T - k])
-            losses.append(cross_entropy(F.linear(module.shared_head.norm(h), head), targets[:, k:]))
+            losses.append(cross_entropy(head(module.shared_head.norm(h)), targets[:, k:]))
             if s is not None and out.balance_loss is not None:
                 out.balance_loss = out.balance_loss + s.balance_loss
                 out.expert_load = torch.cat([out.expert_load, s.load_E[None]])

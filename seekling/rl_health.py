@@ -148,3 +148,12 @@ class HealthMonitor:
 
     def summary(self) -> dict[str, Any]:
         return health_summary(self.history, self.window)
+
+
+def sample_rows(rollouts, groups: int = 2) -> list[dict[str, Any]]:
+    """The completions of the first `groups` groups as table rows (prompt, answer, completion, reward,
+    correct): what a person reads to see what the policy writes."""
+    G, rewards = rollouts.group_size, rollouts.rewards_PG.flatten().tolist()
+    return [{"prompt": rollouts.problems[r // G].prompt, "answer": rollouts.problems[r // G].answer,
+             "completion": rollouts.texts[r], "reward": rewards[r], "correct": rollouts.correct[r]}
+            for r in range(min(len(rollouts.texts), groups * G))]

@@ -127,16 +127,22 @@ def measured_threads(cores: int | None = None, path: str | None = None,
 
 
 def choose_threads(requested: int | None = None, log: Callable[[str], None] | None = None,
-                   measure: Callable[[list[int]], dict[int, float]] = probe, path: str | None = None) -> int:
-    """Set torch's thread count, `requested` (--threads N) or measured, log it and return it.
+                   measure: Callable[[list[int]], dict[int, float]] = probe, path: str | None = None,
+                   recorded: int | None = None) -> int:
+    """Set torch's thread count, `requested` (--threads N), else `recorded` (what the run being resumed
+    used: the count changes float rounding, so a resume keeps it), else measured; log it and return it.
 
-    `requested` 0 or None: measured (see the module docstring). The log line goes to stderr by
-    default, so a command's stdout stays clean for scripts."""
+    `requested` 0 or None: not given (see the module docstring for the measurement). The log line goes
+    to stderr by default, so a command's stdout stays clean for scripts."""
     log = log or (lambda line: print(line, file=sys.stderr))
     if requested is not None and requested < 0:
         raise ConfigError(f"--threads must be >= 0 (0: measure), got {requested}")
     if requested:
         threads, why = requested, "--threads"
+    elif recorded:
+        threads, why = recorded, "as the run being resumed recorded; --threads N to change it"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
         threads, why = measured_threads(path=path, measure=measure)
     torch.set_num_threads(threads)

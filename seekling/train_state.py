@@ -263,6 +263,17 @@ def execution_settings() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+def recorded_threads(run_dir: str | Path | None, resume: bool) -> int | None:
+    """The torch thread count the newest checkpoint of `run_dir` was written with, when resuming (None
+    otherwise, or when unrecorded): a resume at the same count continues bit for bit."""
+    latest = latest_checkpoint(run_dir) if resume and run_dir and Path(run_dir).is_dir() else None
+    try:
+        threads = read_trainer_state(latest).get("execution", {}).get("threads") if latest else None
+    except CheckpointError:
+        return None  # a damaged newest checkpoint: the resume names it and falls back
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
 _STATE_TYPES = {"step": int, "optimizer": dict, "rng": list, "extra_state": dict, "config": dict}
 
 

@@ -111,3 +111,30 @@ def test_every_command_that_runs_a_model_has_threads(name):
     action = next((a for a in parser._actions if "--threads" in a.option_strings), None)
     assert action is not None, f"seekling {name} has no --threads"
     assert action.default == 0 and "probe" in action.help
+
+
+def test_a_resume_keeps_the_recorded_count_and_omp_num_threads_is_honoured(tmp_path, monkeypatch):
+    """A resumed trainer computes with the thread count its checkpoint was written with (bitwise resume),
+    unless --threads says otherwise; OMP_NUM_THREADS set by the user is a choice too; neither probes."""
+    from seekling.config import ModelConfig
+    from seekling.model import Transformer
+    from seekling.train_state import recorded_threads, save_training_checkpoint
+    from seekling.training import build_optimizer
+
+    def no_probe(counts):
+        raise AssertionError("probed")
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        model = Transformer(ModelConfig.from_name("tiny"))
+        save_training_checkpoint(tmp_path, 3, model, build_optimizer(model, 1e-3))
+        assert recorded_threads(tmp_path, resume=True) == 1 and recorded_threads(tmp_path, resume=False) is None
+        lines = []
+        assert threads.choose_threads(0, lines.append, measure=no_probe, recorded=1) == 1 and "recorded" in lines[0]
+        assert threads.choose_threads(2, lines.append, measure=no_probe, recorded=1) == 2  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads.choose_threads(0, lines.append, measure=no_probe) == 1 and "OMP_NUM_THREADS" in lines[-1]
+    finally:
+        torch.set_num_threads(before)

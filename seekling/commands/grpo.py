@@ -45,6 +45,7 @@ from seekling.grpo import LOSS_AGGREGATIONS, GRPOConfig, train_grpo
 from seekling.rewards import combine_rewards
 from seekling.tasks import TEMPLATES, make_mixture, parse_difficulty
 from seekling.threads import choose_threads
+from seekling.train_state import recorded_threads
 from seekling.tokenizer import Tokenizer
 
 SETTINGS = (GRPOConfig,)
@@ -100,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    choose_threads(args.threads)
+    choose_threads(args.threads, recorded=recorded_threads(args.out, args.resume))
     cfg = from_args(GRPOConfig, args, rewards=dict(args.rewards))
     cfg.validate()  # G < 2, unknown rewards and friends fail before any loading
     combine_rewards(cfg.rewards)

@@ -21,6 +21,7 @@ from seekling.config import PRESETS
 from seekling.files import check_writable
 from seekling.pretrain import DISTRIBUTED, DTYPES, PretrainArgs, pretrain
 from seekling.threads import choose_threads
+from seekling.train_state import recorded_threads
 from seekling.training import SCHEDULES
 
 SETTINGS = (PretrainArgs,)
@@ -70,6 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out", directory=True)  # before the data and the model are loaded
-    choose_threads(args.threads)
+    choose_threads(args.threads, recorded=recorded_threads(args.out, args.resume))
     pretrain(args)
     return 0

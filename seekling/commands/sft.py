@@ -26,6 +26,7 @@ from seekling.errors import ConfigError
 from seekling.sft import SFTConfig, make_cold_start, train_sft
 from seekling.tasks import parse_difficulty
 from seekling.threads import choose_threads
+from seekling.train_state import recorded_threads
 from seekling.tokenizer import Tokenizer
 from seekling.training import SCHEDULES
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None or args.init_from is None:
         raise ConfigError("training needs --data FILE.jsonl and --init-from MODEL_DIR (or use --make-cold-start)")
-    choose_threads(args.threads)
+    choose_threads(args.threads, recorded=recorded_threads(args.out, args.resume))
     cfg = from_args(SFTConfig, args)
     columns = parse_columns(args.column, CHAT_FIELDS)
     data, val_data = args.data, args.val_data

@@ -41,3 +41,20 @@ def task_tokenizer():
 @pytest.fixture(scope="module")
 def tokenizer(task_tokenizer):
     return task_tokenizer()
+
+
+def make_pretrain_corpus(root, num_examples: int, val_fraction: float) -> dict:
+    """A 512-token tokenizer (the tiny preset's vocabulary) trained on task text and some English, and token
+    shards of arithmetic/linear problems: what the pre-training and fault tests train on."""
+    from seekling.data import build_token_shards
+    from seekling.tasks import completion_text, make_mixture
+    from seekling.tokenizer import Tokenizer
+
+    problems = make_mixture(["arithmetic", "countdown", "linear", "wordproblem"], "train", 100, seed=0)
+    english = ["The quick brown fox jumps over the lazy dog.\n", "She sells sea shells by the sea shore.\n"] * 20
+    tok = Tokenizer.train([p.prompt for p in problems] + [completion_text(p) for p in problems] + english, 512)
+    assert tok.vocab_size == 512
+    tok.save(root / "tok")
+    build_token_shards(root / "data", tok, tasks=["arithmetic", "linear"], num_examples=num_examples,
+                       val_fraction=val_fraction)
+    return {"root": root, "tok": str(root / "tok"), "data": str(root / "data")}

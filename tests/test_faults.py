@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import make_pretrain_corpus
 import torch
 
 import fault_cases as fc
@@ -28,7 +29,6 @@ from seekling.checkpoint import load_pretrained
 from seekling.cli import COMMANDS, build_parser
 from seekling.commands import finite_float, serve
 from seekling.config import ModelConfig
-from seekling.data import build_token_shards
 from seekling.errors import CheckpointError, SeeklingError
 from seekling.files import write_json_atomic
 from seekling.model import Transformer
@@ -38,8 +38,7 @@ from seekling.rundir import new_state
 from seekling.server import create_app
 from seekling.serving import Engine, load_for_serving
 from seekling.speedrun import Stage, eval_stage, measure_expert_load, run_speedrun
-from seekling.tasks import completion_text, make_mixture, make_problems
-from seekling.tokenizer import Tokenizer
+from seekling.tasks import make_problems
 from seekling.train_state import list_checkpoints, save_training_checkpoint
 from seekling.training import build_optimizer
 
@@ -53,14 +52,7 @@ COMMON = dict(preset="tiny", steps=STEPS, batch_size=4, seq_len=32, warmup=2, lr
 # ----------------------------------------------------------------------------- a run to damage
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    problems = make_mixture(["arithmetic", "countdown", "linear", "wordproblem"], "train", 100, seed=0)
-    english = ["The quick brown fox jumps over the lazy dog.\n", "She sells sea shells by the sea shore.\n"] * 20
-    tok = Tokenizer.train([p.prompt for p in problems] + [completion_text(p) for p in problems] + english, 512)
-    assert tok.vocab_size == 512  # the tiny preset's
-    tok.save(root / "tok")
-    build_token_shards(root / "data", tok, tasks=["arithmetic", "linear"], num_examples=150, val_fraction=0.15)
-    return {"root": root, "tok": str(root / "tok"), "data": str(root / "data")}
+    return make_pretrain_corpus(tmp_path_factory.mktemp("faults"), num_examples=150, val_fraction=0.15)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_pretrain_corpus
 import torch
 from safetensors.torch import load_file
 
@@ -21,7 +22,6 @@ from seekling.cli import main
 from seekling.config import ModelConfig
 from seekling.data import build_token_shards
 from seekling.pretrain import PretrainArgs, pretrain
-from seekling.tasks import completion_text, make_mixture
 from seekling.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +49,7 @@ def env_one_thread() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A 512-token tokenizer trained on task text and ~19K tokens of arithmetic/linear problems."""
-    root = tmp_path_factory.mktemp("corpus")
-    problems = make_mixture(["arithmetic", "countdown", "linear", "wordproblem"], "train", 100, seed=0)
-    english = ["The quick brown fox jumps over the lazy dog.\n", "She sells sea shells by the sea shore.\n"] * 20
-    tok = Tokenizer.train([p.prompt for p in problems] + [completion_text(p) for p in problems] + english, 512)
-    assert tok.vocab_size == 512
-    tok.save(root / "tok")
-    build_token_shards(root / "data", tok, tasks=["arithmetic", "linear"], num_examples=200, val_fraction=0.1)
-    return {"tok": str(root / "tok"), "data": str(root / "data"), "root": root}
+    return make_pretrain_corpus(tmp_path_factory.mktemp("corpus"), num_examples=200, val_fraction=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -131,8 +131,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
     # alone and on more distinct problems, a cold start gentle enough not to undo it, and the GRPO
     # model as the distillation student.
     "cpu": SpeedrunPreset(
-        name="cpu", about="the main job: about 10 minutes on an idle 2-core CPU, a ~1M-parameter DeepSeek-V3 "
-                         "(MLA, MoE, MTP; the `cpu` model) that GRPO makes better at held-out arithmetic",
+        name="cpu", about="the main job: about 11 minutes on an idle 2-core CPU (docs/speedrun.md, run F), a "
+                         "~1M-parameter DeepSeek-V3 (MLA, MoE, MTP; the `cpu` model) trained for held-out arithmetic",
         pretrain_tasks=("arithmetic",), pretrain_examples=30000, pretrain_steps=1000, sft_lr=3e-5,
         distill_student="grpo", distill_lr=1e-5, eval_n=1000),
     "smoke": SpeedrunPreset(

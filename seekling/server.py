@@ -266,9 +266,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
                            "model_not_found", type="not_found_error")
 
-    def check_text_size(texts: list[str], param: str) -> None:
-        n_bytes = max((len(t.encode("utf-8")) for t in texts), default=0) if param == "prompt" else \
-            sum(len(t.encode("utf-8")) for t in texts)
+    def check_text_size(text: str, param: str) -> None:
+        """One prompt's text: refused unread when it must be more tokens than the server takes."""
+        n_bytes = len(text.encode("utf-8"))
         if n_bytes > max_prompt * max_token_bytes:
             raise APIError(400, f"the prompt has {n_bytes} bytes, at least {n_bytes // max_token_bytes} tokens; "
                            f"this server takes at most {max_prompt}", param, "context_length_exceeded")
@@ -437,7 +437,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         check_model(body)
         messages = parse_messages(body)
         s = parse_sampling(body, limits, "max_completion_tokens")
-        check_text_size([m["content"] for m in messages], "messages")
+        check_text_size("".join(m["content"] for m in messages), "messages")
         prompt = await asyncio.to_thread(tokenizer.render_prompt, messages)
         jobs = jobs_for(prompt, s, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -484,7 +484,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         check_model(body)
         raw = parse_prompts(body, tokenizer.vocab_size)
         s = parse_sampling(body, limits)
-        check_text_size([p for p in raw if isinstance(p, str)], "prompt")
+        for p in raw:
+            if isinstance(p, str):
+                check_text_size(p, "prompt")
         prompts = await asyncio.to_thread(encode_prompts, raw, tokenizer)
         if len(prompts) * s.n > limits.max_n:
             raise APIError(400, f"{len(prompts)} prompts x n={s.n} is more than {limits.max_n} completions", "n",

@@ -24,26 +24,24 @@ def finite_float(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """An integer flag that counts something (threads, problems): 0 or more."""
+def _integer(text: str, low: int, high: int | None, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative; expected 0 or more")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is {expected}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer flag that counts something (threads, problems): 0 or more."""
+    return _integer(text, 0, None, "negative; expected 0 or more")
 
 
 def port(text: str) -> int:
     """A TCP port: 0 (any free port) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
-    return value
+    return _integer(text, 0, 65535, "not a TCP port (0-65535)")
 
 
 def device_name(text: str) -> str:

@@ -34,50 +34,54 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CHECKSUMS_NAME = "SHA256SUMS"  # one "<sha256>  <file>" line per file, written last by every save
 FP32_NAMES = ("e_score_correction_bias",)  # kept in fp32 whatever the save dtype, as released checkpoints do
+_MTP_COPIES = (".embed_tokens.weight", ".shared_head.head.weight")  # an MTP layer's copies of the model's own
 
 
 # ----------------------------------------------------------------------------- name mapping
-def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Our module tree -> released checkpoint names (experts split per expert, MTP as layer L + k)."""
+def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Released checkpoint name -> the model's tensor under it, detached (experts split per expert, MTP as
+    layer L + k): one table read by the save (`to_hf_state_dict`) and written by the load (`_assign`)."""
     c = model.config
     L = c.num_hidden_layers
-    out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, t: torch.Tensor) -> None:
-        t = t.detach()
-        if dtype is not None and t.is_floating_point() and not name.endswith(FP32_NAMES):
-            t = t.to(dtype)
-        out[name] = t.contiguous().clone() if t.data_ptr() in seen else t.contiguous()
-        seen.add(t.data_ptr())
-
-    seen: set[int] = set()
-    put("model.embed_tokens.weight", model.embed_tokens.weight)
-    put("model.norm.weight", model.norm.weight)
+    out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
     if not c.tie_word_embeddings:
-        put("lm_head.weight", model.lm_head.weight)
+        out["lm_head.weight"] = model.lm_head.weight
     blocks = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.layers)]
     for k, mtp in enumerate(model.mtp):
         prefix = f"model.layers.{L + k}"
         blocks.append((prefix, mtp.block))
         for name in ("enorm", "hnorm"):
-            put(f"{prefix}.{name}.weight", getattr(mtp, name).weight)
-        put(f"{prefix}.eh_proj.weight", mtp.eh_proj.weight)
-        put(f"{prefix}.shared_head.norm.weight", mtp.shared_head.norm.weight)
-        put(f"{prefix}.embed_tokens.weight", model.embed_tokens.weight)  # copies, as released weights carry them
-        put(f"{prefix}.shared_head.head.weight", model.lm_head.weight)
+            out[f"{prefix}.{name}.weight"] = getattr(mtp, name).weight
+        out[f"{prefix}.eh_proj.weight"] = mtp.eh_proj.weight
+        out[f"{prefix}.shared_head.norm.weight"] = mtp.shared_head.norm.weight
+        out[f"{prefix}.embed_tokens.weight"] = model.embed_tokens.weight  # copies, as released weights carry them
+        out[f"{prefix}.shared_head.head.weight"] = model.lm_head.weight
     for prefix, block in blocks:
         for name, t in block.state_dict(keep_vars=True).items():
             m = re.fullmatch(r"mlp\.experts\.(gate_up_proj|down_proj)", name)
             if m is None:
-                put(f"{prefix}.{name}", t)
+                out[f"{prefix}.{name}"] = t
             elif m.group(1) == "gate_up_proj":
                 F_ = block.mlp.experts.inter_dim
                 for e in range(t.shape[0]):
-                    put(f"{prefix}.mlp.experts.{e}.gate_proj.weight", t[e, :F_])
-                    put(f"{prefix}.mlp.experts.{e}.up_proj.weight", t[e, F_:])
+                    out[f"{prefix}.mlp.experts.{e}.gate_proj.weight"] = t[e, :F_]
+                    out[f"{prefix}.mlp.experts.{e}.up_proj.weight"] = t[e, F_:]
             else:
                 for e in range(t.shape[0]):
-                    put(f"{prefix}.mlp.experts.{e}.down_proj.weight", t[e])
+                    out[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = t[e]
+    return {name: t.detach() for name, t in out.items()}
+
+
+def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our module tree -> released checkpoint names, `dtype` for floating tensors (the routing bias stays
+    fp32); a tensor saved under two names is cloned for the second."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in hf_tensors(model).items():
+        if dtype is not None and t.is_floating_point() and not name.endswith(FP32_NAMES):
+            t = t.to(dtype)
+        out[name] = t.contiguous().clone() if t.data_ptr() in seen else t.contiguous()
+        seen.add(t.data_ptr())
     return out
 
 
@@ -85,7 +89,7 @@ def from_hf_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], sou
     """Copy released-name tensors into `model`, naming every missing, unexpected or mis-shaped tensor."""
     c = model.config
     L = c.num_hidden_layers
-    expected = to_hf_state_dict(model)
+    expected = hf_tensors(model)
     # Accept transformers' fused in-memory expert layout too.
     tensors = dict(tensors)
     for name in [n for n in tensors if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", n)]:
@@ -98,14 +102,14 @@ def from_hf_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], sou
             else:
                 tensors[f"{prefix}.{e}.down_proj.weight"] = t[e]
     mtp_prefixes = tuple(f"model.layers.{L + k}." for k in range(c.num_nextn_predict_layers))
-    copies = (".embed_tokens.weight", ".shared_head.head.weight")
-    missing = [n for n in expected if n not in tensors and not (n.startswith(mtp_prefixes) and n.endswith(copies))]
+    missing = [n for n in expected if n not in tensors and not (n.startswith(mtp_prefixes) and n.endswith(_MTP_COPIES))]
     unexpected = [n for n in tensors if n not in expected and not n.endswith("weight_scale_inv")]
     unexpected = [n for n in unexpected if not n.endswith("rotary_emb.inv_freq")]
     if c.tie_word_embeddings:
         unexpected = [n for n in unexpected if n != "lm_head.weight"]
     missing_mtp = [n for n in missing if n.startswith(mtp_prefixes)]
-    if missing_mtp and len(missing_mtp) == sum(1 for n in expected if n.startswith(mtp_prefixes) and not n.endswith(copies)):
+    if missing_mtp and len(missing_mtp) == sum(1 for n in expected if n.startswith(mtp_prefixes)
+                                               and not n.endswith(_MTP_COPIES)):
         # Checkpoints saved by transformers drop the MTP modules: keep ours freshly initialised.
         warnings.warn(f"{source}: no multi-token-prediction weights; the MTP modules keep their initial values")
         missing = [n for n in missing if not n.startswith(mtp_prefixes)]
@@ -127,37 +131,13 @@ def from_hf_state_dict(model: Transformer, tensors: dict[str, torch.Tensor], sou
 
 
 def _assign(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
-    c = model.config
-    L = c.num_hidden_layers
+    """Copy `tensors` into the model, in place; the MTP modules' copies of the embedding and the head
+    are never read (the model's own are)."""
+    mtp = tuple(f"model.layers.{model.config.num_hidden_layers + k}." for k in range(len(model.mtp)))
     with torch.no_grad():
-        def copy(dst: torch.Tensor, name: str) -> None:
-            if name in tensors:
+        for name, dst in hf_tensors(model).items():
+            if name in tensors and not (name.startswith(mtp) and name.endswith(_MTP_COPIES)):
                 dst.copy_(tensors[name].to(dst.dtype))
-
-        copy(model.embed_tokens.weight, "model.embed_tokens.weight")
-        copy(model.norm.weight, "model.norm.weight")
-        if not c.tie_word_embeddings:
-            copy(model.lm_head.weight, "lm_head.weight")
-        blocks = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.layers)]
-        for k, mtp in enumerate(model.mtp):
-            prefix = f"model.layers.{L + k}"
-            blocks.append((prefix, mtp.block))
-            copy(mtp.enorm.weight, f"{prefix}.enorm.weight")
-            copy(mtp.hnorm.weight, f"{prefix}.hnorm.weight")
-            copy(mtp.eh_proj.weight, f"{prefix}.eh_proj.weight")
-            copy(mtp.shared_head.norm.weight, f"{prefix}.shared_head.norm.weight")
-        for prefix, block in blocks:
-            for name, t in block.state_dict(keep_vars=True).items():
-                if name == "mlp.experts.gate_up_proj":
-                    F_ = block.mlp.experts.inter_dim
-                    for e in range(t.shape[0]):
-                        copy(t.data[e, :F_], f"{prefix}.mlp.experts.{e}.gate_proj.weight")
-                        copy(t.data[e, F_:], f"{prefix}.mlp.experts.{e}.up_proj.weight")
-                elif name == "mlp.experts.down_proj":
-                    for e in range(t.shape[0]):
-                        copy(t.data[e], f"{prefix}.mlp.experts.{e}.down_proj.weight")
-                else:
-                    copy(t.data, f"{prefix}.{name}")
 
 
 def _short(names: list[str], n: int = 6) -> str:

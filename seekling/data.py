@@ -42,9 +42,7 @@ IGNORE_INDEX = -100  # target value that torch's cross_entropy skips
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens, 256 MB as uint16
 
 
-# -- reading source files -----------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- reading source files
 def read_jsonl_texts(path: str | Path, field: str = "text") -> Iterator[str]:
     """The string `field` of each record of a JSONL file."""
     for number, record in read_jsonl(path, (field,)):
@@ -135,9 +133,7 @@ def in_val_bucket(text: str, val_fraction: float) -> bool:
     return stable_hash(text) % 1_000_000 < val_fraction * 1_000_000
 
 
-# -- writing shards -----------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- writing shards
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
@@ -197,19 +193,10 @@ def _encode_texts(tokenizer: Tokenizer, texts: Iterable[str], batch: int = 256) 
         yield from tokenizer.encode_batch(chunk)
 
 
-def build_token_shards(
-    out_dir: str | Path,
-    tokenizer: Tokenizer,
-    tasks: Sequence[str] = (),
-    num_examples: int = 0,
-    difficulty: dict[str, dict[str, Any]] | None = None,
-    text_files: Sequence[str | Path] = (),
-    jsonl_files: Sequence[str | Path] = (),
-    field: str = "text",
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-) -> dict[str, Any]:
+def build_token_shards(out_dir: str | Path, tokenizer: Tokenizer, tasks: Sequence[str] = (), num_examples: int = 0,
+                       difficulty: dict[str, dict[str, Any]] | None = None, text_files: Sequence[str | Path] = (),
+                       jsonl_files: Sequence[str | Path] = (), field: str = "text", val_fraction: float = 0.1,
+                       seed: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict[str, Any]:
     """Tokenize every source into train and val shards under `out_dir`; returns the index written.
 
     Tasks contribute `num_examples` train problems each, and round(num_examples * val_fraction)
@@ -276,9 +263,7 @@ def check_tokenizer(index: dict[str, Any], tokenizer: Tokenizer) -> None:
                         f"not with this one ({tokenizer.fingerprint[:12]}); rebuild the data")
 
 
-# -- loaders ------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- loaders
 class _EpochLoader:
     """Shared position logic: rows are shuffled per epoch from (seed, epoch); a global batch is
     `batch_size * world_size` consecutive rows of that order, and this rank takes its own slice."""

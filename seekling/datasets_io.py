@@ -46,9 +46,7 @@ class Row(NamedTuple):
     data: dict[str, Any]
 
 
-# -- plain files --------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- plain files
 def read_text_file(path: str | Path) -> str:
     """The whole file as text (gzip-compressed when it ends in .gz); a DataError naming the line and byte
     if it is not UTF-8."""
@@ -118,9 +116,7 @@ def _csv_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-# -- datasets -----------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- datasets
 def _datasets():
     try:
         import datasets
@@ -169,9 +165,7 @@ def is_saved_dataset(path: Path) -> bool:
         path / "state.json").is_file()
 
 
-# -- the one entry point ------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- the one entry point
 def read_rows(source: str | Path, required: Sequence[str] = (), columns: dict[str, str] | None = None,
               default_split: str = "train") -> list[Row]:
     """The records of `source` (see the module docstring) with `columns` renamed to the fields seekling

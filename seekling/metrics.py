@@ -79,11 +79,7 @@ def consensus_correct(answers: Sequence[str | None], correct: Sequence[bool]) ->
     return i is not None and bool(correct[i])
 
 
-def cons_at_k(
-    answers: Sequence[str | None],
-    gold: str,
-    equal_fn: Callable[[str, str], bool] = answers_match,
-) -> bool:
+def cons_at_k(answers: Sequence[str | None], gold: str, equal_fn: Callable[[str, str], bool] = answers_match) -> bool:
     """Whether the majority-vote answer among `answers` (one problem's extracted answers) is correct."""
     winner = majority_answer(answers)
     return winner is not None and bool(equal_fn(winner, gold))

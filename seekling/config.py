@@ -271,36 +271,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_SMALL, vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
         q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
         num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1, routed_scaling_factor=1.0,
-        max_position_embeddings=512, initializer_range=0.02,
-    ),
+        max_position_embeddings=512, initializer_range=0.02),
     # the main job (`seekling speedrun`, preset cpu) on a 2-core CPU, and the distillation student
     "cpu": dict(
         **_SMALL, vocab_size=2048, hidden_size=128, num_hidden_layers=3, intermediate_size=384, num_attention_heads=4,
         q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
         num_experts_per_tok=2, moe_intermediate_size=96, n_group=2, topk_group=1, routed_scaling_factor=1.0,
-        max_position_embeddings=1024, initializer_range=0.02,
-    ),
+        max_position_embeddings=1024, initializer_range=0.02),
     # the larger CPU model (benchmarks, longer CPU runs): a few million parameters
     "cpu-large": dict(
         **_SMALL, vocab_size=2048, hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
         num_experts_per_tok=2, moe_intermediate_size=128, n_group=4, topk_group=2, routed_scaling_factor=1.0,
-        max_position_embeddings=1024, initializer_range=0.02,
-    ),
+        max_position_embeddings=1024, initializer_range=0.02),
     # one GPU: ~1.2B total / ~0.24B active per token
     "gpu": dict(
         **_SMALL, vocab_size=32768, hidden_size=1024, num_hidden_layers=12, intermediate_size=4096,
         num_attention_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
         v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=512, n_group=8, topk_group=4,
-        routed_scaling_factor=2.5, max_position_embeddings=4096, initializer_range=0.006,
-    ),
+        routed_scaling_factor=2.5, max_position_embeddings=4096, initializer_range=0.006),
     # one node of 8 GPUs (torchrun + FSDP2): ~6.6B total / ~1.2B active per token
     "gpu-node": dict(
         **_SMALL, vocab_size=65536, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
         num_attention_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=1024, n_group=8,
-        topk_group=4, routed_scaling_factor=2.5, max_position_embeddings=8192, initializer_range=0.006,
-    ),
+        topk_group=4, routed_scaling_factor=2.5, max_position_embeddings=8192, initializer_range=0.006),
     # the real thing: build it on the meta device, for counting and costing only
     "deepseek-v3": dict(),
 }

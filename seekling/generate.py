@@ -263,11 +263,6 @@ class Decoder:
         self.counters = {"drafted": 0, "accepted": 0}
         self.speculator = Speculator(self, cache_len) if speculate else None
 
-    @property
-    def acceptance_rate(self) -> float | None:
-        """Share of MTP drafts the model accepted (speculative decoding), None before any."""
-        return self.counters["accepted"] / self.counters["drafted"] if self.counters["drafted"] else None
-
     def check_prompt(self, prompt_ids: Seq[int], where: str) -> None:
         check_prompt(self.model.config, prompt_ids, where, self.max_len)
 

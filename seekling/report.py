@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -50,7 +50,6 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-
     env = {"seekling": __version__, "commit": git_commit(), "torch": torch.__version__,
            "python": platform.python_version(), "platform": platform.platform(terse=True), "cpu": cpu_model(),
            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -88,32 +87,32 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: damaged, not valid JSON ({e})") from None
 
 
+def _read_record(path: Path, valid: Callable[[dict], bool], what: str) -> dict[str, Any] | None:
+    """The JSON object in `path` (None when there is no such file); a DataError naming it, as `what`, when
+    `valid` says it is not one."""
+    data = read_json(path)
+    if data is not None and not (isinstance(data, dict) and valid(data)):
+        raise DataError(f"{path}: damaged, not {what}")
+    return data
+
+
 def read_eval(path: Path) -> dict[str, Any] | None:
     """An eval/STAGE.json with the numbers the report shows; a DataError naming it when they are not there."""
-    data = read_json(path)
-    if data is None:
-        return None
-    if not (isinstance(data, dict) and isinstance(data.get("mean"), dict) and isinstance(data.get("tasks"), dict)
-            and isinstance(data.get("settings"), dict) and "pass@1" in data["mean"]):
-        raise DataError(f"{path}: damaged, not an evaluation result (no settings, tasks and mean pass@1)")
-    return data
+    return _read_record(path, lambda d: isinstance(d.get("mean"), dict) and isinstance(d.get("tasks"), dict)
+                        and isinstance(d.get("settings"), dict) and "pass@1" in d["mean"],
+                        "an evaluation result (no settings, tasks and mean pass@1)")
 
 
 def read_expert_load(path: Path) -> dict[str, Any] | None:
     """pretrain/expert_load.json; a DataError naming it when its steps and loads do not line up."""
-    data = read_json(path)
-    if data is None:
-        return None
-    if not (isinstance(data, dict) and isinstance(data.get("steps"), list) and isinstance(data.get("load"), list)
-            and len(data["steps"]) == len(data["load"]) and isinstance(data.get("layers"), list)
-            and isinstance(data.get("source"), str) and isinstance(data.get("tokens_per_checkpoint"), int)):
-        raise DataError(f"{path}: damaged, not an expert-load record (steps, load, layers, source, tokens)")
-    return data
+    return _read_record(path, lambda d: isinstance(d.get("steps"), list) and isinstance(d.get("load"), list)
+                        and len(d["steps"]) == len(d["load"]) and isinstance(d.get("layers"), list)
+                        and isinstance(d.get("source"), str) and isinstance(d.get("tokens_per_checkpoint"), int),
+                        "an expert-load record (steps, load, layers, source, tokens)")
 
 
 def build_ledger(state: dict[str, Any]):
     """The run's CostLedger, one row per costed stage, in the order the stages ran."""
-
     ledger = CostLedger()
     for name, stage in state["stages"].items():
         c = stage.get("cost")
@@ -133,6 +132,14 @@ def _pyplot():
     except ImportError:
         return None
     return plt
+
+
+def _save(plt, fig, path: Path, tight: bool = True) -> bool:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -171,10 +178,7 @@ def plot_pretrain_loss(metrics: list[dict], path: Path, tokens_per_step: int | N
     ax.set_title("Pre-training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_grpo(metrics: list[dict], path: Path) -> bool:
@@ -211,9 +215,7 @@ def plot_grpo(metrics: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("GRPO training (rollouts at temperature 1)", fontsize=14)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     plt.rcdefaults()
     return True
 
@@ -253,9 +255,7 @@ def plot_expert_load(loads: dict[str, Any] | None, metrics: list[dict], path: Pa
         ax.set_title("imbalance per training batch (mean over layers, from metrics.jsonl)", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle("Per-expert load during pre-training (aux-loss-free balancing)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, tight=False)  # a constrained layout already
 
 
 def plot_pass_at_1(evals: dict[str, dict], path: Path) -> bool:
@@ -281,10 +281,7 @@ def plot_pass_at_1(evals: dict[str, dict], path: Path) -> bool:
     ax.set_yticks(range(0, 101, 20))
     ax.legend(loc="upper center", ncol=3, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- the document
@@ -324,7 +321,6 @@ def health_blocks(records: list[dict]) -> list[tuple]:
 
 def report_blocks(run_dir: Path, plots_made: dict[str, bool]) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p"|"pre", text), ("table", header, rows), ("img", file, alt)."""
-
     state = json.loads((run_dir / "state.json").read_text())
     config, stages = state["config"], state["stages"]
     evals = {name: read_eval(run_dir / "eval" / f"{name}.json") for name, _ in MODEL_STAGES}

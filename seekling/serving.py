@@ -247,7 +247,6 @@ class Engine:
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.max_len = max_len or model.config.max_position_embeddings
         self.prefill_tokens = prefill_tokens
-        # folded weights: a served model does not change
         self.speculate = resolve_speculate(model, speculate, max_concurrent, say)  # None: auto
         self.decoder = Decoder(model, max_concurrent, self.max_len, speculate=self.speculate)
         self._slots: list[Request | None] = [None] * max_concurrent

@@ -21,7 +21,6 @@ uninterrupted one would (seekling teachers; transformers' `generate` is seeded p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -47,7 +46,7 @@ from seekling.tasks import TASKS, Problem, check_template, make_problems, render
 from seekling.teachers import Teacher, load_teacher, resolve_teacher
 from seekling.tokenizer import Tokenizer
 from seekling.train_state import first_tokenizer_dir, tokenizer_files
-from seekling.training import progress_bar, resume_point
+from seekling.training import on_device, progress_bar, resume_point
 
 SAMPLES_FORMAT = "seekling-samples-v1"
 
@@ -390,11 +389,6 @@ def _check_student(preset: str | None, init: str | Path | None) -> None:
         raise CheckpointError(f"student {init}: no config.json there")
 
 
-def _on_device(device) -> contextlib.AbstractContextManager:
-    # SFT builds batches with torch.full/zeros; on a GPU a default-device scope puts them by the model.
-    return torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
-
-
 def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Problem], *,
             student_preset: str | None = None, student_init: str | Path | None = None,
             tokenizer_dir: str | Path | None = None, teacher_tokenizer: str | Path | None = None,
@@ -433,7 +427,7 @@ def distill(teacher_path: str | Path, out_dir: str | Path, problems: Sequence[Pr
             sft = dataclasses.replace(sft, batch_size=rows)
     log(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters "
         f"({student_preset or student_init}), SFT for {sft.steps} steps on {samples['total']['kept']} samples")
-    with _on_device(device):
+    with on_device(device):
         sft_summary = train_sft(student, tokenizer, out / "samples.jsonl", sft, out, tokenizer_dir=tok_dir,
                                 resume=resume, log=log)
     result = {"samples": samples, "sft": sft_summary, "sft_config": asdict(sft),

@@ -28,7 +28,6 @@ Library use: `run_speedrun(PRESETS["smoke"], "runs/x")`; `run_stages` is the res
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -62,7 +61,7 @@ from seekling.threads import choose_threads
 from seekling.tokenizer import Tokenizer
 from seekling.parallel import barrier, destroy_distributed, init_distributed
 from seekling.train_state import latest_good_checkpoint, list_checkpoints, read_trainer_state
-from seekling.training import progress_bar
+from seekling.training import on_device, progress_bar
 
 
 # ----------------------------------------------------------------------------- the resumable loop
@@ -186,12 +185,6 @@ def _latest_step(run_dir: Path) -> int:
     return int(read_trainer_state(found)["step"]) if found else 0
 
 
-def _on_device(ctx: Context):
-    """SFT and GRPO build their batches with torch.full/zeros/tensor and never move them; on a GPU a
-    default-device scope puts those batches next to the model (an adapter: untested without a GPU)."""
-    return torch.device(ctx.device) if ctx.device.type == "cuda" else contextlib.nullcontext()
-
-
 def stage_data(ctx: Context) -> dict[str, Any]:
     p, data = ctx.preset, ctx.path("data")
     data.mkdir(exist_ok=True)
@@ -237,10 +230,8 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
     write_json_atomic(out / "expert_load.json", loads)
     for old in list_checkpoints(out)[:-1]:  # measured; only the last is worth its disk space now
         shutil.rmtree(old, ignore_errors=True)
-    return {"tokens": summary["tokens"], "flops": summary["flops"], "steps_run": summary["steps_run"],
-            "resumed_from": summary["resumed_from"], "final_loss": summary["final_loss"],
-            "val_loss": summary["val_loss"], "tokens_per_s": summary["tokens_per_s"], "mfu": summary["mfu"],
-            "dtype": summary["dtype"],
+    kept = ("tokens", "flops", "steps_run", "resumed_from", "final_loss", "val_loss", "tokens_per_s", "mfu", "dtype")
+    return {**{k: summary[k] for k in kept},
             "summary": f"loss {summary['final_loss']:.3f}, val loss {summary['val_loss'] or float('nan'):.3f}, "
                        f"{summary['tokens']:,} tokens"}
 
@@ -280,7 +271,7 @@ def stage_sft(ctx: Context) -> dict[str, Any]:
     start_step = _latest_step(out)
     cfg = p.sft_config(p.sft_steps)
     model = load_pretrained(str(ctx.path("pretrain", "final")), device=ctx.device)
-    with _on_device(ctx):
+    with on_device(ctx.device):
         summary = train_sft(model, Tokenizer.load(ctx.path("tokenizer")), ctx.path("data", "cold_start.jsonl"), cfg,
                             out, tokenizer_dir=ctx.path("tokenizer"), resume=True, log=ctx.say)
     tokens = (summary["step"] - start_step) * cfg.batch_size * cfg.seq_len
@@ -296,7 +287,7 @@ def stage_grpo(ctx: Context) -> dict[str, Any]:
     cfg = p.grpo_config()
     start_step = _latest_step(out)
     model = load_pretrained(str(ctx.path("sft", "final")), device=ctx.device)
-    with _on_device(ctx):
+    with on_device(ctx.device):
         summary = train_grpo(model, tokenizer, problems, cfg, out, tokenizer_dir=ctx.path("tokenizer"), resume=True,
                              max_seconds=p.grpo_max_minutes * 60 if p.grpo_max_minutes else None, log=ctx.say)
     # FLOPs from each step's mean lengths: sampling is a forward over prompt + completion for all P*G

@@ -2,7 +2,7 @@
 
 - `param_groups` / `build_optimizer`: AdamW without weight decay on norms, biases, embeddings, 1-D params.
 - `lr_at`: warm-up + cosine, or warm-up-stable-decay (WSD), as a pure function of the step.
-- `clip_gradients`, `autocast_for`, `set_seed`, `peak_flops`, `loss_sums` (validation loss).
+- `clip_gradients`, `autocast_for`, `on_device`, `set_seed`, `peak_flops`, `loss_sums` (validation loss).
 - `update_expert_bias` / `expert_imbalance`: DeepSeek-V3's auxiliary-loss-free balancing, applied
   after each optimiser step (the router's `e_score_correction_bias` moves against the expert load).
 - `MetricsLogger` (metrics.jsonl, plus TensorBoard when it imports, plus Weights & Biases with a
@@ -152,6 +152,12 @@ def autocast_for(device: str | torch.device, dtype: str | torch.dtype) -> contex
     if device_type not in ("cpu", "cuda"):
         raise ConfigError(f"bf16 autocast is not supported on {device_type}; use --dtype fp32")
     return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def on_device(device: str | torch.device) -> contextlib.AbstractContextManager:
+    """SFT and GRPO build their batches with torch.full/zeros/tensor and never move them; on a GPU a
+    default-device scope puts those batches next to the model (an adapter: untested without a GPU)."""
+    return torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
 
 
 @torch.no_grad()

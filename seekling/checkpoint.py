@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError, ConfigError
+from seekling.files import replace_dir, write_text_atomic
 from seekling.model import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -161,14 +162,7 @@ def save_pretrained(model: Transformer, directory: str, dtype: torch.dtype | Non
         for name, path in (extra_files or {}).items():
             shutil.copy(path, os.path.join(tmp, name))
         write_checksums(tmp)
-        if os.path.exists(directory):
-            old = directory + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory, directory + ".old")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -188,13 +182,8 @@ def write_checksums(directory: str | os.PathLike) -> None:
     """Record the sha256 of every file of `directory` in its SHA256SUMS (call once the files are final)."""
     names = sorted(n for n in os.listdir(directory)
                    if n != CHECKSUMS_NAME and os.path.isfile(os.path.join(directory, n)))
-    lines = "".join(f"{file_sha256(os.path.join(directory, n))}  {n}\n" for n in names)
-    tmp = os.path.join(directory, f".{CHECKSUMS_NAME}.tmp")
-    with open(tmp, "w") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, CHECKSUMS_NAME))
+    write_text_atomic(os.path.join(directory, CHECKSUMS_NAME),
+                      "".join(f"{file_sha256(os.path.join(directory, n))}  {n}\n" for n in names))
 
 
 def verify_checksums(directory: str | os.PathLike) -> bool:

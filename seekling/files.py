@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_dir(new: str | Path, target: str | Path, old: str | Path) -> None:
+    """Rename the directory `new` to `target`. An existing `target` is renamed to `old` first and deleted
+    only once `new` is in its place, so a kill at any moment leaves one of the two whole."""
+    if not os.path.exists(target):
+        return os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | Path, obj: Any, **dump_kwargs: Any) -> None:

@@ -35,7 +35,7 @@ from seekling.checkpoint import (WEIGHTS_NAME, check_finite, from_hf_state_dict,
                                  read_safetensors_file, save_pretrained, verify_checksums, write_checksums)
 from seekling.config import ModelConfig
 from seekling.errors import CheckpointError, ConfigError
-from seekling.files import write_json_atomic
+from seekling.files import replace_dir, write_json_atomic
 from seekling.model import Transformer
 from seekling.parallel import barrier, full_tensor, is_distributed, reshard, unwrap_model
 
@@ -224,13 +224,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: nn.Module, o
         }, sort_keys=True)
         write_checksums(tmp)
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run): swap, never delete first
-            old = root / f".trash-step_{step:07d}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final, root / f".trash-step_{step:07d}")  # the same step saved again (a resumed run)
         _fsync_dir(root)
         if keep_last > 0:
             for old_dir in list_checkpoints(run_dir)[:-keep_last]:

@@ -454,9 +454,7 @@ def evaluate_three(teacher_path, teacher_tokenizer, before_dir, after_dir, token
             model = load_pretrained(str(before_dir if name == "student_before" else after_dir), device=device)
             tok, gen = tokenizer, generate
         log(f"evaluating the {name.replace('_', ' ')} on {sum(map(len, problems.values()))} problems, k={settings.k}")
-        result = evaluate(model, tok, list(problems), k=settings.k, temperature=settings.temperature,
-                          top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, template=settings.template,
-                          batch_size=settings.batch_size, seed=settings.seed, problems=problems, generate_fn=gen)
+        result = evaluate(model, tok, list(problems), **asdict(settings), problems=problems, generate_fn=gen)
         result["params"] = sum(p.numel() for p in model.parameters())
         out[name] = result
     return out

@@ -46,7 +46,6 @@ from seekling.training import (WANDB_HELP, autocast_for, build_optimizer, check_
                                expert_imbalance, loss_sums, lr_at, peak_flops, resume_point, set_lr, set_seed,
                                start_run, update_expert_bias)
 
-
 DISTRIBUTED = ("ddp", "fsdp")
 
 

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seekling.errors import SeeklingError
 from seekling.generate import CHAT_TEMPERATURE, CHAT_TOP_P, MAX_TOP_K, SamplingParams
-from seekling.serving import Engine, Event, Job, QueueFullError, ReasoningSplitter
+from seekling.serving import Engine, Event, Job, QueueFullError, ReasoningSplitter, split_reasoning
 from seekling.tokenizer import Tokenizer
 
 log = logging.getLogger("seekling.server")
@@ -469,10 +469,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         texts, finals = await collect(request, jobs)
         choices = []
         for i, (text, ev) in enumerate(zip(texts, finals)):
-            splitter = ReasoningSplitter()
-            r1, c1 = splitter.push(text)
-            r2, c2 = splitter.finish()
-            message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
+            reasoning, content = split_reasoning(text)
+            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": ev.finish_reason})
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                 "system_fingerprint": None, "choices": choices, "usage": usage(len(prompt), finals)}

@@ -31,6 +31,7 @@ import importlib
 import inspect
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -366,6 +367,9 @@ def accuracy_reward(completion: str, answer: str, **meta) -> float:
     return 1.0 if answers_match(extract_answer(completion), answer) else 0.0
 
 
+_COUNTDOWN_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
 class _CountdownParser:
     """Whitelist walk over Python's AST: integers, + - * / and parentheses, evaluated exactly."""
 
@@ -380,15 +384,8 @@ class _CountdownParser:
             return Fraction(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -self.value(node.operand)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-            left, right = self.value(node.left), self.value(node.right)
-            if isinstance(node.op, ast.Add):
-                return left + right
-            if isinstance(node.op, ast.Sub):
-                return left - right
-            if isinstance(node.op, ast.Mult):
-                return left * right
-            return left / right  # ZeroDivisionError is caught by the caller
+        if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:  # a zero division: caught by the caller
+            return _COUNTDOWN_OPS[type(node.op)](self.value(node.left), self.value(node.right))
         raise ValueError(f"not allowed in a countdown answer: {type(node).__name__}")
 
 

@@ -77,7 +77,6 @@ class Tokenizer:
         self._role_ids = {"user": self.user_id, "assistant": self.assistant_id, "system": self.system_id}
 
     # -- building ------------------------------------------------------------------------------
-
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
         """Learn BPE merges from `texts`. The result can be smaller than `vocab_size` when the corpus
@@ -136,7 +135,6 @@ class Tokenizer:
         return out
 
     # -- ids and text --------------------------------------------------------------------------
-
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
@@ -171,7 +169,6 @@ class Tokenizer:
         return self._backend.id_to_token(token_id)
 
     # -- chat ----------------------------------------------------------------------------------
-
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:
         """Ids of a conversation and its loss mask (1 on assistant content and its closing eos).

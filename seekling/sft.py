@@ -66,11 +66,11 @@ class SFTConfig:
 
 
 def make_cold_start(tasks: Sequence[str], num_examples: int, out: str | Path, seed: int = 0,
-                    difficulty: dict[str, dict[str, Any]] | None = None) -> int:
-    """Write `num_examples` problems of each task, train split, as R1-format chat JSONL; returns the count."""
+                    difficulty: dict[str, dict[str, Any]] | None = None, split: str = "train") -> int:
+    """Write `num_examples` problems of each task (its `split`) as R1-format chat JSONL; returns the count."""
     if not tasks:
         raise ConfigError("cold-start data needs at least one task, e.g. --tasks arithmetic,countdown")
-    problems = make_mixture(list(tasks), "train", num_examples, seed, difficulty)
+    problems = make_mixture(list(tasks), split, num_examples, seed, difficulty)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for problem in problems:

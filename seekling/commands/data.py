@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from seekling.commands import add_action, finite_float
 from seekling.data import build_token_shards, load_index
 from seekling.errors import ConfigError
-from seekling.tasks import make_mixture, parse_difficulty, to_sft_example
+from seekling.sft import make_cold_start
+from seekling.tasks import parse_difficulty
 from seekling.tokenizer import Tokenizer
 
 
@@ -66,12 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "sft":
         if not tasks:
             raise ConfigError("--tasks is required for `data sft`")
-        problems = make_mixture(tasks, args.split, args.num_examples, args.seed, difficulty)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            for problem in problems:
-                f.write(json.dumps({**to_sft_example(problem), "id": problem.id}) + "\n")
-        print(f"wrote {len(problems)} conversations to {args.out}")
+        n = make_cold_start(tasks, args.num_examples, args.out, args.seed, difficulty, split=args.split)
+        print(f"wrote {n} conversations to {args.out}")
         return 0
     tokenizer = Tokenizer.load(args.tokenizer)
     index = build_token_shards(args.out, tokenizer, tasks=tasks, num_examples=args.num_examples,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,9 @@ class SpeedrunPreset:
     pretrain_tasks: tuple[str, ...] = ("arithmetic", "linear", "wordproblem")
     rl_task: str = "arithmetic"
     difficulty: tuple[str, ...] = ()  # e.g. ("arithmetic.digits=3",): TASK.SETTING=VALUE
+    # settings of the pre-training corpus alone, over `difficulty`: e.g. ("arithmetic.worked=0.5",), half the
+    # solutions with their working shown and half with the result alone, as text found in the wild mixes them
+    pretrain_difficulty: tuple[str, ...] = ()
     tokenizer_examples: int = 3000  # problems per task the tokenizer learns from
     vocab_size: int = 1024  # at most: BPE stops earlier when the task text has no more pairs worth merging
     # pre-training (tokens per step = batch * seq_len * ranks)
@@ -201,6 +205,12 @@ def validate_preset(p: SpeedrunPreset) -> None:
     unknown = set(parse_difficulty(list(p.difficulty))) - {*p.pretrain_tasks, p.rl_task}
     if unknown:
         raise ConfigError(f"difficulty is set for {sorted(unknown)}, which this run does not use")
+    unknown = set(parse_difficulty(list(p.pretrain_difficulty))) - set(p.pretrain_tasks)
+    if unknown:
+        raise ConfigError(f"pretrain_difficulty is set for {sorted(unknown)}, which pre-training does not use")
+    for task, settings in parse_difficulty([*p.difficulty, *p.pretrain_difficulty]).items():
+        spec = get_task(task)
+        spec.generate(random.Random(0), **{**spec.defaults, **settings})  # values out of range: ConfigError now
     for name in ("eval_n", "pretrain_checkpoints", "pretrain_examples", "sft_examples", "tokenizer_examples"):
         if getattr(p, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(p, name)}")

@@ -169,8 +169,11 @@ def run_stage(ctx: Context, stage: Stage, tag: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the stages
-def _difficulty(p: SpeedrunPreset, tasks: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    return {t: d for t, d in parse_difficulty(list(p.difficulty)).items() if t in tasks}
+def _difficulty(p: SpeedrunPreset, tasks: list[str] | tuple[str, ...], pretraining: bool = False
+                ) -> dict[str, dict[str, Any]]:
+    """The task settings of `tasks`; `pretraining`: with the corpus-only `pretrain_difficulty` over them."""
+    specs = [*p.difficulty, *(p.pretrain_difficulty if pretraining else ())]
+    return {t: d for t, d in parse_difficulty(specs).items() if t in tasks}
 
 
 def _write_problems(path: Path, problems: list) -> None:
@@ -200,7 +203,7 @@ def stage_tokenizer(ctx: Context) -> dict[str, Any]:
     p = ctx.preset
     tasks = list(dict.fromkeys([*p.pretrain_tasks, p.rl_task]))
     texts = [q.prompt + " " + completion_text(q)
-             for q in make_mixture(tasks, "train", p.tokenizer_examples, p.seed + 1, _difficulty(p, tasks))]
+             for q in make_mixture(tasks, "train", p.tokenizer_examples, p.seed + 1, _difficulty(p, tasks, True))]
     tokenizer = Tokenizer.train(texts, vocab_size=p.vocab_size)
     # Build both into temporary directories and rename: a kill never leaves half a tokenizer or shard set.
     for name in ("tokenizer", "shards"):
@@ -209,7 +212,7 @@ def stage_tokenizer(ctx: Context) -> dict[str, Any]:
     tokenizer.save(ctx.path(".tokenizer.tmp"))
     os.replace(ctx.path(".tokenizer.tmp"), ctx.path("tokenizer"))
     index = build_token_shards(ctx.path(".shards.tmp"), tokenizer, tasks=list(p.pretrain_tasks),
-                               num_examples=p.pretrain_examples, difficulty=_difficulty(p, p.pretrain_tasks),
+                               num_examples=p.pretrain_examples, difficulty=_difficulty(p, p.pretrain_tasks, True),
                                val_fraction=0.05, seed=p.seed)
     os.replace(ctx.path(".shards.tmp"), ctx.path("shards"))
     train, val = index["splits"]["train"]["tokens"], index["splits"]["val"]["tokens"]

@@ -272,7 +272,9 @@ def test_presets_build_the_trainers_configs_and_check_them_there():
     for bad, message in [("grpo_loss=nope", "unknown loss aggregation 'nope'"), ("dtype=fp16", "--dtype must be"),
                          ("distributed=tp", "--distributed must be ddp or fsdp"), ("eval_k=0", "k must be >= 1"),
                          ("model=huge", "unknown model preset 'huge'"), ("sft_seq_len=4096", "exceed the 'tiny'"),
-                         ("distill_student=teacher", "distill_student must be one of pretrain, sft, grpo")]:
+                         ("distill_student=teacher", "distill_student must be one of pretrain, sft, grpo"),
+                         ("pretrain_difficulty=countdown.count=3", "pretrain_difficulty is set for .'countdown'."),
+                         ("pretrain_difficulty=arithmetic.worked=2", "worked must be in")]:
         with pytest.raises(ConfigError, match=message):
             validate_preset(get_preset("smoke", [bad]))
 

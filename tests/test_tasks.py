@@ -179,6 +179,20 @@ def test_errors():
         make_problems("wordproblem", "train", 3, templates="poetry")
 
 
+def test_worked_share_mixes_worked_solutions_with_the_result_alone():
+    default = make_problems("arithmetic", "train", 200, seed=3)
+    assert make_problems("arithmetic", "train", 200, seed=3, worked=1.0) == default  # no extra draw at 1
+    terse = make_problems("arithmetic", "train", 200, seed=3, worked=0.0)
+    assert all(p.solution == f"{p.meta['expression']}={p.answer}" for p in terse)
+    mixed = make_problems("arithmetic", "train", 2000, seed=3, worked=0.5)
+    shown = [p for p in mixed if "write" in p.solution]  # column steps: some two-digit problem shown worked
+    alone = [p for p in mixed if p.solution == f"{p.meta['expression']}={p.answer}"]
+    assert 0.3 < len(shown) / len(mixed) < 0.5 and 0.5 < len(alone) / len(mixed) < 0.7  # 1-digit ones: both
+    assert all(p.answer == str(eval(p.meta["expression"])) for p in mixed)  # the answers never change
+    with pytest.raises(ConfigError, match="worked must be in"):
+        make_problems("arithmetic", "train", 3, worked=1.5)
+
+
 def test_chat_and_sft_formats():
     p = make_problems("arithmetic", "test", 1, seed=0)[0]
     assert to_chat(p) == [{"role": "user", "content": p.prompt}]
@@ -200,7 +214,9 @@ def test_mixture_and_difficulty_parsing():
     assert all("x" in p.prompt.split("=")[1] for p in mix if p.task == "linear")
     assert parse_difficulty(["arithmetic.digits=3", "linear.both_sides=true", "wordproblem.templates=ages"]) == {
         "arithmetic": {"digits": 3}, "linear": {"both_sides": True}, "wordproblem": {"templates": "ages"}}
-    for bad in ["digits=3", "arithmetic.depth=2", "arithmetic.digits=three", "linear.both_sides=maybe"]:
+    assert parse_difficulty(["arithmetic.worked=0.5", "arithmetic.worked=1"]) == {"arithmetic": {"worked": 1.0}}
+    for bad in ["digits=3", "arithmetic.depth=2", "arithmetic.digits=three", "linear.both_sides=maybe",
+                "arithmetic.worked=half"]:
         with pytest.raises(ConfigError):
             parse_difficulty([bad])
 

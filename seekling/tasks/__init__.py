@@ -201,5 +201,10 @@ def parse_difficulty(specs: list[str] | None) -> dict[str, dict[str, Any]]:
                 parsed = int(value)
             except ValueError:
                 raise ConfigError(f"difficulty {spec!r}: expected an integer") from None
+        elif isinstance(defaults[knob], float):
+            try:
+                parsed = float(value)
+            except ValueError:
+                raise ConfigError(f"difficulty {spec!r}: expected a number") from None
         out.setdefault(task, {})[knob] = parsed
     return out

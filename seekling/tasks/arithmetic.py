@@ -23,7 +23,7 @@ from seekling.errors import ConfigError
 from seekling.tasks.base import Problem, Task, make_problem, rand_number
 
 NAME = "arithmetic"
-DEFAULTS = {"digits": 2, "min_digits": 1, "operands": 2, "ops": "+-*"}
+DEFAULTS = {"digits": 2, "min_digits": 1, "operands": 2, "ops": "+-*", "worked": 1.0}
 
 
 def _digits_low_first(n: int) -> list[int]:
@@ -93,13 +93,15 @@ STEP_FUNCTIONS = {"+": add_steps, "-": sub_steps, "*": mul_steps}
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def generate(rng: random.Random, digits: int, min_digits: int, operands: int, ops: str) -> Problem:
+def generate(rng: random.Random, digits: int, min_digits: int, operands: int, ops: str, worked: float) -> Problem:
     if not 1 <= min_digits <= digits:
         raise ConfigError(f"arithmetic: need 1 <= min_digits <= digits, got {min_digits} and {digits}")
     if operands < 2:
         raise ConfigError(f"arithmetic: operands must be at least 2, got {operands}")
     if not ops or set(ops) - set("+-*"):
         raise ConfigError(f"arithmetic: ops must be a non-empty string over '+-*', got {ops!r}")
+    if not 0 <= worked <= 1:
+        raise ConfigError(f"arithmetic: worked must be in [0, 1], got {worked}")
     numbers = [rand_number(rng, min_digits, digits) for _ in range(operands)]
     value, expr, last_op, steps = numbers[0], str(numbers[0]), "", []
     for i, b in enumerate(numbers[1:]):
@@ -116,6 +118,8 @@ def generate(rng: random.Random, digits: int, min_digits: int, operands: int, op
         value, expr, last_op = APPLY[op](value, b), f"{expr}{op}{b}", op
     if operands > 2:
         steps.append(f"{expr}={value}")
+    if worked < 1 and rng.random() >= worked:  # the result alone (no draw at all when every solution is worked)
+        steps = [f"{expr}={value}"]
     return make_problem(NAME, key=expr, prompt=f"What is {expr}?", answer=value,
                         solution=". ".join(steps), meta={"expression": expr})
 

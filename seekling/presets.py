@@ -77,6 +77,7 @@ class SpeedrunPreset:
     grpo_save_every: int = 20
     grpo_max_minutes: float | None = 6.0  # a cap for slow or busy machines (the report notes when it hit)
     grpo_problems: int = 20000
+    grpo_distinct: bool = False  # GRPO's problems drawn as the held-out split is (distinct, so in its mix of sizes)
     # rejection-sampling distillation: a student fine-tuned on verified GRPO samples
     distill_samples: int = 4  # completions per problem; only verified-correct ones are kept
     distill_problems: int = 300
@@ -182,6 +183,10 @@ def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
         try:
             if isinstance(current, tuple):
                 value: Any = tuple(t for t in text.split(",") if t)
+            elif isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
             elif isinstance(current, int):
                 value = int(text)
             elif isinstance(current, float) or (current is None and key != "dtype"):

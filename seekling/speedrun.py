@@ -193,7 +193,8 @@ def stage_data(ctx: Context) -> dict[str, Any]:
     data.mkdir(exist_ok=True)
     rl = _difficulty(p, [p.rl_task]).get(p.rl_task, {})
     n_cold = make_cold_start([p.rl_task], p.sft_examples, data / "cold_start.jsonl", p.seed, _difficulty(p, [p.rl_task]))
-    _write_problems(data / "grpo_problems.jsonl", make_problems(p.rl_task, "train", p.grpo_problems, p.seed, **rl))
+    rl_problems = make_problems(p.rl_task, "train", p.grpo_problems, p.seed, unique=p.grpo_distinct, **rl)
+    _write_problems(data / "grpo_problems.jsonl", rl_problems)
     _write_problems(data / "eval_problems.jsonl", make_problems(p.rl_task, "test", p.eval_n, p.seed, **rl))
     return {"summary": f"{n_cold} cold-start conversations, {p.grpo_problems} GRPO problems, "
                        f"{p.eval_n} held-out {p.rl_task} problems"}

@@ -257,6 +257,9 @@ def test_bad_override_names_the_settable_fields():
     with pytest.raises(ConfigError, match="not a valid int"):
         get_preset("smoke", ["grpo_steps=many"])
     assert get_preset("smoke", ["grpo_steps=7", "pretrain_tasks=linear"]).grpo_steps == 7
+    assert get_preset("smoke", ["grpo_distinct=true"]).grpo_distinct and not get_preset("smoke", ["grpo_distinct=0"]).grpo_distinct
+    with pytest.raises(ConfigError, match="not a valid bool"):
+        get_preset("smoke", ["grpo_distinct=maybe"])
     with pytest.raises(ConfigError, match=r"group_size \(G\) must be >= 2"):
         run_speedrun(get_preset("smoke", ["group_size=1"]), "/nonexistent/never-created")
 

@@ -133,13 +133,14 @@ class SpeedrunPreset:
 
 PRESETS: dict[str, SpeedrunPreset] = {
     # Chosen by measurement (docs/speedrun.md, "Choosing the cpu preset"): pre-training on arithmetic
-    # alone, on more distinct problems and for 2,000 steps (where pass@1 passes 75%), a cold start gentle
-    # enough not to undo it, and the GRPO model as the distillation student.
+    # alone, on more distinct problems, for 1,800 steps at lr 1.4e-3 (75-76% after pre-training), a cold
+    # start gentle enough not to undo it, a short GRPO (it has little to gain on this base: docs/speedrun.md)
+    # and the GRPO model as the distillation student.
     "cpu": SpeedrunPreset(
         name="cpu", about="the main job: about 9 minutes on an idle 2-core CPU (docs/speedrun.md), a ~1M-parameter "
                          "DeepSeek-V3 (MLA, MoE, MTP; the `cpu` model) trained for held-out arithmetic",
-        pretrain_tasks=("arithmetic",), pretrain_examples=30000, pretrain_steps=2000, sft_lr=3e-5, grpo_steps=100,
-        distill_student="grpo", distill_lr=1e-5, eval_n=1000),
+        pretrain_tasks=("arithmetic",), pretrain_examples=30000, pretrain_steps=1800, pretrain_lr=1.4e-3, sft_lr=3e-5,
+        grpo_steps=60, distill_student="grpo", distill_lr=1e-5, eval_n=1000),
     # The R1-Zero signature on the same task: a pre-training corpus in which 30% of the solutions give the
     # result alone, so the base model often answers without working; GRPO learns to show the work, and
     # held-out accuracy and response length rise together (docs/speedrun.md, run w70).

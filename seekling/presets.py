@@ -137,8 +137,9 @@ PRESETS: dict[str, SpeedrunPreset] = {
     # start gentle enough not to undo it, a short GRPO (it has little to gain on this base: docs/speedrun.md)
     # and the GRPO model as the distillation student.
     "cpu": SpeedrunPreset(
-        name="cpu", about="the main job: about 9 minutes on an idle 2-core CPU (docs/speedrun.md), a ~1M-parameter "
-                         "DeepSeek-V3 (MLA, MoE, MTP; the `cpu` model) trained for held-out arithmetic",
+        name="cpu", about="the main job: under 10 minutes on an idle 2-core CPU (9.7 measured, docs/speedrun.md "
+                         "run H), a ~1M-parameter DeepSeek-V3 (MLA, MoE, MTP; the `cpu` model) trained for held-out "
+                         "arithmetic",
         pretrain_tasks=("arithmetic",), pretrain_examples=30000, pretrain_steps=1800, pretrain_lr=1.4e-3, sft_lr=3e-5,
         grpo_steps=60, distill_student="grpo", distill_lr=1e-5, eval_n=1000),
     # The R1-Zero signature on the same task: a pre-training corpus in which 30% of the solutions give the

@@ -86,6 +86,8 @@ class GRPOConfig:
     mtp_weight: float = setting(0.1, "weight of the MTP modules' loss on the sampled completions, the policy's "
                                      "states detached so the policy gradient is unchanged (keeps speculative "
                                      "drafts accurate; 0: MTP modules left as they are)")
+    mtp_samples: int = setting(1, "completions of each group the MTP loss is taken on (a group's samples share "
+                                  "the prompt and mostly the answer; each costs a forward of prompt + completion)")
     # run
     steps: int = setting(100, "GRPO steps")
     seed: int = setting(0, "seed for problems and sampling")
@@ -99,7 +101,7 @@ class GRPOConfig:
             raise ConfigError(f"group_size (G) must be >= 2: a group of {self.group_size} has no relative "
                               "advantage (every reward minus its own mean is 0)")
         for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch_size", "steps", "max_bad_steps",
-                     "log_every"):
+                     "log_every", "mtp_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.refill_rounds < 0:
@@ -451,7 +453,10 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
         sums["entropy"] = entropy_mean
         mtp_params = [p for m in model.mtp for p in m.parameters()] if cfg.mtp_weight > 0 else []
         if mtp_params:  # the MTP modules clipped apart, so they leave the policy's update as it was
-            sums["mtp_loss"] = mtp_backward(model, rollouts.prompt_ids, rollouts.completion_ids, cfg.mtp_weight,
+            G = rollouts.group_size
+            rows = [r for r in range(len(rollouts.completion_ids)) if r % G < cfg.mtp_samples]
+            sums["mtp_loss"] = mtp_backward(model, [rollouts.prompt_ids[r] for r in rows],
+                                            [rollouts.completion_ids[r] for r in rows], cfg.mtp_weight,
                                             cfg.micro_batch_size, pad_id)
             clip_gradients(mtp_params, cfg.grad_clip)
         mtp_ids = {id(p) for p in mtp_params}

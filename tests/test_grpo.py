@@ -225,6 +225,23 @@ def test_the_mtp_loss_trains_the_mtp_modules_and_leaves_the_policy_update_alone(
     assert history[-1]["mtp_loss"] < history[0]["mtp_loss"]
 
 
+def test_the_mtp_loss_reads_mtp_samples_completions_of_each_group(tokenizer, monkeypatch):
+    import seekling.grpo as grpo_module
+
+    rollouts = hand_rollouts(tokenizer, [1.0, 0.0])  # one group of two
+    seen = []
+    real = grpo_module.mtp_backward
+    monkeypatch.setattr(grpo_module, "mtp_backward", lambda model, prompts, completions, *a: (
+        seen.append([list(c) for c in completions]) or real(model, prompts, completions, *a)))
+    for samples in (1, 2):
+        model = tiny(tokenizer)
+        cfg = small_cfg(group_size=2, lr=1e-2, mtp_samples=samples)
+        grpo_step(model, build_optimizer(model, cfg.lr, weight_decay=0.0), rollouts, cfg, tokenizer.pad_id)
+    assert seen == [[list(rollouts.completion_ids[0])], [list(c) for c in rollouts.completion_ids]]
+    with pytest.raises(ConfigError, match="mtp_samples must be >= 1"):
+        small_cfg(mtp_samples=0).validate()
+
+
 def test_train_grpo_end_to_end_with_truncated_completions(tmp_path, tokenizer):
     model = tiny(tokenizer)
     problems = make_problems("arithmetic", "train", 8, 0)

@@ -29,7 +29,8 @@ from seekling.files import write_json_atomic
 
 MIN_SPEEDUP = 1.2  # a doubling of the threads must make the probe at least this much faster to be used
 CACHE_SECONDS = 120.0  # load changes: a decision older than this is measured again
-PROBE_SHAPE = (256, 256, 256)  # tokens x dim @ dim x hidden, the size of the small presets' matmuls
+PROBE_SHAPE = (1024, 256, 256)  # tokens x dim @ dim x hidden: a cpu-preset training matmul (256^3 was too
+# small: on an idle 2-core machine it often showed no gain from a second thread where training gained 1.4x)
 PROBE_SECONDS = 0.03  # per measurement; each thread count is measured ROUNDS times, interleaved
 ROUNDS = 3
 

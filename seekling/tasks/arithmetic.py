@@ -10,7 +10,10 @@ to imitate it: one sentence per column, right to left, then the result.
     What is 47*38?   47*8=376. 47*30=1410. 376+1410=1786. 47*38=1786
 
 With more than two operands the expression is evaluated left to right (parentheses are written where
-precedence would say otherwise) and each binary step is worked in turn.
+precedence would say otherwise) and each binary step is worked in turn. `worked` (default 1) is the
+share of solutions that show these steps; the others give the result alone (`47+38=85`), as text in
+the wild often does: the speedrun's `cpu-mixed` pre-training corpus uses 0.7, and GRPO then learns
+to write the working out.
 
 Try: `python -c "from seekling.tasks import make_problems; print(make_problems('arithmetic', 'train', 3, 0))"`
 """

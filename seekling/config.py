@@ -25,6 +25,20 @@ MODEL_TYPE = "deepseek_v3"
 ROPE_SCALING_TYPES = ("yarn",)
 
 
+def parse_like(example: Any, text: str) -> Any:
+    """`text` as a value of `example`'s type (bool: true/false/1/0; int; float; else the text itself);
+    ValueError when it is not one. How `--set FIELD=VALUE` and task settings read their values."""
+    if isinstance(example, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    if isinstance(example, int):
+        return int(text)
+    if isinstance(example, float):
+        return float(text)
+    return text
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
     """A field of a trainer's settings dataclass with its help text: the one declaration that the
     `seekling` command's flag takes its default and help from (`seekling.commands.add_setting`)."""

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from seekling.config import ModelConfig
+from seekling.config import ModelConfig, parse_like
 from seekling.distill import SampleSettings
 from seekling.errors import ConfigError
 from seekling.evaluate import EvalSettings
@@ -193,16 +193,10 @@ def get_preset(name: str, overrides: list[str] | None = None) -> SpeedrunPreset:
         try:
             if isinstance(current, tuple):
                 value: Any = tuple(t for t in text.split(",") if t)
-            elif isinstance(current, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                value = text.lower() in ("true", "1")
-            elif isinstance(current, int):
-                value = int(text)
-            elif isinstance(current, float) or (current is None and key != "dtype"):
-                value = None if text.lower() == "none" else float(text)
-            else:
-                value = None if text.lower() == "none" else text
+            elif text.lower() == "none" and (current is None or isinstance(current, (float, str))):
+                value = None
+            else:  # a None field other than dtype holds a number (distill_lr, grpo_max_minutes)
+                value = parse_like(0.0 if current is None and key != "dtype" else current, text)
         except ValueError:
             raise ConfigError(f"--set {spec!r}: {text!r} is not a valid {type(current).__name__}") from None
         if isinstance(value, float) and not math.isfinite(value):

@@ -21,6 +21,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from seekling.config import parse_like
 from seekling.errors import ConfigError, check_choice
 from seekling.tasks import arithmetic, countdown, linear, wordproblem
 from seekling.tasks.base import SPLITS, Problem, Task, split_of, stable_hash
@@ -191,20 +192,10 @@ def parse_difficulty(specs: list[str] | None) -> dict[str, dict[str, Any]]:
         defaults = get_task(task).defaults
         if knob not in defaults:
             raise ConfigError(f"difficulty {spec!r}: {task} has no setting {knob!r}; valid: {', '.join(defaults)}")
-        parsed: Any = value
-        if isinstance(defaults[knob], bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ConfigError(f"difficulty {spec!r}: expected true or false")
-            parsed = value.lower() in ("true", "1")
-        elif isinstance(defaults[knob], int):
-            try:
-                parsed = int(value)
-            except ValueError:
-                raise ConfigError(f"difficulty {spec!r}: expected an integer") from None
-        elif isinstance(defaults[knob], float):
-            try:
-                parsed = float(value)
-            except ValueError:
-                raise ConfigError(f"difficulty {spec!r}: expected a number") from None
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(type(defaults[knob]))
+        try:
+            parsed = parse_like(defaults[knob], value)
+        except ValueError:
+            raise ConfigError(f"difficulty {spec!r}: expected {expected}") from None
         out.setdefault(task, {})[knob] = parsed
     return out

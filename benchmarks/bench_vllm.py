@@ -46,6 +46,22 @@ MLA_576 = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, intermedia
                max_position_embeddings=1024)
 
 
+def export_mla_model(path: str, vocab_size: int = MLA_576["vocab_size"]) -> str:
+    """The MLA_576 model with random weights (seed 0), saved in bf16 with `save_pretrained` into `path`."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("cpu", **{**MLA_576, "vocab_size": vocab_size})
+    save_pretrained(Transformer(config).to(torch.bfloat16), path)
+    return path
+
+
+def vllm_cpu_env(threads: int) -> dict[str, str]:
+    """vLLM's CPU settings: 2 GiB of KV cache and OpenMP threads bound to the first `threads` cores,
+    unless the environment already sets them."""
+    return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),  # GiB
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
+                                                        "0" if threads == 1 else f"0-{threads - 1}")}
+
+
 def seekling_rate(model, prompts, new_tokens: int, speculate: bool) -> tuple[float, list[list[int]], dict]:
     stats: dict = {}
     t0 = time.perf_counter()
@@ -65,8 +81,7 @@ def transformers_rate(model, prompts, new_tokens: int) -> float:
 
 def load_vllm(path: str, threads: int, max_batch: int):
     """vLLM's offline engine on the exported checkpoint, or the error text of why it cannot run it."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if threads == 1 else f"0-{threads - 1}")
+    os.environ.update(vllm_cpu_env(threads))
     try:
         from vllm import LLM, SamplingParams as VllmParams
 
@@ -105,9 +120,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.threads} compute thread(s) "
           f"each; torch {torch.__version__}; {args.new_tokens} new tokens, greedy")
 
-    torch.manual_seed(0)
-    path = tempfile.mkdtemp(prefix="bench-vllm-")
-    save_pretrained(Transformer(ModelConfig.from_name("cpu", **MLA_576)).to(torch.bfloat16), path)
+    path = export_mla_model(tempfile.mkdtemp(prefix="bench-vllm-"))
     bf16 = load_pretrained(path).eval()
     fp32 = load_pretrained(path).float().eval()
     print(f"model: MLA 512 + 64, {sum(p.numel() for p in bf16.parameters()) / 1e6:.1f}M parameters, in {path}")

@@ -179,15 +179,16 @@ def test_errors():
         make_problems("wordproblem", "train", 3, templates="poetry")
 
 
-def test_worked_share_mixes_worked_solutions_with_the_result_alone():
+def test_worked_share_mixes_worked_solutions_with_answers_at_once():
     default = make_problems("arithmetic", "train", 200, seed=3)
     assert make_problems("arithmetic", "train", 200, seed=3, worked=1.0) == default  # no extra draw at 1
     terse = make_problems("arithmetic", "train", 200, seed=3, worked=0.0)
-    assert all(p.solution == f"{p.meta['expression']}={p.answer}" for p in terse)
+    assert all(p.solution == "" for p in terse)
+    assert completion_text(terse[0]) == f"<think> </think> <answer> {terse[0].answer} </answer>"
     mixed = make_problems("arithmetic", "train", 2000, seed=3, worked=0.5)
     shown = [p for p in mixed if "write" in p.solution]  # column steps: some two-digit problem shown worked
-    alone = [p for p in mixed if p.solution == f"{p.meta['expression']}={p.answer}"]
-    assert 0.3 < len(shown) / len(mixed) < 0.5 and 0.5 < len(alone) / len(mixed) < 0.7  # 1-digit ones: both
+    alone = [p for p in mixed if p.solution == ""]
+    assert 0.3 < len(shown) / len(mixed) < 0.5 and 0.45 < len(alone) / len(mixed) < 0.55
     assert all(p.answer == str(eval(p.meta["expression"])) for p in mixed)  # the answers never change
     with pytest.raises(ConfigError, match="worked must be in"):
         make_problems("arithmetic", "train", 3, worked=1.5)

@@ -138,8 +138,10 @@ def make_mixture(tasks: list[str], split: str, n_per_task: int, seed: int = 0,
 
 
 def completion_text(problem: Problem) -> str:
-    """The target assistant turn: worked solution in <think>, final answer in <answer>."""
-    return f"{THINK_OPEN} {problem.solution} {THINK_CLOSE} {ANSWER_OPEN} {problem.answer} {ANSWER_CLOSE}"
+    """The target assistant turn: worked solution in <think> (empty for a solution without working),
+    final answer in <answer>."""
+    think = f"{THINK_OPEN} {problem.solution} {THINK_CLOSE}" if problem.solution else f"{THINK_OPEN} {THINK_CLOSE}"
+    return f"{think} {ANSWER_OPEN} {problem.answer} {ANSWER_CLOSE}"
 
 
 def check_template(template: str) -> None:

@@ -11,9 +11,10 @@ to imitate it: one sentence per column, right to left, then the result.
 
 With more than two operands the expression is evaluated left to right (parentheses are written where
 precedence would say otherwise) and each binary step is worked in turn. `worked` (default 1) is the
-share of solutions that show these steps; the others give the result alone (`47+38=85`), as text in
-the wild often does: the speedrun's `cpu-mixed` pre-training corpus uses 0.7, and GRPO then learns
-to write the working out.
+share of solutions that show these steps; the others answer at once, with an empty `<think>`, as
+text in the wild often does. (Not `47+38=85` alone: that is the worked solution's last step, and a
+model trained on both learns to guess it there instead of reading the columns above.) The speedrun's
+`cpu` and `cpu-mixed` pre-training corpora mix the two, and GRPO then learns to write the working out.
 
 Try: `python -c "from seekling.tasks import make_problems; print(make_problems('arithmetic', 'train', 3, 0))"`
 """
@@ -121,8 +122,8 @@ def generate(rng: random.Random, digits: int, min_digits: int, operands: int, op
         value, expr, last_op = APPLY[op](value, b), f"{expr}{op}{b}", op
     if operands > 2:
         steps.append(f"{expr}={value}")
-    if worked < 1 and rng.random() >= worked:  # the result alone (no draw at all when every solution is worked)
-        steps = [f"{expr}={value}"]
+    if worked < 1 and rng.random() >= worked:  # the answer at once (no draw at all when every solution is worked)
+        steps = []
     return make_problem(NAME, key=expr, prompt=f"What is {expr}?", answer=value,
                         solution=". ".join(steps), meta={"expression": expr})
 

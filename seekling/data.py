@@ -34,12 +34,17 @@ import torch
 from seekling.datasets_io import field_name, read_jsonl, read_rows, read_text_file  # noqa: F401 (re-exported)
 from seekling.errors import DataError
 from seekling.tasks import Problem, make_mixture, stable_hash, to_sft_example
-from seekling.tokenizer import Tokenizer
+from seekling.tokenizer import FIXED_TOKENS, ROLE_TOKENS, Tokenizer
 
 INDEX_FILE = "index.json"
 FORMAT = "seekling-tokens-v1"
 IGNORE_INDEX = -100  # target value that torch's cross_entropy skips
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens, 256 MB as uint16
+# what pre-training takes its loss on: every token, or not a chat document's user and system turns
+LOSS_ON = ("all", "responses")
+PROMPT_ROLE_IDS = [FIXED_TOKENS.index(ROLE_TOKENS[r]) for r in ("user", "system")]
+ASSISTANT_ID = FIXED_TOKENS.index(ROLE_TOKENS["assistant"])
+MASK_CHUNK_TOKENS = 1 << 22  # the prompt mask is computed this many tokens at a time
 
 
 # ----------------------------------------------------------------------------- reading source files
@@ -330,8 +335,11 @@ class TokenLoader(_EpochLoader):
     """
 
     def __init__(self, path: str | Path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, split: str = "train", shuffle: bool = True):
+                 world_size: int = 1, split: str = "train", shuffle: bool = True, loss_on: str = "all"):
         super().__init__(batch_size, seq_len, seed, rank, world_size)
+        if loss_on not in LOSS_ON:
+            raise DataError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+        self.loss_on = loss_on
         self.index = load_index(path)
         directory = Path(path) if Path(path).is_dir() else Path(path).parent
         if split not in self.index["splits"]:
@@ -354,12 +362,30 @@ class TokenLoader(_EpochLoader):
             raise DataError(f"{directory} {split}: {self.tokens} tokens, fewer than one global batch needs "
                             f"({self.global_batch} x {seq_len} + 1 = {needed}); use more data or a smaller batch")
         self._cached_order: tuple[int, np.ndarray] | None = None
+        self._in_prompt = self._prompt_mask() if loss_on == "responses" else None
 
     def _num_rows(self, epoch: int) -> int:
         return self.num_windows
 
     def _identity(self) -> dict[str, Any]:
-        return {**super()._identity(), "tokens": self.tokens, "shuffle": self.shuffle}
+        return {**super()._identity(), "tokens": self.tokens, "shuffle": self.shuffle, "loss_on": self.loss_on}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict({"loss_on": "all", **state})  # checkpoints from before loss_on: "all"
+
+    def _prompt_mask(self) -> np.ndarray:
+        """[tokens] bool, one byte per token: True inside a user or system turn of a chat document
+        (after its role token, up to the next role token), where `loss_on="responses"` takes no loss."""
+        mask, state, start = np.zeros(self.tokens, dtype=bool), False, 0
+        for shard in self.shards:
+            for lo in range(0, len(shard), MASK_CHUNK_TOKENS):
+                ids = np.asarray(shard[lo: lo + MASK_CHUNK_TOKENS])
+                role = np.isin(ids, PROMPT_ROLE_IDS) | (ids == ASSISTANT_ID)
+                last = np.maximum.accumulate(np.where(role, np.arange(len(ids)), -1))
+                in_prompt = np.where(last >= 0, np.isin(ids[np.maximum(last, 0)], PROMPT_ROLE_IDS), state)
+                mask[start: start + len(ids)] = in_prompt & ~role
+                state, start = bool(in_prompt[-1]), start + len(ids)
+        return mask
 
     def _read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split, across shard boundaries."""
@@ -382,7 +408,11 @@ class TokenLoader(_EpochLoader):
         T = self.seq_len
         chunk_BT1 = np.stack([self._read(int(w) * T, T + 1) for w in windows]).astype(np.int64)
         chunk_BT1 = torch.from_numpy(chunk_BT1)
-        return chunk_BT1[:, :-1].contiguous(), chunk_BT1[:, 1:].contiguous()
+        targets_BT = chunk_BT1[:, 1:].contiguous()
+        if self._in_prompt is not None:  # targets inside a prompt turn: no loss
+            no_loss_BT = np.stack([self._in_prompt[int(w) * T + 1: int(w) * T + T + 1] for w in windows])
+            targets_BT.masked_fill_(torch.from_numpy(no_loss_BT), IGNORE_INDEX)
+        return chunk_BT1[:, :-1].contiguous(), targets_BT
 
 
 class SFTLoader(_EpochLoader):

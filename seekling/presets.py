@@ -59,6 +59,7 @@ class SpeedrunPreset:
     seq_len: int = 128
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 40
+    pretrain_loss_on: str = "all"  # or "responses": no loss on the problems' text (their numbers are random)
     pretrain_checkpoints: int = 8  # saved over the run: resume points and the expert-load heatmap
     # cold-start SFT on R1-format worked solutions of the RL task
     sft_examples: int = 2000
@@ -103,7 +104,7 @@ class SpeedrunPreset:
         return PretrainArgs(
             data=data, out=out, tokenizer=tokenizer, preset=self.model, vocab_size=vocab_size, resume=True,
             steps=steps, batch_size=self.pretrain_batch_size, seq_len=self.seq_len, lr=self.pretrain_lr,
-            warmup=self.pretrain_warmup, eval_every=max(1, steps // 10), eval_batches=4,
+            warmup=self.pretrain_warmup, loss_on=self.pretrain_loss_on, eval_every=max(1, steps // 10), eval_batches=4,
             save_every=max(1, steps // self.pretrain_checkpoints), keep_last=0, log_every=max(1, steps // 4),
             seed=self.seed, device=device, dtype=self.dtype, distributed=self.distributed, quiet=quiet)
 

@@ -32,7 +32,7 @@ import torch
 from seekling.checkpoint import from_hf_state_dict, read_safetensors
 from seekling.config import ModelConfig, count_parameters, setting
 from seekling.cost import format_seconds
-from seekling.data import TokenLoader, check_tokenizer, load_index
+from seekling.data import LOSS_ON, TokenLoader, check_tokenizer, load_index
 from seekling.errors import ConfigError, DataError, SeeklingError
 from seekling.files import write_json_atomic
 from seekling.flops import flops_per_token
@@ -79,6 +79,8 @@ class PretrainArgs:
                                        "embeddings")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas (DeepSeek-V3: 0.9,0.95)")
     grad_clip: float = setting(1.0, "max gradient norm, 0 = off (DeepSeek-V3: 1.0)")
+    loss_on: str = setting("all", "tokens the loss is taken on: all, or responses (chat documents: not the "
+                                  "user and system turns, e.g. a problem's random numbers, which no model can predict)")
     # DeepSeek-V3 losses and balancing
     mtp_lambda: float = setting(0.3, "weight of the multi-token-prediction loss (DeepSeek-V3: 0.3, then 0.1 late)")
     balance_alpha: float = setting(1e-4, "weight of the sequence-wise balance loss (DeepSeek-V3: 1e-4)")
@@ -118,6 +120,8 @@ class PretrainArgs:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"--distributed must be ddp or fsdp, got {self.distributed!r}")
+        if self.loss_on not in LOSS_ON:
+            raise ConfigError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
         check_schedule(self.schedule, self.lr, self.warmup, self.steps, self.min_lr_ratio, self.decay_fraction)
 
     def to_json(self) -> dict[str, Any]:
@@ -174,7 +178,7 @@ def val_loader_or_none(a: PretrainArgs, info: DistInfo, say) -> TokenLoader | No
         return None
     try:
         return TokenLoader(a.data, a.batch_size, a.seq_len, seed=a.seed, rank=info.rank,
-                           world_size=info.world_size, split="val", shuffle=False)
+                           world_size=info.world_size, split="val", shuffle=False, loss_on=a.loss_on)
     except DataError as e:
         say(f"note: validation is off ({e})")
         return None
@@ -234,7 +238,7 @@ def _pretrain(a: PretrainArgs, info: DistInfo) -> dict[str, Any]:
         raise ConfigError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
     train_loader = TokenLoader(a.data, a.batch_size, a.seq_len, seed=a.seed, rank=info.rank,
-                               world_size=info.world_size, split="train")
+                               world_size=info.world_size, split="train", loss_on=a.loss_on)
     val_loader = val_loader_or_none(a, info, say)
 
     # 2. The model: fresh (seeded), from HF weights, or the checkpoint's; then parallelism and optimiser.

@@ -135,6 +135,38 @@ def test_shards_are_read_across_boundaries(tok, task_data, tmp_path):
     assert x[0].tolist() == stream(tmp_path, "val")[:16].tolist()  # unshuffled: in order
 
 
+def test_loss_on_responses_takes_no_loss_inside_prompt_turns(tok, task_data, tmp_path, monkeypatch):
+    """loss_on="responses": exactly the targets inside a user turn (after <|user|>, up to <|assistant|>)
+    are -100, checked against a token-by-token reading of the stream, also where a shard boundary and
+    a chunk of the mask computation fall inside a turn; inputs and every other target are unchanged."""
+    import seekling.data as data
+
+    monkeypatch.setattr(data, "MASK_CHUNK_TOKENS", 7)
+    build_token_shards(tmp_path, tok, tasks=TASKS, num_examples=200, val_fraction=0.1, shard_tokens=1000)
+    user, assistant = tok.token_to_id("<|user|>"), tok.token_to_id("<|assistant|>")
+    inside, expected = False, []
+    for t in stream(tmp_path).tolist():
+        inside = {user: True, assistant: False}.get(t, inside)
+        expected.append(inside and t not in (user, assistant))
+    plain = TokenLoader(tmp_path, 4, 50, seed=1, shuffle=False)
+    masked = TokenLoader(tmp_path, 4, 50, seed=1, shuffle=False, loss_on="responses")
+    for batch in range(5):
+        (x, y), (mx, my) = next(plain), next(masked)
+        assert torch.equal(x, mx)
+        for row in range(4):
+            start = (batch * 4 + row) * 50 + 1  # the targets' positions in the stream
+            no_loss = np.array(expected[start: start + 50])
+            assert (my[row] == IGNORE_INDEX).tolist() == no_loss.tolist()
+            assert my[row][~torch.from_numpy(no_loss)].tolist() == y[row][~torch.from_numpy(no_loss)].tolist()
+    assert 0.1 < np.mean(expected) < 0.5  # some, not most, tokens are the problems' text
+    state = TokenLoader(tmp_path, 4, 50, seed=1, loss_on="responses").state_dict()
+    with pytest.raises(DataError, match="loss_on"):  # a resume checks the setting
+        TokenLoader(tmp_path, 4, 50, seed=1).load_state_dict(state)
+    TokenLoader(tmp_path, 4, 50, seed=1).load_state_dict({k: v for k, v in state.items() if k != "loss_on"})
+    with pytest.raises(DataError, match="loss_on must be one of"):
+        TokenLoader(tmp_path, 4, 50, loss_on="prompts")
+
+
 def test_text_and_jsonl_sources(tok, tmp_path):
     book = "".join(f"Line {i} of the book, with a fox.\n" for i in range(200))
     (tmp_path / "book.txt").write_text(book)

@@ -61,7 +61,7 @@ def test_spec_examples_exactly():
     assert ". ".join(add_steps(47, 38)) == "7+8=15, write 5 carry 1. 4+3+1=8. 47+38=85"
     assert ". ".join(sub_steps(83, 47)) == "13-7=6, write 6 borrow 1. 8-1-4=3. 83-47=36"
     assert ". ".join(sub_steps(100, 99)) == "10-9=1, write 1 borrow 1. 10-1-9=0, write 0 borrow 1. 1-1-0=0. 100-99=1"
-    assert ". ".join(mul_steps(8, 47)) == "7*8=56, write 6 carry 5. 4*8+5=37. 8*47=376"
+    assert ". ".join(mul_steps(8, 47)) == "7*8=56, write 6 carry 5. 4*8=32, 32+5=37. 8*47=376"
     assert ". ".join(mul_steps(47, 38)) == "47*8=376. 47*30=1410. 376+1410=1786. 47*38=1786"
     assert ". ".join(add_steps(3, 4)) == "3+4=7"  # one column: nothing to carry, just the sum
 

@@ -19,6 +19,7 @@ import argparse
 from seekling.commands import add_setting, add_threads, device_name, finite_float
 from seekling.config import PRESETS
 from seekling.files import check_writable
+from seekling.data import LOSS_ON
 from seekling.pretrain import DISTRIBUTED, DTYPES, PretrainArgs, pretrain
 from seekling.threads import choose_threads
 from seekling.train_state import recorded_threads
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(opt, "decay_fraction", "weight_decay")
     add(opt, "betas", type=_betas)
     add(opt, "grad_clip")
+    add(opt, "loss_on", choices=LOSS_ON)
     moe = parser.add_argument_group("DeepSeek-V3 losses and balancing")
     add(moe, "mtp_lambda", "balance_alpha", "bias_gamma")
     run = parser.add_argument_group("evaluation, checkpoints, logging")

@@ -5,8 +5,8 @@ to imitate it: one sentence per column, right to left, then the result.
 
     What is 47+38?   7+8=15, write 5 carry 1. 4+3+1=8. 47+38=85
     What is 83-47?   13-7=6, write 6 borrow 1. 8-1-4=3. 83-47=36
-    What is 47*8?    7*8=56, write 6 carry 5. 4*8+5=37. 47*8=376
-    What is 8*47?    7*8=56, write 6 carry 5. 4*8+5=37. 8*47=376       (longer number on top)
+    What is 47*8?    7*8=56, write 6 carry 5. 4*8=32, 32+5=37. 47*8=376
+    What is 8*47?    7*8=56, write 6 carry 5. 4*8=32, 32+5=37. 8*47=376       (longer number on top)
     What is 47*38?   47*8=376. 47*30=1410. 376+1410=1786. 47*38=1786
 
 With more than two operands the expression is evaluated left to right (parentheses are written where
@@ -85,8 +85,11 @@ def mul_steps(a: int, b: int) -> list[str]:
     digits = _digits_low_first(top)
     steps, carry = [], 0
     for i in range(len(digits) if len(digits) > 1 else 0):
-        product = digits[i] * multiplier + carry
-        terms = f"{digits[i]}*{multiplier}" + (f"+{carry}" if carry else "")
+        fact = digits[i] * multiplier
+        product = fact + carry
+        # the table fact first, then the carry added to it: "4*8=32, 32+5=37", two lookups a small model
+        # learns, where "4*8+5=37" in one step was where nearly all of its 1-digit x 2-digit errors were
+        terms = f"{digits[i]}*{multiplier}" + (f"={fact}, {fact}+{carry}" if carry else "")
         carried = f" carry {product // 10}" if product >= 10 else ""
         steps.append(_column(terms, product, i == len(digits) - 1, f"{product % 10}{carried}"))
         carry = product // 10

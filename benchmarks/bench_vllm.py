@@ -88,7 +88,7 @@ def load_vllm(path: str, threads: int, max_batch: int):
         llm = LLM(model=path, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=512,
                   max_num_seqs=max_batch, enforce_eager=False)
         return llm, VllmParams
-    except Exception:  # noqa: BLE001: any failure of an optional engine is reported, not raised
+    except Exception:  # noqa: BLE001 -- any failure of an optional engine is reported, not raised
         return None, traceback.format_exc(limit=3)
 
 

@@ -134,23 +134,17 @@ class SpeedrunPreset:
 
 PRESETS: dict[str, SpeedrunPreset] = {
     # Chosen by measurement (docs/speedrun.md, "Choosing the cpu preset"): pre-training on arithmetic
-    # alone, on more distinct problems, for 1,800 steps at lr 1.4e-3 (75-76% after pre-training), a cold
-    # start gentle enough not to undo it, a short GRPO (it has little to gain on this base: docs/speedrun.md)
-    # and the GRPO model as the distillation student.
+    # alone, 30,000 distinct problems, half of the solutions worked and half answering at once (as text in
+    # the wild mixes them), no loss on the problems' random digits, 1,800 steps at lr 1.4e-3; a gentle cold
+    # start; GRPO, which learns to write the working out (the R1-Zero signature: accuracy and response
+    # length rising together); and the GRPO model as the distillation student.
     "cpu": SpeedrunPreset(
-        name="cpu", about="the main job: under 10 minutes on an idle 2-core CPU (9.7 measured, docs/speedrun.md "
-                         "run H), a ~1M-parameter DeepSeek-V3 (MLA, MoE, MTP; the `cpu` model) trained for held-out "
-                         "arithmetic",
-        pretrain_tasks=("arithmetic",), pretrain_examples=30000, pretrain_steps=1800, pretrain_lr=1.4e-3, sft_lr=3e-5,
-        grpo_steps=60, distill_student="grpo", distill_lr=1e-5, eval_n=1000),
-    # The R1-Zero signature on the same task: a pre-training corpus in which 30% of the solutions give the
-    # result alone, so the base model often answers without working; GRPO learns to show the work, and
-    # held-out accuracy and response length rise together (docs/speedrun.md, run w70).
-    "cpu-mixed": SpeedrunPreset(
-        name="cpu-mixed", about="the cpu job on a corpus where 30% of solutions skip the working: GRPO learns to "
-                                "write it out (+18 points, length rising with accuracy); a weaker base than cpu's",
-        pretrain_tasks=("arithmetic",), pretrain_difficulty=("arithmetic.worked=0.7",), pretrain_examples=30000,
-        pretrain_steps=1500, sft_lr=3e-5, grpo_steps=100, distill_student="grpo", distill_lr=1e-5, eval_n=1000),
+        name="cpu", about="the main job: under 10 minutes on an idle 2-core CPU (docs/speedrun.md), a ~1M-parameter "
+                         "DeepSeek-V3 (MLA, MoE, MTP; the `cpu` model) trained for held-out arithmetic; GRPO learns "
+                         "to show its work",
+        pretrain_tasks=("arithmetic",), pretrain_difficulty=("arithmetic.worked=0.5",), pretrain_examples=30000,
+        pretrain_steps=1800, pretrain_lr=1.4e-3, pretrain_loss_on="responses", sft_lr=3e-5, grpo_steps=60,
+        distill_student="grpo", distill_lr=1e-5, eval_n=1000),
     "smoke": SpeedrunPreset(
         name="smoke", about="every stage at toy size in under 2 minutes (the end-to-end test)",
         model="tiny", tokenizer_examples=300, vocab_size=400, pretrain_examples=300, pretrain_steps=24,

@@ -94,7 +94,7 @@ def test_every_flag_states_its_default_once_and_required_ones_none(name):
 
 def test_the_cases_named_in_the_first_hour_report():
     text = lambda name: " ".join(command_parser(name)[1].format_help().split())  # noqa: E731
-    assert "--preset PRESET stage settings: cpu, cpu-mixed, smoke, gpu, gpu-node (see --list) (default: cpu)" in text("speedrun")
+    assert "--preset PRESET stage settings: cpu, smoke, gpu, gpu-node (see --list) (default: cpu)" in text("speedrun")
     assert "model size to build (default: tiny)" in text("demo")
     _, parser = command_parser("tokenizer")
     train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]

@@ -5,12 +5,12 @@ distillation, a held-out evaluation after each model stage, then
 RUN_DIR/report.md and a self-contained RUN_DIR/report.html (results, cost per stage, plots).
 Interrupted (Ctrl-C, kill), the same command resumes from the last finished stage and that stage's
 last checkpoint. Presets (`--list` prints what each is and how long it runs): cpu (the default, the
-main job), cpu-mixed (GRPO learning to show its work), smoke, gpu, gpu-node. Examples:
+main job), smoke, gpu, gpu-node. Examples:
 
     seekling speedrun                                   # preset cpu into runs/speedrun-cpu
     seekling speedrun --preset smoke --out /tmp/smoke
     seekling speedrun --preset cpu --set grpo_steps=80 --out runs/longer-grpo
-    seekling speedrun --preset cpu-mixed                # accuracy and response length rising together in GRPO
+    seekling speedrun --set pretrain_difficulty=arithmetic.worked=1 --out runs/worked   # every solution worked
     seekling speedrun --preset gpu                      # one GPU
     torchrun --nproc_per_node=8 -m seekling.cli speedrun --preset gpu-node   # pre-training on 8 GPUs
     seekling speedrun --list                            # the presets and their settings

@@ -14,7 +14,7 @@ precedence would say otherwise) and each binary step is worked in turn. `worked`
 share of solutions that show these steps; the others answer at once, with an empty `<think>`, as
 text in the wild often does. (Not `47+38=85` alone: that is the worked solution's last step, and a
 model trained on both learns to guess it there instead of reading the columns above.) The speedrun's
-`cpu` and `cpu-mixed` pre-training corpora mix the two, and GRPO then learns to write the working out.
+`cpu` pre-training corpus mixes the two half and half, and GRPO then learns to write the working out.
 
 Try: `python -c "from seekling.tasks import make_problems; print(make_problems('arithmetic', 'train', 3, 0))"`
 """

@@ -35,7 +35,7 @@ from seekling.flops import flops_per_token  # noqa: E402
 from seekling.generate import SamplingParams, generate  # noqa: E402
 from seekling.gguf_export import export_gguf  # noqa: E402
 from seekling.model import Transformer  # noqa: E402
-from seekling.tasks import make_problems  # noqa: E402
+from seekling.tasks import make_problems, to_chat  # noqa: E402
 from seekling.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -88,6 +88,16 @@ def sample_rate(model, prompts, new_tokens: int, is_hf: bool, speculate: bool = 
                         speculate=speculate, stats=stats)
         produced = sum(len(o.token_ids) for o in outs)
     return produced / (time.perf_counter() - t0)
+
+
+def task_prompts(checkpoint: str, task: str) -> list[list[int]]:
+    """Held-out problems of `task` as the checkpoint's tokenizer renders them for generation, those of
+    the most common length only (one batch needs no padding): what a speedrun's model was trained on,
+    so that its MTP drafts are measured where they are used."""
+    tokenizer = Tokenizer.load(checkpoint)
+    ids = [tokenizer.render_prompt(to_chat(p)) for p in make_problems(task, "test", 1000, seed=0)]
+    common = max(set(map(len, ids)), key=[len(x) for x in ids].count)
+    return [x for x in ids if len(x) == common]
 
 
 def acceptance(stats: dict) -> str:
@@ -158,6 +168,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens to sample per sequence")
     ap.add_argument("--sample-batches", default="1,8,64", help="comma-separated sampling batch sizes")
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt length for sampling")
+    ap.add_argument("--task-prompts", metavar="TASK", help="with --checkpoint: sample from held-out problems of this "
+                    "task (e.g. arithmetic) instead of random tokens; keep --new-tokens under the answers' length "
+                    "(about 40 for a speedrun's arithmetic), since a finished row stops")
     ap.add_argument("--quick", action="store_true", help="fewer steps and smaller batches (smoke run)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--checkpoint", default=None,
@@ -167,6 +180,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also measure seekling training under torch.compile (compile time excluded, reported apart)")
     args = ap.parse_args()
+    if args.task_prompts and not args.checkpoint:
+        ap.error("--task-prompts needs --checkpoint (a model trained on the task, with its tokenizer)")
     if args.quick:
         args.steps, args.sample_batches, args.new_tokens = 2, "1,8", 32
     torch.set_num_threads(args.threads)
@@ -189,7 +204,8 @@ def main() -> None:
     hf = load_transformers(tmp)
     peak = cpu_peak(args.threads)
     fpt = flops_per_token(cfg, args.seq_len, training=True, include_mtp=False)["total"]
-    print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters, "
+    name = args.checkpoint or f"preset {args.preset}"
+    print(f"{name}: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters, "
           f"{args.threads} threads, CPU peak fp32 {peak['fp32'] / 1e9:.0f} / bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, "
           f"{fpt / 1e6:.1f} MFLOP per training token")
 
@@ -221,8 +237,14 @@ def main() -> None:
     print(f"  (weights stream through a matrix-vector product at {bandwidth / 1e9:.1f} GB/s here: a decode step "
           "cannot beat batch * bandwidth / weight bytes read, the bandwidth ceiling below)")
     ours_batch1 = None
+    pool = task_prompts(args.checkpoint, args.task_prompts) if args.task_prompts else None
+    if pool:
+        print(f"  prompts: {len(pool)} held-out {args.task_prompts} problems of {len(pool[0])} tokens, chat-rendered")
     for bs in [int(s) for s in args.sample_batches.split(",")]:
-        prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
+        if pool:
+            prompts = [pool[i % len(pool)] for i in range(bs)]
+        else:
+            prompts = torch.randint(0, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
         sample_rate(ours, prompts, 4, False)  # warm-up
         sample_rate(drafting, prompts, 4, False, speculate=True)
         b = sample_rate(hf, prompts, args.new_tokens, True)

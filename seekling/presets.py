@@ -48,7 +48,7 @@ class SpeedrunPreset:
     rl_task: str = "arithmetic"
     difficulty: tuple[str, ...] = ()  # e.g. ("arithmetic.digits=3",): TASK.SETTING=VALUE
     # settings of the pre-training corpus alone, over `difficulty`: e.g. ("arithmetic.worked=0.5",), half the
-    # solutions with their working shown and half with the result alone, as text found in the wild mixes them
+    # solutions with their working shown and half answering at once, as text found in the wild mixes them
     pretrain_difficulty: tuple[str, ...] = ()
     tokenizer_examples: int = 3000  # problems per task the tokenizer learns from
     vocab_size: int = 1024  # at most: BPE stops earlier when the task text has no more pairs worth merging

@@ -18,8 +18,8 @@ import argparse
 
 from seekling.commands import add_setting, add_threads, device_name, finite_float
 from seekling.config import PRESETS
-from seekling.files import check_writable
 from seekling.data import LOSS_ON
+from seekling.files import check_writable
 from seekling.pretrain import DISTRIBUTED, DTYPES, PretrainArgs, pretrain
 from seekling.threads import choose_threads
 from seekling.train_state import recorded_threads

@@ -27,7 +27,9 @@ from seekling.cost import cache_dir
 from seekling.errors import ConfigError
 from seekling.files import write_json_atomic
 
-MIN_SPEEDUP = 1.2  # a doubling of the threads must make the probe at least this much faster to be used
+MIN_SPEEDUP = 1.05  # a doubling of the threads must make the probe at least this much faster to be used: a
+# busy core makes 2 threads slower than 1 (down to 9x), while on the idle 2-core machine fresh probes gave
+# 1.07-2.0x and pre-training ran 1.15-1.25x faster with 2 threads (at 1.2 a run chose 1 and missed 10 min)
 CACHE_SECONDS = 120.0  # load changes: a decision older than this is measured again
 PROBE_SHAPE = (1024, 256, 256)  # tokens x dim @ dim x hidden: a cpu-preset training matmul (256^3 was too
 # small: on an idle 2-core machine it often showed no gain from a second thread where training gained 1.4x)
@@ -72,13 +74,15 @@ def decide_threads(seconds_by_threads: dict[int, float], min_speedup: float = MI
 
 def probe(counts: list[int], seconds: float = PROBE_SECONDS, rounds: int = ROUNDS) -> dict[int, float]:
     """Median seconds per model-sized matmul at each thread count, the counts measured in turn `rounds`
-    times so that a burst of load elsewhere does not fall on one count alone."""
+    times so that a burst of load elsewhere does not fall on one count alone, after one warm-up round
+    that is not counted (in a fresh process the first round found 2 threads 1.1x faster where the
+    next ones found 1.4-1.9x: the thread pool and the caches are cold)."""
     previous = torch.get_num_threads()
     m, k, n = PROBE_SHAPE
     a, b = torch.ones(m, k), torch.ones(k, n)  # a probe must not move the global RNG
     runs: dict[int, list[float]] = {c: [] for c in counts}
     try:
-        for _ in range(rounds):
+        for round_ in range(rounds + 1):
             for c in counts:
                 torch.set_num_threads(c)
                 torch.mm(a, b)  # wake the thread pool at this size
@@ -86,7 +90,8 @@ def probe(counts: list[int], seconds: float = PROBE_SECONDS, rounds: int = ROUND
                 while (elapsed := time.perf_counter() - start) < seconds:
                     torch.mm(a, b)
                     calls += 1
-                runs[c].append(elapsed / max(calls, 1))
+                if round_ > 0:
+                    runs[c].append(elapsed / max(calls, 1))
     finally:
         torch.set_num_threads(previous)
     return {c: sorted(v)[len(v) // 2] for c, v in runs.items()}

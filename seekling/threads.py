@@ -4,7 +4,7 @@ torch's default (one thread per core) is right on an idle machine and badly wron
 its threads wait for each other at every operation, so one thread held up by another program stalls
 them all (measured on a 2-core machine: `seekling grpo` took 78 s for 5 steps with 2 threads and
 7.4 s with 1). No core count or load average says which case one is in, so `choose_threads` times a
-short loop of model-sized matmuls at 1, 2, 4, ... threads (alternating, about 0.2 s in all), keeps
+short loop of model-sized matmuls at 1, 2, 4, ... threads (alternating, about 0.5 s in all), keeps
 the smallest count that each doubling speeds up by at least `MIN_SPEEDUP`, sets it, logs it and
 returns it as a plain int. The decision is cached for `CACHE_SECONDS` (<cache_dir()>/threads.json),
 so commands started one after another do not probe each time. `--threads N` (`requested`) skips the
@@ -34,7 +34,8 @@ CACHE_SECONDS = 120.0  # load changes: a decision older than this is measured ag
 PROBE_SHAPE = (1024, 256, 256)  # tokens x dim @ dim x hidden: a cpu-preset training matmul (256^3 was too
 # small: on an idle 2-core machine it often showed no gain from a second thread where training gained 1.4x)
 PROBE_SECONDS = 0.03  # per measurement; each thread count is measured ROUNDS times, interleaved
-ROUNDS = 3
+ROUNDS = 5
+WARMUP_SECONDS = 0.15  # matmuls at the largest count first, not measured
 
 
 def available_cores() -> int:
@@ -74,15 +75,19 @@ def decide_threads(seconds_by_threads: dict[int, float], min_speedup: float = MI
 
 def probe(counts: list[int], seconds: float = PROBE_SECONDS, rounds: int = ROUNDS) -> dict[int, float]:
     """Median seconds per model-sized matmul at each thread count, the counts measured in turn `rounds`
-    times so that a burst of load elsewhere does not fall on one count alone, after one warm-up round
-    that is not counted (in a fresh process the first round found 2 threads 1.1x faster where the
-    next ones found 1.4-1.9x: the thread pool and the caches are cold)."""
+    times so that a burst of load elsewhere does not fall on one count alone, after `WARMUP_SECONDS` at
+    the largest count (in a fresh process without it, 2 of 5 probes found 2 threads ~1.07x faster
+    where the rest, and training, found 1.4-2x: the new thread pool takes a while to spread out)."""
     previous = torch.get_num_threads()
     m, k, n = PROBE_SHAPE
     a, b = torch.ones(m, k), torch.ones(k, n)  # a probe must not move the global RNG
     runs: dict[int, list[float]] = {c: [] for c in counts}
     try:
-        for round_ in range(rounds + 1):
+        torch.set_num_threads(max(counts))
+        start = time.perf_counter()
+        while time.perf_counter() - start < WARMUP_SECONDS:
+            torch.mm(a, b)
+        for _ in range(rounds):
             for c in counts:
                 torch.set_num_threads(c)
                 torch.mm(a, b)  # wake the thread pool at this size
@@ -90,8 +95,7 @@ def probe(counts: list[int], seconds: float = PROBE_SECONDS, rounds: int = ROUND
                 while (elapsed := time.perf_counter() - start) < seconds:
                     torch.mm(a, b)
                     calls += 1
-                if round_ > 0:
-                    runs[c].append(elapsed / max(calls, 1))
+                runs[c].append(elapsed / max(calls, 1))
     finally:
         torch.set_num_threads(previous)
     return {c: sorted(v)[len(v) // 2] for c, v in runs.items()}

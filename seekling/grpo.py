@@ -453,7 +453,6 @@ def grpo_step(model, optimizer, rollouts: Rollouts, cfg: GRPOConfig, pad_id: int
         sums["entropy"] = entropy_mean
         mtp_params = [p for m in model.mtp for p in m.parameters()] if cfg.mtp_weight > 0 else []
         if mtp_params:  # the MTP modules clipped apart, so they leave the policy's update as it was
-            G = rollouts.group_size
             rows = [r for r in range(len(rollouts.completion_ids)) if r % G < cfg.mtp_samples]
             sums["mtp_loss"] = mtp_backward(model, [rollouts.prompt_ids[r] for r in rows],
                                             [rollouts.completion_ids[r] for r in rows], cfg.mtp_weight,

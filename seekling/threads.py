@@ -29,7 +29,7 @@ from seekling.files import write_json_atomic
 
 MIN_SPEEDUP = 1.05  # a doubling of the threads must make the probe at least this much faster to be used: a
 # busy core makes 2 threads slower than 1 (down to 9x), while on the idle 2-core machine fresh probes gave
-# 1.07-2.0x and pre-training ran 1.15-1.25x faster with 2 threads (at 1.2 a run chose 1 and missed 10 min)
+# 1.07-2.0x and pre-training ran 1.15-1.6x faster with 2 threads (at 1.2 a run chose 1 and missed 10 min)
 CACHE_SECONDS = 120.0  # load changes: a decision older than this is measured again
 PROBE_SHAPE = (1024, 256, 256)  # tokens x dim @ dim x hidden: a cpu-preset training matmul (256^3 was too
 # small: on an idle 2-core machine it often showed no gain from a second thread where training gained 1.4x)

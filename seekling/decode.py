@@ -34,6 +34,19 @@ import torch.nn.functional as F
 
 from seekling.model import MLA, LatentCache, Transformer, causal_bias
 
+DENSE_EXPERTS_BYTES = 2 << 20  # routed experts of a layer this small (fp32 bytes) run densely...
+DENSE_EXPERTS_TOKENS = 32  # ... at up to this many tokens per step
+
+
+def dense_experts(config) -> bool:
+    """Whether the decode step runs a MoE layer's routed experts densely: every expert on every token, in the
+    same two matmuls as the shared experts, each expert's output weighted by its routing weight (0 where not
+    chosen). Small experts at a small batch: one matmul over all of them costs less than a kernel or two per
+    busy expert (measured on a 2-core CPU: the `cpu` preset's 8 x 1.2 MB, 1.3-4x faster at 1-32 tokens);
+    larger ones (`cpu-large`'s 16 x 6.3 MB) would read many idle experts' weights."""
+    E, D, F_ = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    return 0 < E * 3 * D * F_ * 4 <= DENSE_EXPERTS_BYTES
+
 
 @dataclass
 class _Attention:
@@ -58,6 +71,7 @@ class _FeedForward:
     moe: bool = True
     n_gate_rows: int = 0  # gate logits at the front of w_in's output
     gate_w: torch.Tensor | None = None  # a separate fp32 gate (models not in fp32)
+    dense: bool = False  # w_in / w_down_t also hold every routed expert (`dense_experts`)
 
 
 @dataclass
@@ -175,16 +189,23 @@ class DecodeEngine:
             return _FeedForward(w_in.to(like.dtype), eps, norm.to(like.dtype), mlp.down_proj.weight.t().contiguous(),
                                 mlp.gate_proj.out_features, moe=False)
         moe = layer.mlp
-        rows, inter, w_down_t = [], 0, None
+        rows, downs, inter = [], [], 0
         if moe.shared_experts is not None:
             s = moe.shared_experts
             rows = [s.gate_proj.weight.float() * norm, s.up_proj.weight.float() * norm]
-            inter, w_down_t = s.gate_proj.out_features, s.down_proj.weight.t().contiguous()
+            inter, downs = s.gate_proj.out_features, [s.down_proj.weight.t()]
+        dense = dense_experts(self.config)
+        if dense:  # every routed expert's gate/up rows after the shared ones, their down projections below its
+            ex = moe.experts
+            rows.append(ex.gate_up_proj.detach().float().reshape(-1, D) * norm)  # [E * 2F, D]: expert-major
+            downs.append(ex.down_proj.detach().transpose(1, 2).reshape(-1, D))  # [E * F, D]
+        w_down_t = torch.cat(downs).contiguous().to(like.dtype) if downs else None
         gate_w = moe.gate.weight.detach().float() * norm
         if like.dtype == torch.float32:  # the gate's logits come out of the same matmul, in fp32
-            return _FeedForward(torch.cat([gate_w] + rows), eps, norm, w_down_t, inter, n_gate_rows=gate_w.shape[0])
+            return _FeedForward(torch.cat([gate_w] + rows), eps, norm, w_down_t, inter, n_gate_rows=gate_w.shape[0],
+                                dense=dense)
         w_in = torch.cat(rows).to(like.dtype) if rows else None
-        return _FeedForward(w_in, eps, norm.to(like.dtype), w_down_t, inter, gate_w=gate_w)
+        return _FeedForward(w_in, eps, norm.to(like.dtype), w_down_t, inter, gate_w=gate_w, dense=dense)
 
     # -------------------------------------------------------------------------------- the step
     @staticmethod
@@ -287,8 +308,8 @@ class DecodeEngine:
     @staticmethod
     def _few_experts(x_TD, weights_TK, topk_idx_TK, experts, out_TD):
         """out += the routed experts, for at most E (token, expert) pairs (batch 1-few decoding): each pair's
-        expert weights gathered and applied in two batched products, with no sort and no per-expert loop
-        (a dozen kernels instead of ~30; it copies no more weight bytes than the E experts hold)."""
+        expert weights gathered and applied in two batched products, with no sort, no per-expert loop and no
+        read of the routing on the host (a dozen kernels; an accelerator's path: it never waits for the device)."""
         T, K = topk_idx_TK.shape
         idx_N = topk_idx_TK.reshape(-1)
         x_N1D = x_TD.repeat_interleave(K, dim=0)[:, None]
@@ -297,22 +318,52 @@ class DecodeEngine:
         y_TD = (y_ND * weights_TK.reshape(-1, 1).to(y_ND.dtype)).view(T, K, -1).sum(1)
         return out_TD.add_(y_TD)
 
+    @staticmethod
+    def _busy_experts(x_1D, weights_1K, topk_idx_1K, experts, out_1D):
+        """out += the routed experts of one token on a CPU: its K experts' own weights, read in place (the
+        routing read on the host, free there). Gathering them first (`_few_experts`) copies their matrices,
+        which on a CPU costs more than the products."""
+        gate_up, down, F_ = experts.gate_up_proj, experts.down_proj, experts.inter_dim
+        w_1K = weights_1K.to(x_1D.dtype)
+        for k, e in enumerate(topk_idx_1K[0].tolist()):
+            h = F.linear(x_1D, gate_up[e])
+            h = F.silu(h[:, :F_]).mul_(h[:, F_:]).mul_(w_1K[:, k : k + 1])
+            out_1D.addmm_(h, down[e].t())
+        return out_1D
+
     def _feed_forward(self, x, f: _FeedForward, mlp):
         if not f.moe:  # dense SwiGLU
             h, _ = self._normed_matmul(x, f.w_in, f.eps)
             return torch.addmm(x, F.silu(h[:, : f.inter]) * h[:, f.inter:], f.w_down_t)
+        T = x.shape[0]
+        dense = f.dense and T <= DENSE_EXPERTS_TOKENS
+        front = f.n_gate_rows + 2 * f.inter  # router logits and shared experts; the routed experts after them
         if f.gate_w is None:
-            h, denom = self._normed_matmul(x, f.w_in, f.eps)
-            logits, shared = h[:, : f.n_gate_rows], h[:, f.n_gate_rows:]
+            h, denom = self._normed_matmul(x, f.w_in if dense else f.w_in[:front], f.eps)
+            logits = h[:, : f.n_gate_rows]
         else:
             logits, denom = self._normed_matmul(x.float(), f.gate_w, f.eps.float())
-            shared = self._normed_matmul(x, f.w_in, f.eps)[0] if f.w_in is not None else None
+            h = None
+            if f.w_in is not None and (dense or f.inter):
+                h = self._normed_matmul(x, f.w_in if dense else f.w_in[:front], f.eps)[0]
             denom = denom.to(x.dtype)
         weights_TK, topk_idx_TK = mlp.gate.route(logits.sigmoid())
-        if topk_idx_TK.numel() <= mlp.experts.n_experts:
-            x = self._few_experts(x * f.norm / denom, weights_TK, topk_idx_TK, mlp.experts, x)
+        shared = h[:, f.n_gate_rows : front] if f.inter else None
+        if dense:
+            E, F_ = mlp.experts.n_experts, mlp.experts.inter_dim
+            w_TE = torch.zeros(T, E, dtype=x.dtype, device=x.device).scatter_(1, topk_idx_TK, weights_TK.to(x.dtype))
+            routed = h[:, front:].view(T, E, 2, F_)
+            act = F.silu(routed[:, :, 0]).mul_(routed[:, :, 1]).mul_(w_TE[:, :, None]).view(T, E * F_)
+            if shared is not None:
+                act = torch.cat([F.silu(shared[:, : f.inter]) * shared[:, f.inter:], act], dim=1)
+            return torch.addmm(x, act, f.w_down_t)
+        routed_in = x * f.norm / denom
+        if T == 1 and x.device.type == "cpu":
+            x = self._busy_experts(routed_in, weights_TK, topk_idx_TK, mlp.experts, x)
+        elif topk_idx_TK.numel() <= mlp.experts.n_experts and x.device.type != "cpu":
+            x = self._few_experts(routed_in, weights_TK, topk_idx_TK, mlp.experts, x)
         else:
-            x, _ = mlp.experts(x * f.norm / denom, weights_TK, topk_idx_TK, out_TD=x)  # x += routed experts, in place
-        if f.w_down_t is not None:
-            x = torch.addmm(x, F.silu(shared[:, : f.inter]) * shared[:, f.inter:], f.w_down_t)
+            x, _ = mlp.experts(routed_in, weights_TK, topk_idx_TK, out_TD=x)  # x += routed experts, in place
+        if shared is not None:
+            x = torch.addmm(x, F.silu(shared[:, : f.inter]) * shared[:, f.inter:], f.w_down_t[: f.inter])
         return x

@@ -327,7 +327,12 @@ class Decoder:
                 torch.tensor([p.top_k for p in params], device=self.device))
 
     def _sample(self, seqs: Seq[Sequence], logits_BV: torch.Tensor) -> None:
-        tokens, logprobs = sample_tokens(logits_BV, *self._settings(seqs), [s.generator for s in seqs])
+        if all(s.params.temperature <= 0 for s in seqs):  # greedy rows: what `sample_tokens` gives them, in 4 kernels
+            logits_BV = logits_BV.float()
+            tokens = logits_BV.argmax(-1)
+            logprobs = torch.log_softmax(logits_BV, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        else:
+            tokens, logprobs = sample_tokens(logits_BV, *self._settings(seqs), [s.generator for s in seqs])
         for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             s.append(token, logprob)
 

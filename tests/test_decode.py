@@ -1,10 +1,13 @@
 """The lean decode step equals `forward_cached` for one token per row: logits, the cache it writes,
-the lengths it advances, for every layout of the attention and the router, all rows or some."""
+the lengths it advances, for every layout of the attention and the router, all rows or some, and each
+way of running the routed experts (all of them densely, or expert by expert: one token's on a CPU,
+several tokens' grouped)."""
 
 import pytest
 import torch
 
 from seekling.config import ModelConfig
+from seekling import decode
 from seekling.decode import DecodeEngine
 from seekling.model import LatentCache, Transformer
 
@@ -31,8 +34,20 @@ def randomised(config: ModelConfig, dtype=torch.float32) -> Transformer:
     return model.to(dtype)
 
 
+@pytest.fixture(params=["dense experts", "expert by expert", "dense layout, more tokens than dense takes"])
+def experts(request, monkeypatch):
+    """The tiny preset's experts are small enough to run densely; the other runs make them too big to, or
+    the steps' tokens too many (the folded layout holds the experts, the step takes the grouped path)."""
+    assert decode.dense_experts(ModelConfig.from_name("tiny"))
+    if request.param == "expert by expert":
+        monkeypatch.setattr(decode, "DENSE_EXPERTS_BYTES", 0)
+    elif request.param.startswith("dense layout"):
+        monkeypatch.setattr(decode, "DENSE_EXPERTS_TOKENS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_step_equals_forward_cached(name):
+def test_step_equals_forward_cached(name, experts):
     config = ModelConfig.from_name("tiny", **CONFIGS[name])
     model = randomised(config)
     engine = DecodeEngine(model)
@@ -43,7 +58,7 @@ def test_step_equals_forward_cached(name):
     with torch.inference_mode():
         model.forward_cached(prompts, ref, num_new=lengths)
         model.forward_cached(prompts, fast, num_new=lengths)
-        for rows in [None, None, torch.tensor([2, 0]), None, torch.tensor([1])]:
+        for rows in [None, None, torch.tensor([2, 0]), None, torch.tensor([1]), torch.tensor([0])]:
             n = B if rows is None else len(rows)
             tokens = torch.randint(0, config.vocab_size, (n,))
             expected = model.forward_cached(tokens[:, None], ref, rows=rows)
@@ -54,7 +69,7 @@ def test_step_equals_forward_cached(name):
                 torch.testing.assert_close(kv_fast, kv_ref, atol=2e-5, rtol=1e-5)
 
 
-def test_step_in_bf16_stays_close():
+def test_step_in_bf16_stays_close(experts):
     config = ModelConfig.from_name("tiny")
     model = randomised(config, torch.bfloat16)
     engine = DecodeEngine(model)
@@ -86,7 +101,7 @@ def test_engine_reads_the_weights_at_build_time():
 
 
 @pytest.mark.parametrize("name", ["q_lora, groups", "no q_lora, attention bias", "rotate-half rope, no shared expert"])
-def test_multi_token_step_and_the_mtp_draft_equal_the_reference(name):
+def test_multi_token_step_and_the_mtp_draft_equal_the_reference(name, experts):
     """What speculative decoding runs: two new tokens per row with the final states, then the first MTP
     module over 1 or 2 positions per row, against `forward_cached` / `mtp_forward_cached`."""
     config = ModelConfig.from_name("tiny", num_nextn_predict_layers=1, **CONFIGS[name])

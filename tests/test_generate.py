@@ -34,12 +34,13 @@ def test_greedy_batched_equals_full_forward(model):
         assert out.finish_reason == "length"
 
 
-def test_logprobs_are_those_of_the_model(model):
+@pytest.mark.parametrize("temperature", [0.7, 0.0])  # greedy rows report the unscaled distribution's
+def test_logprobs_are_those_of_the_model(model, temperature):
     prompt = [1, 2, 3, 4]
-    out = generate(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0.7, seed=3))[0]
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=6, temperature=temperature, seed=3))[0]
     seq = prompt + out.token_ids
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0] / 0.7, -1)
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0] / (temperature or 1.0), -1)
     for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         assert math.isclose(lp, logp[len(prompt) - 1 + i, tok].item(), abs_tol=1e-4)
 

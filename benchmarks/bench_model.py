@@ -4,7 +4,9 @@ Prints tokens/s of both and their ratio for
   - training (forward + backward + AdamW step) on the CPU main-job preset, fp32 and bf16 autocast,
   - sampling (new tokens/s) at batch 1, 8 and 64 with 128 new tokens: transformers, seekling, and
     seekling with MTP speculative decoding (its acceptance rate and speed-up over plain seekling),
-    against the bandwidth ceiling of this machine,
+    against two ceilings of this machine: the weight bytes a step reads at the bandwidth a matrix-vector
+    product streams them, and the matmul floor, the step's own matrix products replayed alone (the
+    BLAS's speed at these shapes, with no other kernel and no Python),
 and the training MFU against this machine's measured matmul peak. When llama-cpp-python imports, the
 same weights are exported to GGUF (`seekling export --gguf`) and llama.cpp's greedy decode at batch 1
 (f32 and f16) is printed as a reference line: llama.cpp is what people run small models on CPUs with.
@@ -25,6 +27,7 @@ import time
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from seekling.checkpoint import load_pretrained, save_pretrained  # noqa: E402
@@ -34,7 +37,7 @@ from seekling.decode import DecodeEngine  # noqa: E402
 from seekling.flops import flops_per_token  # noqa: E402
 from seekling.generate import SamplingParams, generate  # noqa: E402
 from seekling.gguf_export import export_gguf  # noqa: E402
-from seekling.model import Transformer  # noqa: E402
+from seekling.model import LatentCache, Transformer  # noqa: E402
 from seekling.tasks import make_problems, to_chat  # noqa: E402
 from seekling.tokenizer import Tokenizer  # noqa: E402
 
@@ -143,6 +146,44 @@ def weight_bandwidth(threads: int) -> float:
         for w in mats:
             F.linear(x, w)
     return 3 * sum(w.numel() * 4 for w in mats) / (time.perf_counter() - t0)
+
+
+class _Products(TorchDispatchMode):
+    """Records the matrix products one decode step runs, with their operands, to replay them alone."""
+
+    OPS = {"linear", "matmul", "mm", "addmm", "addmm_", "bmm", "baddbmm", "_grouped_mm"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.OPS:  # in-place ones replay on a copy, leaving the step's own alone
+            inplace = func.overloadpacket.__name__.endswith("_")
+            self.calls.append((func, (args[0].clone(), *args[1:]) if inplace else args, kwargs or {}))
+        return out
+
+
+def matmul_floor(engine: DecodeEngine, prompts: list[list[int]], repeats: int = 30) -> tuple[float, int]:
+    """(seconds, count) of the matrix products of one decode step of `engine` at these prompts, replayed alone on
+    the same operands: what any implementation that runs these products through this torch's BLAS pays per step
+    with every other kernel and all Python gone (the median of 5 rounds)."""
+    config = engine.config
+    cache = LatentCache(config, len(prompts), len(prompts[0]) + 2, dtype=engine.head.dtype)
+    tokens = torch.tensor(prompts)
+    with torch.inference_mode():
+        engine.model.forward_cached(tokens, cache)
+        with _Products() as products:
+            engine.step(tokens[:, -1], cache)
+        rounds = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                for func, args, kwargs in products.calls:
+                    func(*args, **kwargs)
+            rounds.append((time.perf_counter() - t0) / repeats)
+    return sorted(rounds[1:])[2], len(products.calls)
 
 
 def decode_bytes(engine: DecodeEngine, batch: int) -> float:
@@ -256,10 +297,13 @@ def main() -> None:
         stats: dict = {}
         sp = sample_rate(drafting, prompts, args.new_tokens, False, speculate=True, stats=stats)
         floor = bs * bandwidth / decode_bytes(engine, bs)
+        products_s, n_products = matmul_floor(engine, prompts)
         line = (f"  batch {bs:3d}   transformers {b:7.0f}   seekling {a:7.0f} ({a / b:5.2f}x)   "
-                f"speculative {sp:7.0f} ({sp / a:4.2f}x plain, {acceptance(stats)} accepted)   "
-                f"bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most {floor / b:5.2f}x, "
-                f"seekling at {a / floor:4.0%} of it)")
+                f"speculative {sp:7.0f} ({sp / a:4.2f}x plain, {acceptance(stats)} accepted)\n"
+                f"             bandwidth ceiling {floor:7.0f} ({decode_bytes(engine, bs) / 1e6:.1f} MB/step, at most "
+                f"{floor / b:5.2f}x, seekling at {a / floor:4.0%} of it)   "
+                f"matmul floor {bs / products_s:7.0f} (the step's {n_products} products alone {products_s * 1e3:.2f} ms, "
+                f"at most {bs / products_s / b:5.2f}x, seekling at {a * products_s / bs:4.0%} of it)")
         print(line, flush=True)
         if bs == 1:
             ours_batch1, prompt1 = a, prompts[0]

@@ -261,25 +261,36 @@ class DecodeEngine:
         return self._rope
 
     def _run(self, tokens, cache, rows, layers, x, first: int = 0, blocks=None):
-        """x [N = B*T, D] through `layers` (cache layers first, first+1, ...); advances the rows' lengths by T."""
-        model = self.model
+        """x [N = B*T, D] through `layers` (cache layers first, first+1, ...); advances the rows' lengths by T.
+
+        The rows' lengths are read on the host once, and the positions, slots and mask built from them there:
+        a handful of small tensors instead of ~25 kernels a step. When every row is at the same position and
+        brings one token (batch 1, or prompts of one length), nothing needs masking and RoPE's rows are a slice.
+        """
         B, T = tokens.shape[0], (tokens.shape[1] if tokens.dim() == 2 else 1)
-        row_idx = torch.arange(B, device=tokens.device) if rows is None else rows
-        pos_B = cache.lengths[row_idx]
-        pos_BT = pos_B[:, None] + torch.arange(T, device=tokens.device)
-        S = int(pos_BT[:, -1].max()) + 1
-        dtype = self.head.dtype
+        device = tokens.device
+        starts = (cache.lengths if rows is None else cache.lengths[rows]).tolist()
+        S = max(starts) + T
         cos_table, sin_table = self._rope_table(S)
-        pos_N = pos_BT.reshape(-1)
-        rope = (cos_table[pos_N][:, None], sin_table[pos_N][:, None])
-        # [B, 1, S] broadcasts over the heads of one token; T > 1: one row per (token, head), as the queries
-        bias = causal_bias(pos_BT, S, dtype, heads=self.config.num_attention_heads if T > 1 else 1)
-        slot = (row_idx[:, None] * cache.max_len + pos_BT).reshape(-1)  # where each new latent goes, flattened
-        blocks = blocks if blocks is not None else model.layers
+        if T == 1 and min(starts) == S - 1:  # [1, 1, rope] broadcasts over the rows; every position is visible
+            rope, bias = (cos_table[S - 1 : S, None], sin_table[S - 1 : S, None]), None
+        else:
+            pos_BT = torch.tensor([[p + t for t in range(T)] for p in starts], device=device)
+            pos_N = pos_BT.view(-1)
+            rope = (cos_table[pos_N][:, None], sin_table[pos_N][:, None])
+            # [B, 1, S] broadcasts over the heads of one token; T > 1: one row per (token, head), as the queries
+            bias = causal_bias(pos_BT, S, self.head.dtype, heads=self.config.num_attention_heads if T > 1 else 1)
+        row_ids = range(B) if rows is None else rows.tolist()
+        slot = torch.tensor([r * cache.max_len + p + t for r, p in zip(row_ids, starts) for t in range(T)],
+                            device=device)  # where each new latent goes in the flattened cache
+        blocks = blocks if blocks is not None else self.model.layers
         for i, (attn, ff) in enumerate(layers):
             x = self._attention(x, attn, cache.kv[first + i], rows, slot, S, bias, rope)
             x = self._feed_forward(x, ff, blocks[i].mlp)
-        cache.lengths[row_idx] = pos_B + T
+        if rows is None:
+            cache.lengths.add_(T)
+        else:
+            cache.lengths[rows] = torch.tensor([p + T for p in starts], device=device)
         return x
 
     def _attention(self, x, a: _Attention, store, rows, slot_N, S, bias, rope):
@@ -298,10 +309,12 @@ class DecodeEngine:
         entry = torch.cat([c_kv * a.kv_norm / self._rms_divisor(c_kv, a.eps_kv), k_pe], dim=-1)
         store.view(-1, store.shape[-1]).index_copy_(0, slot_N, entry.to(store.dtype))
         kv_BSX = store[:, :S] if rows is None else store[:, :S].index_select(0, rows)
-        kv_BSX = kv_BSX.to(x.dtype)
+        if kv_BSX.dtype != x.dtype:
+            kv_BSX = kv_BSX.to(x.dtype)
         B = kv_BSX.shape[0]
         q_BQX = q_NHX.reshape(B, N // B * H, C + r)  # the T tokens' heads of a row side by side (a view when T = 1)
-        probs = torch.baddbmm(bias, q_BQX, kv_BSX.transpose(1, 2)).softmax(-1)
+        k_BXS = kv_BSX.transpose(1, 2)
+        probs = (torch.bmm(q_BQX, k_BXS) if bias is None else torch.baddbmm(bias, q_BQX, k_BXS)).softmax(-1)
         x = torch.addmm(x, torch.bmm(probs, kv_BSX[..., :C]).view(N, H * C), a.w_out_t)
         return x if a.b_out is None else x.add_(a.b_out)
 

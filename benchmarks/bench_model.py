@@ -193,9 +193,8 @@ def decode_bytes(engine: DecodeEngine, batch: int) -> float:
     tensors = [engine.head]
     for attn, ff in engine.layers:
         w_in, w_down_t = ff.w_in, ff.w_down_t
-        if ff.dense:  # the routed experts folded in after the shared ones: counted below, as routing picks them
-            w_in = w_in[: ff.n_gate_rows + 2 * ff.inter] if ff.inter or ff.n_gate_rows else None
-            w_down_t = w_down_t[: ff.inter] if ff.inter else None
+        if ff.dense:  # the routed experts folded in with the shared ones: counted below, as routing picks them
+            w_in, w_down_t = ff.w_front, w_down_t[: ff.inter] if ff.inter else None
         tensors += [t for t in (attn.w_in, attn.w_q, attn.w_out_t, w_in, w_down_t, ff.gate_w) if t is not None]
     total = sum(t.numel() * t.element_size() for t in tensors)
     E, K = c.n_routed_experts, c.num_experts_per_tok

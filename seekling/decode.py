@@ -63,15 +63,19 @@ class _Attention:
 
 @dataclass
 class _FeedForward:
-    w_in: torch.Tensor | None  # [E gate rows (fp32 models) | gate | up, D], norm folded in
+    w_in: torch.Tensor | None  # [E gate rows (fp32 models) | gate | up, D], norm folded in; dense: see `w_front`
     eps: torch.Tensor
     norm: torch.Tensor  # post_attention_layernorm weight * sqrt(D), for the routed experts' input
-    w_down_t: torch.Tensor | None  # the dense MLP's or the shared experts' down projection, [inter, D]
+    w_down_t: torch.Tensor | None  # the dense MLP's or the shared experts' down projection, [inter, D] (dense: below it
+    # every routed expert's, [inter + E*F, D])
     inter: int  # the dense MLP's / shared experts' intermediate size
     moe: bool = True
     n_gate_rows: int = 0  # gate logits at the front of w_in's output
     gate_w: torch.Tensor | None = None  # a separate fp32 gate (models not in fp32)
-    dense: bool = False  # w_in / w_down_t also hold every routed expert (`dense_experts`)
+    # `dense_experts`: w_in is [E gate rows | shared gate | every expert's gate | shared up | every expert's up], so
+    # one SwiGLU covers all of them; w_front holds the rows without the routed experts, for steps past its batch
+    dense: bool = False
+    w_front: torch.Tensor | None = None
 
 
 @dataclass
@@ -189,23 +193,29 @@ class DecodeEngine:
             return _FeedForward(w_in.to(like.dtype), eps, norm.to(like.dtype), mlp.down_proj.weight.t().contiguous(),
                                 mlp.gate_proj.out_features, moe=False)
         moe = layer.mlp
-        rows, downs, inter = [], [], 0
+        gates, ups, downs, inter = [], [], [], 0
         if moe.shared_experts is not None:
             s = moe.shared_experts
-            rows = [s.gate_proj.weight.float() * norm, s.up_proj.weight.float() * norm]
+            gates, ups = [s.gate_proj.weight.float() * norm], [s.up_proj.weight.float() * norm]
             inter, downs = s.gate_proj.out_features, [s.down_proj.weight.t()]
+        front = gates + ups
         dense = dense_experts(self.config)
-        if dense:  # every routed expert's gate/up rows after the shared ones, their down projections below its
-            ex = moe.experts
-            rows.append(ex.gate_up_proj.detach().float().reshape(-1, D) * norm)  # [E * 2F, D]: expert-major
-            downs.append(ex.down_proj.detach().transpose(1, 2).reshape(-1, D))  # [E * F, D]
+        if dense:  # every routed expert's gate rows after the shared expert's, their up rows likewise, downs below
+            ex, F_ = moe.experts, moe.experts.inter_dim
+            gate_up = ex.gate_up_proj.detach().float() * norm  # [E, 2F, D]: gate rows, then up rows
+            gates.append(gate_up[:, :F_].reshape(-1, D))
+            ups.append(gate_up[:, F_:].reshape(-1, D))
+            downs.append(ex.down_proj.detach().transpose(1, 2).reshape(-1, D))  # [E * F, D]: expert-major
         w_down_t = torch.cat(downs).contiguous().to(like.dtype) if downs else None
         gate_w = moe.gate.weight.detach().float() * norm
         if like.dtype == torch.float32:  # the gate's logits come out of the same matmul, in fp32
-            return _FeedForward(torch.cat([gate_w] + rows), eps, norm, w_down_t, inter, n_gate_rows=gate_w.shape[0],
-                                dense=dense)
-        w_in = torch.cat(rows).to(like.dtype) if rows else None
-        return _FeedForward(w_in, eps, norm.to(like.dtype), w_down_t, inter, gate_w=gate_w, dense=dense)
+            w_in, w_front = torch.cat([gate_w] + gates + ups), torch.cat([gate_w] + front)
+            return _FeedForward(w_in, eps, norm, w_down_t, inter, n_gate_rows=gate_w.shape[0], dense=dense,
+                                w_front=w_front if dense else None)
+        w_in = torch.cat(gates + ups).to(like.dtype) if gates else None
+        w_front = torch.cat(front).to(like.dtype) if front and dense else None
+        return _FeedForward(w_in, eps, norm.to(like.dtype), w_down_t, inter, gate_w=gate_w, dense=dense,
+                            w_front=w_front)
 
     # -------------------------------------------------------------------------------- the step
     @staticmethod
@@ -273,13 +283,14 @@ class DecodeEngine:
         S = max(starts) + T
         cos_table, sin_table = self._rope_table(S)
         if T == 1 and min(starts) == S - 1:  # [1, 1, rope] broadcasts over the rows; every position is visible
-            rope, bias = (cos_table[S - 1 : S, None], sin_table[S - 1 : S, None]), None
+            cos, sin, bias = cos_table[S - 1 : S], sin_table[S - 1 : S], None
         else:
             pos_BT = torch.tensor([[p + t for t in range(T)] for p in starts], device=device)
             pos_N = pos_BT.view(-1)
-            rope = (cos_table[pos_N][:, None], sin_table[pos_N][:, None])
+            cos, sin = cos_table[pos_N], sin_table[pos_N]
             # [B, 1, S] broadcasts over the heads of one token; T > 1: one row per (token, head), as the queries
             bias = causal_bias(pos_BT, S, self.head.dtype, heads=self.config.num_attention_heads if T > 1 else 1)
+        rope = (cos[:, None], sin[:, None], cos, sin)  # [N or 1, 1, rope] for the queries' heads, [N or 1, rope] for k_pe
         row_ids = range(B) if rows is None else rows.tolist()
         slot = torch.tensor([r * cache.max_len + p + t for r, p in zip(row_ids, starts) for t in range(T)],
                             device=device)  # where each new latent goes in the flattened cache
@@ -296,7 +307,7 @@ class DecodeEngine:
     def _attention(self, x, a: _Attention, store, rows, slot_N, S, bias, rope):
         c = self.config
         N, H, C, r = x.shape[0], c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
-        cos_N1R, sin_N1R = rope
+        cos_N1R, sin_N1R, cos_NR, sin_NR = rope
         h, _ = self._normed_matmul(x, a.w_in, a.eps_in, a.b_in)
         if a.w_q is None:
             q_full, c_kv, k_pe, k_rot = h.split([H * (C + 2 * r), C, r, r], dim=-1)
@@ -305,9 +316,9 @@ class DecodeEngine:
             q_full, _ = self._normed_matmul(c_q, a.w_q, a.eps_q)
         q_NHX = q_full[:, : H * (C + r)].view(N, H, C + r)  # per head [q_latent | q_pe]
         q_NHX[..., C:].mul_(cos_N1R).addcmul_(q_full[:, H * (C + r):].view(N, H, r), sin_N1R)
-        k_pe = torch.addcmul(k_pe * cos_N1R[:, 0], k_rot, sin_N1R[:, 0])
+        k_pe = torch.addcmul(k_pe * cos_NR, k_rot, sin_NR)
         entry = torch.cat([c_kv * a.kv_norm / self._rms_divisor(c_kv, a.eps_kv), k_pe], dim=-1)
-        store.view(-1, store.shape[-1]).index_copy_(0, slot_N, entry.to(store.dtype))
+        store.view(-1, store.shape[-1]).index_copy_(0, slot_N, entry if entry.dtype == store.dtype else entry.to(store.dtype))
         kv_BSX = store[:, :S] if rows is None else store[:, :S].index_select(0, rows)
         if kv_BSX.dtype != x.dtype:
             kv_BSX = kv_BSX.to(x.dtype)
@@ -348,28 +359,25 @@ class DecodeEngine:
         if not f.moe:  # dense SwiGLU
             h, _ = self._normed_matmul(x, f.w_in, f.eps)
             return torch.addmm(x, F.silu(h[:, : f.inter]) * h[:, f.inter:], f.w_down_t)
-        T = x.shape[0]
+        T, G = x.shape[0], f.n_gate_rows
         dense = f.dense and T <= DENSE_EXPERTS_TOKENS
-        front = f.n_gate_rows + 2 * f.inter  # router logits and shared experts; the routed experts after them
+        w_in = f.w_in if dense or not f.dense else f.w_front
         if f.gate_w is None:
-            h, denom = self._normed_matmul(x, f.w_in if dense else f.w_in[:front], f.eps)
-            logits = h[:, : f.n_gate_rows]
+            h, denom = self._normed_matmul(x, w_in, f.eps)
+            logits = h[:, :G]
         else:
             logits, denom = self._normed_matmul(x.float(), f.gate_w, f.eps.float())
-            h = None
-            if f.w_in is not None and (dense or f.inter):
-                h = self._normed_matmul(x, f.w_in if dense else f.w_in[:front], f.eps)[0]
+            h = self._normed_matmul(x, w_in, f.eps)[0] if w_in is not None else None
             denom = denom.to(x.dtype)
         weights_TK, topk_idx_TK = mlp.gate.route(logits.sigmoid())
-        shared = h[:, f.n_gate_rows : front] if f.inter else None
-        if dense:
+        if dense:  # one SwiGLU over the shared and every routed expert; each routed one weighted by its gate (0: not chosen)
             E, F_ = mlp.experts.n_experts, mlp.experts.inter_dim
+            n = f.inter + E * F_
+            act = F.silu(h[:, G : G + n]).mul_(h[:, G + n :])
             w_TE = torch.zeros(T, E, dtype=x.dtype, device=x.device).scatter_(1, topk_idx_TK, weights_TK.to(x.dtype))
-            routed = h[:, front:].view(T, E, 2, F_)
-            act = F.silu(routed[:, :, 0]).mul_(routed[:, :, 1]).mul_(w_TE[:, :, None]).view(T, E * F_)
-            if shared is not None:
-                act = torch.cat([F.silu(shared[:, : f.inter]) * shared[:, f.inter:], act], dim=1)
+            act[:, f.inter :].view(T, E, F_).mul_(w_TE[:, :, None])
             return torch.addmm(x, act, f.w_down_t)
+        shared = h[:, G : G + 2 * f.inter] if f.inter else None
         routed_in = x * f.norm / denom
         if T == 1 and x.device.type == "cpu":
             x = self._busy_experts(routed_in, weights_TK, topk_idx_TK, mlp.experts, x)

@@ -1,4 +1,4 @@
-"""The decode step of generation, lean: one new token per row, ~25 kernels per layer.
+"""The decode step of generation, lean: one new token per row, 30-45 kernels per layer.
 
 `Transformer.forward_cached` is the readable reference (any number of new tokens, training-safe).
 When every row brings exactly one new token, as in every decode step, the same computation can be
@@ -16,12 +16,17 @@ bigger kernels win. `DecodeEngine` folds, once, from the model's current weights
     x * cos + rot(x) * sin, with rot(x) (a signed permutation of x) produced by the same matmul;
   - the value half of kv_b_proj into o_proj: o = W_O [W_UV_h ctx_h]_h = (W_O W_UV) ctx, and the
     residual add rides on addmm;
-  - the MoE gate's rows and the shared experts' gate/up rows into one matrix (fp32 models).
+  - the MoE gate's rows and the shared experts' gate/up rows into one matrix (fp32 models); with
+    small routed experts (`dense_experts`) every routed expert's rows too, so that at up to
+    DENSE_EXPERTS_TOKENS tokens a MoE layer is two matmuls whatever the routing: each expert's
+    SwiGLU output is weighted by its routing weight, 0 where the router did not choose it.
 
-The folded matrices are copies taken at build time (the embedding and the routed experts are read
-from the model), so build an engine after the last weight update: `generate` builds one per call, a
-server once. The routed experts run through the model's own dispatch (`Experts.forward`) and the
-mask is the model's `causal_bias`. Results equal `forward_cached`'s to float rounding (tested).
+Other routed experts run one token's K experts from their own weights on a CPU (no gather copy),
+else through the model's own dispatch (`Experts.forward`). The rows' lengths are read on the host
+once a step and positions, slots and the mask (the model's `causal_bias`) built from them. The
+folded matrices are copies taken at build time (the embedding and the non-dense routed experts are
+read from the model), so build an engine after the last weight update: `generate` builds one per
+call, a server once. Results equal `forward_cached`'s to float rounding (tested, each expert path).
 """
 
 from __future__ import annotations

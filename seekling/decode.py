@@ -47,8 +47,8 @@ def dense_experts(config) -> bool:
     """Whether the decode step runs a MoE layer's routed experts densely: every expert on every token, in the
     same two matmuls as the shared experts, each expert's output weighted by its routing weight (0 where not
     chosen). Small experts at a small batch: one matmul over all of them costs less than a kernel or two per
-    busy expert (measured on a 2-core CPU: the `cpu` preset's 8 x 1.2 MB, 1.3-4x faster at 1-32 tokens);
-    larger ones (`cpu-large`'s 16 x 6.3 MB) would read many idle experts' weights."""
+    busy expert (measured on a 2-core CPU: the `cpu` preset's 8 x 1.2 MB, 1.1-4x faster than the per-expert
+    paths at 1-32 tokens); larger ones (`cpu-large`'s 16 x 6.3 MB) would read many idle experts' weights."""
     E, D, F_ = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
     return 0 < E * 3 * D * F_ * 4 <= DENSE_EXPERTS_BYTES
 
@@ -214,9 +214,9 @@ class DecodeEngine:
         w_down_t = torch.cat(downs).contiguous().to(like.dtype) if downs else None
         gate_w = moe.gate.weight.detach().float() * norm
         if like.dtype == torch.float32:  # the gate's logits come out of the same matmul, in fp32
-            w_in, w_front = torch.cat([gate_w] + gates + ups), torch.cat([gate_w] + front)
-            return _FeedForward(w_in, eps, norm, w_down_t, inter, n_gate_rows=gate_w.shape[0], dense=dense,
-                                w_front=w_front if dense else None)
+            w_front = torch.cat([gate_w] + front) if dense else None
+            return _FeedForward(torch.cat([gate_w] + gates + ups), eps, norm, w_down_t, inter,
+                                n_gate_rows=gate_w.shape[0], dense=dense, w_front=w_front)
         w_in = torch.cat(gates + ups).to(like.dtype) if gates else None
         w_front = torch.cat(front).to(like.dtype) if front and dense else None
         return _FeedForward(w_in, eps, norm.to(like.dtype), w_down_t, inter, gate_w=gate_w, dense=dense,
@@ -295,7 +295,7 @@ class DecodeEngine:
             cos, sin = cos_table[pos_N], sin_table[pos_N]
             # [B, 1, S] broadcasts over the heads of one token; T > 1: one row per (token, head), as the queries
             bias = causal_bias(pos_BT, S, self.head.dtype, heads=self.config.num_attention_heads if T > 1 else 1)
-        rope = (cos[:, None], sin[:, None], cos, sin)  # [N or 1, 1, rope] for the queries' heads, [N or 1, rope] for k_pe
+        rope = (cos[:, None], sin[:, None], cos, sin)  # [N or 1, 1, rope] for the queries' heads; [N or 1, rope]: k_pe
         row_ids = range(B) if rows is None else rows.tolist()
         slot = torch.tensor([r * cache.max_len + p + t for r, p in zip(row_ids, starts) for t in range(T)],
                             device=device)  # where each new latent goes in the flattened cache
@@ -323,7 +323,9 @@ class DecodeEngine:
         q_NHX[..., C:].mul_(cos_N1R).addcmul_(q_full[:, H * (C + r):].view(N, H, r), sin_N1R)
         k_pe = torch.addcmul(k_pe * cos_NR, k_rot, sin_NR)
         entry = torch.cat([c_kv * a.kv_norm / self._rms_divisor(c_kv, a.eps_kv), k_pe], dim=-1)
-        store.view(-1, store.shape[-1]).index_copy_(0, slot_N, entry if entry.dtype == store.dtype else entry.to(store.dtype))
+        if entry.dtype != store.dtype:
+            entry = entry.to(store.dtype)
+        store.view(-1, store.shape[-1]).index_copy_(0, slot_N, entry)
         kv_BSX = store[:, :S] if rows is None else store[:, :S].index_select(0, rows)
         if kv_BSX.dtype != x.dtype:
             kv_BSX = kv_BSX.to(x.dtype)
@@ -375,7 +377,7 @@ class DecodeEngine:
             h = self._normed_matmul(x, w_in, f.eps)[0] if w_in is not None else None
             denom = denom.to(x.dtype)
         weights_TK, topk_idx_TK = mlp.gate.route(logits.sigmoid())
-        if dense:  # one SwiGLU over the shared and every routed expert; each routed one weighted by its gate (0: not chosen)
+        if dense:  # one SwiGLU over the shared and every routed expert, each routed one weighted by its gate
             E, F_ = mlp.experts.n_experts, mlp.experts.inter_dim
             n = f.inter + E * F_
             act = F.silu(h[:, G : G + n]).mul_(h[:, G + n :])

@@ -172,13 +172,19 @@ def sample_tokens(logits_BV: torch.Tensor, temperature: torch.Tensor, top_p: tor
     distribution before truncation (what GRPO's importance ratio needs). Rows with temperature 0
     take the argmax and report log-probabilities of the unscaled logits.
     """
+    if bool((temperature <= 0).all()):
+        return greedy_tokens(logits_BV)
     scaled_BV, masked_BV, greedy_B = truncate(logits_BV, temperature, top_p, top_k)
     logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
-    if bool(greedy_B.all()):
-        tokens_B = scaled_BV.argmax(-1)
-    else:
-        tokens_B = torch.where(greedy_B, scaled_BV.argmax(-1), gumbel_argmax(masked_BV, generators))
+    tokens_B = torch.where(greedy_B, scaled_BV.argmax(-1), gumbel_argmax(masked_BV, generators))
     return tokens_B, logprobs_BV.gather(1, tokens_B[:, None]).squeeze(1)
+
+
+def greedy_tokens(logits_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` for rows that are all greedy: the argmax and its log-probability, in 4 kernels."""
+    logits_BV = logits_BV.float()
+    tokens_B = logits_BV.argmax(-1)
+    return tokens_B, torch.log_softmax(logits_BV, dim=-1).gather(1, tokens_B[:, None]).squeeze(1)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -327,10 +333,8 @@ class Decoder:
                 torch.tensor([p.top_k for p in params], device=self.device))
 
     def _sample(self, seqs: Seq[Sequence], logits_BV: torch.Tensor) -> None:
-        if all(s.params.temperature <= 0 for s in seqs):  # greedy rows: what `sample_tokens` gives them, in 4 kernels
-            logits_BV = logits_BV.float()
-            tokens = logits_BV.argmax(-1)
-            logprobs = torch.log_softmax(logits_BV, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        if all(s.params.temperature <= 0 for s in seqs):  # no settings tensors to build
+            tokens, logprobs = greedy_tokens(logits_BV)
         else:
             tokens, logprobs = sample_tokens(logits_BV, *self._settings(seqs), [s.generator for s in seqs])
         for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
